@@ -1,5 +1,13 @@
-"""neuron-merging: data-free structured pruning compensated by neuron merging."""
+"""neuron-merging: data-free structured pruning compensated by neuron merging.
 
+The main entry points are :func:`merge` and :func:`prune` (and :func:`compress`
+with a :class:`MergeConfig`). They return a :class:`MergeResult` holding a new,
+physically smaller model and a report of what was done.
+"""
+
+from .api import MergeResult, compress, count_parameters, merge, prune
+from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
+from .criteria import available_criteria, register_criterion
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -8,15 +16,34 @@ from .errors import (
     NeuronMergingError,
     OutputError,
 )
+from .groups import MergeGroup, SkippedLayer, find_groups
+from .report import GroupReport, MergeReport
+from .surgery import GroupPlan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_LAMBDA",
+    "DEFAULT_THRESHOLD",
     "CheckpointError",
     "ConfigError",
     "DatasetError",
+    "GroupPlan",
+    "GroupReport",
+    "MergeConfig",
+    "MergeGroup",
+    "MergeReport",
+    "MergeResult",
     "ModelError",
     "NeuronMergingError",
     "OutputError",
+    "SkippedLayer",
     "__version__",
+    "available_criteria",
+    "compress",
+    "count_parameters",
+    "find_groups",
+    "merge",
+    "prune",
+    "register_criterion",
 ]

@@ -1,0 +1,333 @@
+"""The public verbs: :func:`compress`, :func:`merge` and :func:`prune`.
+
+The pipeline is discover (:mod:`.groups`) → select (:mod:`.criteria`) →
+assign (:mod:`.partners`) → apply (:mod:`.surgery`). Every plan is computed
+from the original weights before the copy is modified; the input model is
+never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
+from .criteria import CriterionFn, select_kept
+from .errors import ConfigError, ModelError
+from .groups import MergeGroup, SkippedLayer, find_groups, resolve_groups
+from .partners import BNStats, assign_bn, assign_plain
+from .report import GroupReport, MergeReport
+from .surgery import GroupPlan, apply_plans
+
+ExampleInputs = Tensor | Sequence[Tensor] | None
+GroupSpec = MergeGroup | tuple[str, str | None, str]
+
+
+@dataclass
+class MergeResult:
+    """The outcome of :func:`merge` / :func:`prune`.
+
+    Attributes:
+        model: a new, smaller module (the input model is untouched).
+        report: per-group counts, skipped layers and parameter counts.
+        plans: the exact kept indices, partners and scales of every group.
+    """
+
+    model: nn.Module
+    report: MergeReport
+    plans: list[GroupPlan]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_finite(model: nn.Module) -> None:
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in items:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ModelError(f"{kind} {name!r} contains NaN or Inf; refusing to compress")
+
+
+def _rows(layer: nn.Module, with_bias: bool) -> Tensor:
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    if with_bias and layer.bias is not None:
+        w = torch.cat([w, layer.bias.detach().reshape(-1, 1)], dim=1)
+    return w
+
+
+def _bn_stats(bn: nn.Module, producer: nn.Module) -> BNStats:
+    n = bn.num_features
+    gamma = bn.weight.detach() if bn.weight is not None else torch.ones(n)
+    beta = bn.bias.detach() if bn.bias is not None else torch.zeros(n)
+    if bn.running_mean is None or bn.running_var is None:
+        raise ModelError("batch norm without running statistics cannot be merged")
+    mean = bn.running_mean.detach()
+    if producer.bias is not None:
+        mean = mean - producer.bias.detach()
+    return BNStats(gamma, beta, mean, bn.running_var.detach(), float(bn.eps))
+
+
+def _targets(
+    config: MergeConfig,
+    groups: list[MergeGroup],
+    skipped: list[SkippedLayer],
+    modules: dict[str, nn.Module],
+) -> list[tuple[MergeGroup, int, int]]:
+    """(group, neurons, kept count) for every group that is compressed."""
+    producers = {g.producer: g for g in groups}
+    reasons = {s.name: s.reason for s in skipped}
+    for name in list(config.keep) + list(config.exclude):
+        if name not in producers:
+            why = f" ({reasons[name]})" if name in reasons else ""
+            if name in reasons or name in modules:
+                raise ConfigError(f"layer {name!r} is not a mergeable producer{why}")
+            raise ConfigError(
+                f"unknown layer {name!r}; mergeable producers: {', '.join(producers) or 'none'}"
+            )
+    out = []
+    for group in groups:
+        if group.producer in config.exclude:
+            continue
+        layer = modules[group.producer]
+        n = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        if group.producer in config.keep:
+            k = config.keep[group.producer]
+            if k > n:
+                raise ConfigError(f"keep[{group.producer!r}] = {k} exceeds its {n} neurons")
+        else:
+            k = config.kept_count(n)
+            if k < 1:
+                raise ConfigError(
+                    f"ratio {config.ratio} leaves layer {group.producer!r} with 0 of {n} neurons"
+                )
+        out.append((group, n, k))
+    return out
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    config: MergeConfig,
+    *,
+    groups: Sequence[GroupSpec] | None = None,
+    criterion_fn: CriterionFn | None = None,
+) -> MergeResult:
+    """Prune (``config.mode="prune"``) or merge (``"merge"``) ``model`` without data.
+
+    Args:
+        model: any module built from ``nn.Linear``/``nn.Conv2d`` producers whose
+            groups can be found by :func:`~neuron_merging.groups.find_groups`.
+        example_inputs: a tensor or tuple of tensors ``model`` accepts (batch 1 is
+            enough); used only for tracing. May be ``None`` when ``groups`` is given.
+        config: the compression settings.
+        groups: explicit merge groups, for models ``torch.fx`` cannot trace.
+        criterion_fn: a custom criterion overriding ``config.criterion``.
+
+    Returns:
+        A :class:`MergeResult` with the new model, its report and the plans.
+    """
+    timings = {
+        "trace": 0.0,
+        "select": 0.0,
+        "similarity": 0.0,
+        "assign": 0.0,
+        "fold": 0.0,
+        "rebuild": 0.0,
+    }
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_finite(model)
+    t0 = time.perf_counter()
+    work = copy.deepcopy(model)
+    was_training = work.training
+    work.eval()
+    timings["rebuild"] += time.perf_counter() - t0
+    modules = dict(work.named_modules())
+
+    t0 = time.perf_counter()
+    if groups is not None:
+        found, skipped = resolve_groups(work, groups), []
+    else:
+        if example_inputs is None:
+            raise ConfigError("example_inputs are required to trace the model (or pass groups=)")
+        found, skipped = find_groups(work, example_inputs)
+    timings["trace"] = time.perf_counter() - t0
+    targets = _targets(config, found, skipped, modules)
+
+    plans: list[GroupPlan] = []
+    with torch.no_grad():
+        for group, n, k in targets:
+            producer = modules[group.producer]
+            bn = modules[group.bn] if group.bn is not None else None
+            rows = _rows(producer, with_bias=bn is None)
+            t0 = time.perf_counter()
+            kept = select_kept(rows, k, criterion_fn or config.criterion)
+            mask = torch.ones(n, dtype=torch.bool)
+            mask[kept] = False
+            pruned = mask.nonzero().squeeze(1)
+            timings["select"] += time.perf_counter() - t0
+            if config.mode == "prune" or pruned.numel() == 0:
+                p = pruned.numel()
+                plans.append(
+                    GroupPlan(
+                        group, kept, pruned, torch.full((p,), -1), torch.zeros(p), torch.zeros(p)
+                    )
+                )
+                continue
+            if bn is None:
+                assignment = assign_plain(rows, kept, pruned, config.threshold)
+            else:
+                stats = _bn_stats(bn, producer)
+                assignment = assign_bn(
+                    rows, stats, kept, pruned, config.threshold, config.lam, config.bn_rule
+                )
+            timings["similarity"] += assignment.timings["similarity"]
+            timings["assign"] += assignment.timings["assign"]
+            plans.append(
+                GroupPlan(
+                    group, kept, pruned, assignment.partner, assignment.scale, assignment.similarity
+                )
+            )
+
+    if not found:
+        warnings.warn(
+            f"{type(model).__name__} has no mergeable group; returning an unchanged copy",
+            stacklevel=2,
+        )
+    t0 = time.perf_counter()
+    apply_plans(work, plans)
+    work.train(was_training)
+    timings["fold"] = time.perf_counter() - t0
+    timings["total"] = sum(timings.values())
+
+    group_reports = [
+        GroupReport(
+            p.group.producer,
+            p.group.bn,
+            p.group.consumer,
+            p.kept.numel() + p.pruned.numel(),
+            p.kept.numel(),
+            p.pruned.numel(),
+            p.merged,
+        )
+        for p in plans
+    ]
+    excluded = [
+        SkippedLayer(g.producer, "excluded by the user")
+        for g in found
+        if g.producer in config.exclude
+    ]
+    report = MergeReport(
+        mode=config.mode,
+        config=config.to_dict(),
+        groups=group_reports,
+        skipped=skipped + excluded,
+        params_before=count_parameters(model),
+        params_after=count_parameters(work),
+        timings=timings,
+    )
+    return MergeResult(work, report, plans)
+
+
+def _config(
+    config: MergeConfig | None, mode: str, criterion: str | CriterionFn, **kwargs: Any
+) -> tuple[MergeConfig, CriterionFn | None]:
+    fn = None if isinstance(criterion, str) else criterion
+    name = criterion if isinstance(criterion, str) else "l1-norm"
+    if config is not None:
+        return replace(config, mode=mode), fn
+    return MergeConfig(mode=mode, criterion=name, **kwargs), fn
+
+
+def merge(
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    ratio: float = 0.5,
+    criterion: str | CriterionFn = "l1-norm",
+    threshold: float | None = DEFAULT_THRESHOLD,
+    lam: float = DEFAULT_LAMBDA,
+    bn_rule: str = "paper",
+    rounding: str = "round",
+    keep: Mapping[str, int] | None = None,
+    exclude: Sequence[str] | None = None,
+    groups: Sequence[GroupSpec] | None = None,
+    config: MergeConfig | None = None,
+) -> MergeResult:
+    """Remove ``ratio`` of every group's neurons and merge them into kept ones.
+
+    Each pruned neuron is folded into its most similar kept neuron (its partner)
+    and the consumer's weights absorb the scale, so the smaller model stays close
+    to the original without data or fine-tuning. See :class:`MergeConfig` for the
+    meaning of every argument; ``config`` overrides them all.
+
+    Example::
+
+        >>> import torch, neuron_merging as nm
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        >>> result = nm.merge(net, torch.randn(1, 8), ratio=0.5, threshold=None)
+        >>> result.model[0].out_features, result.model[2].in_features
+        (8, 8)
+        >>> net[0].out_features  # the input model is untouched
+        16
+    """
+    cfg, fn = _config(
+        config,
+        "merge",
+        criterion,
+        ratio=ratio,
+        threshold=threshold,
+        lam=lam,
+        bn_rule=bn_rule,
+        rounding=rounding,
+        keep=dict(keep or {}),
+        exclude=tuple(exclude or ()),
+    )
+    return compress(model, example_inputs, cfg, groups=groups, criterion_fn=fn)
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: ExampleInputs = None,
+    *,
+    ratio: float = 0.5,
+    criterion: str | CriterionFn = "l1-norm",
+    rounding: str = "round",
+    keep: Mapping[str, int] | None = None,
+    exclude: Sequence[str] | None = None,
+    groups: Sequence[GroupSpec] | None = None,
+    config: MergeConfig | None = None,
+) -> MergeResult:
+    """Remove ``ratio`` of every group's neurons without compensation.
+
+    The same selection as :func:`merge`, but pruned neurons are simply dropped;
+    this is the baseline merging is measured against.
+
+    Example::
+
+        >>> import torch, neuron_merging as nm
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        >>> nm.prune(net, torch.randn(1, 8), ratio=0.25).report.params_after
+        117
+    """
+    cfg, fn = _config(
+        config,
+        "prune",
+        criterion,
+        ratio=ratio,
+        rounding=rounding,
+        keep=dict(keep or {}),
+        exclude=tuple(exclude or ()),
+    )
+    return compress(model, example_inputs, cfg, groups=groups, criterion_fn=fn)

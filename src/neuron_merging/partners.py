@@ -1,0 +1,227 @@
+"""Assignment: the kept partner and scale of every pruned neuron.
+
+Three rules are implemented, all vectorised over whole layers and computed in
+row blocks of the pruned neurons, so the ``p × k`` similarity matrix is never
+materialised beyond a fixed memory budget.
+
+* **No batch norm** (the paper's fully connected case): the partner is the kept
+  row with the highest cosine similarity; the scale is ``‖w_n‖ / ‖w_m‖``.
+* **Batch norm, ``rule="paper"``** (the paper's Algorithm 3, as released): the
+  partner minimises ``λ·d_cos + (1-λ)·d_bias``; ``σ`` is the running *variance*.
+  Faithful to the released code, this rule
+
+  - merges candidates whose scale ``S`` is negative (negative ``γ``), although
+    ReLU does not commute with negative scales;
+  - picks the first kept candidate when any normalised bias distance is NaN
+    (for example all candidates have the same bias distance, so min-max
+    normalisation divides 0 by 0), because ``numpy.argmin`` returns the first
+    NaN it meets.
+
+  Unlike the released code it never writes a non-finite scale into the model:
+  such a pruned neuron is dropped instead.
+* **Batch norm, ``rule="exact"``**: ``σ = sqrt(var + eps)`` and the scale is the
+  exact factor ``S*`` with which ``BN_n = S*·BN_m + B*`` when ``F_n = s·F_m``;
+  the merge is lossless when ``B* = 0``. Only finite positive scales are merged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+#: Upper bound on the elements of one ``p × k`` block of any temporary.
+BLOCK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class BNStats:
+    """Batch-norm parameters of a producer's neurons (producer bias already folded in μ)."""
+
+    gamma: Tensor
+    beta: Tensor
+    mean: Tensor
+    var: Tensor
+    eps: float
+
+    def subset(self, idx: Tensor) -> BNStats:
+        """The statistics of the neurons ``idx``."""
+        return BNStats(self.gamma[idx], self.beta[idx], self.mean[idx], self.var[idx], self.eps)
+
+
+@dataclass
+class Assignment:
+    """Partner and scale of each pruned neuron.
+
+    Attributes:
+        partner: ``(p,)`` position in the kept list of the partner, ``-1`` if the
+            pruned neuron is dropped without compensation.
+        scale: ``(p,)`` factor applied to the pruned neuron's outgoing weights
+            before they are added to its partner's (0 where not merged).
+        similarity: ``(p,)`` cosine similarity to the chosen candidate.
+        timings: seconds spent in the similarity products and in the rest.
+    """
+
+    partner: Tensor
+    scale: Tensor
+    similarity: Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def merged(self) -> int:
+        """How many pruned neurons were merged into a partner."""
+        return int((self.partner >= 0).sum())
+
+
+def _unit_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return rows / safe[:, None], norms
+
+
+def _first_nan_or_argmin(score: Tensor) -> Tensor:
+    """Row-wise ``numpy.argmin`` semantics: the first NaN if any, else the first minimum."""
+    nan = score.isnan()
+    first_nan = nan.to(torch.uint8).argmax(dim=1)
+    plain = torch.where(nan, torch.full_like(score, float("inf")), score).argmin(dim=1)
+    return torch.where(nan.any(dim=1), first_nan, plain)
+
+
+def _minmax_rows(d: Tensor, valid: Tensor | None) -> Tensor:
+    """Min-max normalise each row; with ``valid`` given, only over valid entries, 0 if flat."""
+    if valid is None:  # paper: NaN propagates exactly as with numpy
+        lo = d.amin(dim=1, keepdim=True)
+        hi = d.amax(dim=1, keepdim=True)
+        return (d - lo) / (hi - lo)
+    inf = torch.full_like(d, float("inf"))
+    lo = torch.where(valid, d, inf).amin(dim=1, keepdim=True)
+    hi = torch.where(valid, d, -inf).amax(dim=1, keepdim=True)
+    span = hi - lo
+    ok = torch.isfinite(span) & (span > 0)
+    out = (d - lo) / torch.where(ok, span, torch.ones_like(span))
+    return torch.where(ok, out, torch.zeros_like(out))
+
+
+def _threshold_ok(similarity: Tensor, threshold: float | None) -> Tensor:
+    if threshold is None:
+        return torch.ones_like(similarity, dtype=torch.bool)
+    return similarity >= threshold
+
+
+def assign_plain(rows: Tensor, kept: Tensor, pruned: Tensor, threshold: float | None) -> Assignment:
+    """Partners by maximum cosine similarity, scales ``‖w_n‖/‖w_m‖`` (no batch norm).
+
+    A candidate with a zero-norm row can never be a partner (its scale would be
+    infinite); a pruned zero row has nothing to contribute and is dropped.
+    """
+    t_sim = t_rest = 0.0
+    t0 = time.perf_counter()
+    unit, norms = _unit_rows(rows)
+    unit_k, norm_k = unit[kept], norms[kept]
+    unit_p, norm_p = unit[pruned], norms[pruned]
+    usable_k = norm_k > 0
+    p = pruned.numel()
+    partner = torch.full((p,), -1, dtype=torch.long)
+    scale = torch.zeros(p, dtype=rows.dtype)
+    similarity = torch.zeros(p, dtype=rows.dtype)
+    t_rest += time.perf_counter() - t0
+    step = max(1, BLOCK_ELEMENTS // max(kept.numel(), 1))
+    with torch.no_grad():
+        for start in range(0, p, step):
+            t0 = time.perf_counter()
+            sl = slice(start, start + step)
+            cos = unit_p[sl] @ unit_k.T
+            t1 = time.perf_counter()
+            cos = torch.where(usable_k[None, :], cos, torch.full_like(cos, float("-inf")))
+            best, idx = cos.max(dim=1)
+            s = norm_p[sl] / norm_k[idx]
+            ok = _threshold_ok(best, threshold) & torch.isfinite(s) & (s > 0)
+            partner[sl] = torch.where(ok, idx, torch.full_like(idx, -1))
+            scale[sl] = torch.where(ok, s, torch.zeros_like(s))
+            similarity[sl] = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+            t_sim += t1 - t0
+            t_rest += time.perf_counter() - t1
+    return Assignment(partner, scale, similarity, {"similarity": t_sim, "assign": t_rest})
+
+
+def assign_bn(
+    rows: Tensor,
+    stats: BNStats,
+    kept: Tensor,
+    pruned: Tensor,
+    threshold: float | None,
+    lam: float,
+    rule: str,
+) -> Assignment:
+    """Partners and scales for a producer followed by batch norm (Algorithm 3).
+
+    For pruned ``n`` and kept candidate ``m`` with ``s = ‖F_n‖/‖F_m‖``:
+
+    * ``paper``: ``S = s·(γ_m/γ_n)·(σ_n/σ_m)``,
+      ``B = (γ_m/σ_m)·(s·(μ_n − σ_n·β_n/γ_n) − μ_m) + β_m``, with ``σ = running_var``;
+    * ``exact``: ``S* = s·(γ_n/γ_m)·(σ_m/σ_n)``,
+      ``B* = β_n − S*·β_m + (γ_n/σ_n)·(s·μ_m − μ_n)``, with ``σ = sqrt(var + eps)``.
+
+    ``d_bias = |B|/S`` is min-max normalised over the candidates and the partner
+    minimises ``λ·(1 − cos) + (1 − λ)·d_bias``; it is merged (with scale ``S``)
+    when its cosine similarity reaches ``threshold``.
+    """
+    if rule not in ("paper", "exact"):
+        raise ValueError(f"unknown bn rule {rule!r}")
+    t_sim = t_rest = 0.0
+    t0 = time.perf_counter()
+    dtype = rows.dtype
+    unit, norms = _unit_rows(rows)
+    if rule == "paper":
+        sigma = stats.var.to(dtype)
+    else:
+        sigma = torch.sqrt(stats.var.to(dtype) + stats.eps)
+    gamma, beta, mu = stats.gamma.to(dtype), stats.beta.to(dtype), stats.mean.to(dtype)
+    k_unit, k_norm = unit[kept], norms[kept]
+    g_k, b_k, m_k, s_k = gamma[kept], beta[kept], mu[kept], sigma[kept]
+    p = pruned.numel()
+    partner = torch.full((p,), -1, dtype=torch.long)
+    scale = torch.zeros(p, dtype=dtype)
+    similarity = torch.zeros(p, dtype=dtype)
+    t_rest += time.perf_counter() - t0
+    step = max(1, BLOCK_ELEMENTS // max(kept.numel(), 1))
+    with torch.no_grad():
+        for start in range(0, p, step):
+            t0 = time.perf_counter()
+            idx_p = pruned[start : start + step]
+            cos = unit[idx_p] @ k_unit.T
+            t1 = time.perf_counter()
+            g_n, b_n = gamma[idx_p, None], beta[idx_p, None]
+            m_n, s_n = mu[idx_p, None], sigma[idx_p, None]
+            s = norms[idx_p, None] / k_norm[None, :]
+            if rule == "paper":
+                cos = cos.clamp(-1.0, 1.0)
+                big_s = s * (g_k / g_n) * (s_n / s_k)
+                big_b = (g_k / s_k) * (s * (m_n - s_n * b_n / g_n) - m_k) + b_k
+                d_bias = _minmax_rows(big_b.abs() / big_s, None)
+                score = lam * (1.0 - cos) + (1.0 - lam) * d_bias
+                choice = _first_nan_or_argmin(score)
+                chosen_scale = big_s.gather(1, choice[:, None]).squeeze(1)
+                usable = torch.isfinite(chosen_scale)
+            else:
+                big_s = s * (g_n / g_k) * (s_k / s_n)
+                big_b = b_n - big_s * b_k + (g_n / s_n) * (s * m_k - m_n)
+                d_raw = big_b.abs() / big_s
+                valid = torch.isfinite(big_s) & (big_s > 0) & torch.isfinite(d_raw)
+                d_bias = _minmax_rows(d_raw, valid)
+                score = lam * (1.0 - cos) + (1.0 - lam) * d_bias
+                score = torch.where(valid, score, torch.full_like(score, float("inf")))
+                choice = score.argmin(dim=1)
+                chosen_scale = big_s.gather(1, choice[:, None]).squeeze(1)
+                usable = valid.gather(1, choice[:, None]).squeeze(1)
+            chosen_cos = cos.gather(1, choice[:, None]).squeeze(1)
+            ok = usable & _threshold_ok(chosen_cos, threshold)
+            sl = slice(start, start + step)
+            partner[sl] = torch.where(ok, choice, torch.full_like(choice, -1))
+            scale[sl] = torch.where(ok, chosen_scale, torch.zeros_like(chosen_scale))
+            similarity[sl] = chosen_cos
+            t_sim += t1 - t0
+            t_rest += time.perf_counter() - t1
+    return Assignment(partner, scale, similarity, {"similarity": t_sim, "assign": t_rest})
