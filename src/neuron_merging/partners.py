@@ -174,10 +174,8 @@ def assign_bn(
     t0 = time.perf_counter()
     dtype = rows.dtype
     unit, norms = _unit_rows(rows)
-    if rule == "paper":
-        sigma = stats.var.to(dtype)
-    else:
-        sigma = torch.sqrt(stats.var.to(dtype) + stats.eps)
+    var = stats.var.to(dtype)
+    sigma = var if rule == "paper" else torch.sqrt(var + stats.eps)
     gamma, beta, mu = stats.gamma.to(dtype), stats.beta.to(dtype), stats.mean.to(dtype)
     k_unit, k_norm = unit[kept], norms[kept]
     g_k, b_k, m_k, s_k = gamma[kept], beta[kept], mu[kept], sigma[kept]
