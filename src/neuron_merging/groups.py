@@ -194,7 +194,8 @@ def _follow(start: fx.Node, modules: dict[str, nn.Module], calls: Counter[Any]) 
         ):
             return f"its output feeds {_describe(user)} in a position other than the data input"
         mod = modules.get(str(user.target)) if user.op == "call_module" else None
-        if mod is not None and calls[str(user.target)] > 1:
+        stateful = isinstance(mod, (*_PRODUCERS, *_BATCHNORMS))
+        if stateful and calls[str(user.target)] > 1:
             return f"{_describe(user)} is called more than once"
         if isinstance(mod, _BATCHNORMS):
             if cur is not start or bn is not None:
