@@ -52,7 +52,7 @@ def _infer_cfg(state_dict: Mapping[str, torch.Tensor]) -> list[int]:
 @register_model(
     "lenet300",
     default_num_classes=10,
-    datasets=("fashionmnist",),
+    datasets=("fashion-mnist",),
     input_shape=(1, 28, 28),
     default_cfg=lambda num_classes: list(_DEFAULT_CFG),
     infer_cfg=_infer_cfg,

@@ -1,0 +1,449 @@
+"""The paper's experiments: presets, sweeps and end-to-end reproduction.
+
+This layer joins the core engine to the paper's models and datasets. It knows
+the settings each experiment used (threshold, λ, kept widths) and runs sweeps
+over criteria × ratios × {prune, merge}, writing results as each one finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import models
+from ._io import atomic_write_text
+from ._progress import progress
+from .api import compress, count_parameters
+from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
+from .criteria import available_criteria
+from .data import ArrayDataset
+from .errors import ConfigError, OutputError
+from .metrics import count_macs
+from .training import EvalResult, evaluate
+
+PRESETS: tuple[str, ...] = ("paper", "none")
+MODES: tuple[str, ...] = ("original", "prune", "merge")
+
+_VGG_CFG_CIFAR10 = (
+    32,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    256,
+    256,
+    256,
+)
+_VGG_CFG_CIFAR100 = (
+    32,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    256,
+    "M",
+    256,
+    256,
+    256,
+)
+
+
+@dataclass(frozen=True)
+class PaperSetting:
+    """What the paper used for one model/dataset pair."""
+
+    threshold: float
+    lam: float
+    rounding: str
+    fixed_cfg: tuple[Any, ...] | None = None
+    note: str = ""
+
+
+#: The settings of the paper's experiments (``--preset paper``).
+PAPER_SETTINGS: dict[tuple[str, str], PaperSetting] = {
+    ("lenet300", "fashion-mnist"): PaperSetting(0.45, DEFAULT_LAMBDA, "round"),
+    ("vgg16", "cifar10"): PaperSetting(
+        0.1, 0.85, "floor", _VGG_CFG_CIFAR10, "classifier untouched"
+    ),
+    ("vgg16", "cifar100"): PaperSetting(
+        0.1, 0.7, "floor", _VGG_CFG_CIFAR100, "classifier untouched"
+    ),
+    ("resnet56", "cifar10"): PaperSetting(0.1, 0.85, "floor", None, "block-internal conv1 only"),
+    ("resnet56", "cifar100"): PaperSetting(0.1, 0.85, "floor", None, "block-internal conv1 only"),
+    ("wrn40_4", "cifar10"): PaperSetting(0.1, 0.8, "floor", None, "floor(base·(1−r))·4 per stage"),
+    ("wrn40_4", "cifar100"): PaperSetting(0.1, 0.8, "floor", None, "floor(base·(1−r))·4 per stage"),
+}
+
+
+def example_input(arch: str) -> torch.Tensor:
+    """A batch-1 zero input of the shape ``arch`` expects."""
+    return torch.zeros(1, *models.model_spec(arch).input_shape)
+
+
+def _vgg_keep(cfg: Sequence[Any]) -> dict[str, int]:
+    keep, index = {}, 0
+    for item in cfg:
+        if item == "M":
+            index += 1
+        else:
+            keep[f"feature.{index}"] = int(item)
+            index += 3
+    return keep
+
+
+def _wrn_keep(model: nn.Module, ratio: float) -> dict[str, int]:
+    keep = {}
+    for stage, base in zip((1, 2, 3), (16, 32, 64), strict=True):
+        width = int(base * (1.0 - ratio)) * 4
+        block = getattr(model, f"block{stage}").layer
+        for i in range(len(block)):
+            keep[f"block{stage}.layer.{i}.conv1"] = width
+    return keep
+
+
+def compression_config(
+    arch: str,
+    dataset: str,
+    mode: str,
+    criterion: str,
+    ratio: float | None,
+    *,
+    model: nn.Module | None = None,
+    preset: str = "paper",
+    threshold: float | None = None,
+    lam: float | None = None,
+    bn_rule: str = "paper",
+) -> MergeConfig:
+    """The :class:`MergeConfig` of one experiment.
+
+    With ``preset="paper"`` the paper's threshold, λ and widths are used (an
+    explicit ``threshold``/``lam`` still wins); ``ratio=None`` selects the fixed
+    VGG widths of the paper. With ``preset="none"`` the library defaults apply and
+    ``ratio`` is used uniformly.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if mode not in ("prune", "merge"):
+        raise ConfigError(f"mode must be prune or merge, got {mode!r}")
+    setting = PAPER_SETTINGS.get((arch, dataset)) if preset == "paper" else None
+    if preset == "paper" and setting is None:
+        raise ConfigError(f"the paper has no experiment for {arch} on {dataset}; use --preset none")
+    keep: dict[str, int] = {}
+    exclude: tuple[str, ...] = ()
+    if arch == "vgg16":
+        exclude = ("classifier.0",)
+    if ratio is None:
+        if setting is None or setting.fixed_cfg is None:
+            raise ConfigError(
+                f"a ratio is required for {arch} (only VGG-16 has fixed paper widths)"
+            )
+        keep = _vgg_keep(setting.fixed_cfg)
+    elif setting is not None and arch == "wrn40_4":
+        keep = _wrn_keep(model if model is not None else models.create(arch), ratio)
+    t_default = setting.threshold if setting else DEFAULT_THRESHOLD
+    lam_default = setting.lam if setting else DEFAULT_LAMBDA
+    return MergeConfig(
+        ratio=0.0 if ratio is None else ratio,
+        criterion=criterion,
+        threshold=t_default if threshold is None else threshold,
+        lam=lam_default if lam is None else lam,
+        bn_rule=bn_rule,
+        rounding=setting.rounding if setting else "round",
+        keep=keep,
+        exclude=exclude,
+        mode=mode,
+    )
+
+
+def current_cfg(arch: str, model: nn.Module) -> list[Any]:
+    """The width list of ``model`` read from its layers (valid after compression)."""
+    spec = models.model_spec(arch)
+    return spec.infer_cfg(model.state_dict())
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A compressed (or original) model, its evaluation and its costs."""
+
+    model: nn.Module
+    result: EvalResult
+    params: int
+    macs: int
+    merged: int
+    widths: list[int]
+
+
+def run_one(
+    model: nn.Module,
+    arch: str,
+    test_set: ArrayDataset,
+    config: MergeConfig | None,
+    *,
+    show_progress: bool = True,
+) -> Outcome:
+    """Compress ``model`` with ``config`` (``None``: leave it) and evaluate it."""
+    merged, widths = 0, []
+    if config is not None:
+        res = compress(model, example_input(arch), config)
+        compressed = res.model
+        merged = sum(g.merged for g in res.report.groups)
+        widths = [g.kept for g in res.report.groups]
+        compressed.cfg = current_cfg(arch, compressed)
+    else:
+        compressed = model
+    score = evaluate(compressed, test_set, show_progress=show_progress)
+    return Outcome(
+        compressed,
+        score,
+        count_parameters(compressed),
+        count_macs(compressed, example_input(arch)),
+        merged,
+        widths,
+    )
+
+
+def record_key(record: dict[str, Any]) -> tuple[str, str | None, float | None]:
+    """The identity of a sweep record: (mode, criterion, ratio)."""
+    ratio = record.get("ratio")
+    return (
+        record["mode"],
+        record.get("criterion"),
+        None if ratio is None else round(float(ratio), 6),
+    )
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    """Read a ``results.json`` written by :func:`run_sweep` (for ``--resume``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise OutputError(f"cannot resume from {path}: {exc}") from exc
+    if not isinstance(data, list) or not all(isinstance(r, dict) and "mode" in r for r in data):
+        raise OutputError(f"cannot resume from {path}: not a list of sweep records")
+    return data
+
+
+def write_results(records: list[dict[str, Any]], output_dir: Path, *, plot: bool) -> None:
+    """Write results.json, results.csv, results.md (and accuracy.png) atomically."""
+    from .reporting import plot_accuracy, records_to_csv, records_to_markdown
+
+    atomic_write_text(output_dir / "results.json", json.dumps(records, indent=2) + "\n")
+    atomic_write_text(output_dir / "results.csv", records_to_csv(records))
+    atomic_write_text(output_dir / "results.md", records_to_markdown(records) + "\n")
+    if plot:
+        plot_accuracy(records, output_dir / "accuracy.png")
+
+
+def run_sweep(
+    model: nn.Module,
+    arch: str,
+    dataset: str,
+    test_set: ArrayDataset,
+    *,
+    criteria: Sequence[str],
+    ratios: Sequence[float | None],
+    modes: Sequence[str] = ("prune", "merge"),
+    preset: str = "paper",
+    threshold: float | None = None,
+    lam: float | None = None,
+    bn_rule: str = "paper",
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate the original model and every criterion × ratio × mode compression of it.
+
+    Each finished configuration is saved to ``output_dir`` immediately (atomic
+    rewrite), so a crash loses nothing; ``resume=True`` skips configurations the
+    existing ``results.json`` already holds.
+    """
+    for c in criteria:
+        if c not in available_criteria():
+            raise ConfigError(
+                f"unknown criterion {c!r}; choose from {', '.join(available_criteria())}"
+            )
+    for m in modes:
+        if m not in ("prune", "merge"):
+            raise ConfigError(f"unknown mode {m!r}; choose prune and/or merge")
+    for r in ratios:
+        if r is not None and not 0.0 <= r < 1.0:
+            raise ConfigError(f"ratio must be in [0, 1), got {r}")
+    out = Path(output_dir) if output_dir is not None else None
+    records: list[dict[str, Any]] = []
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"output {out} exists and is not a directory")
+        if resume and (out / "results.json").exists():
+            records = load_results(out / "results.json")
+            for r in records:
+                if r.get("arch") != arch or r.get("dataset") != dataset:
+                    raise OutputError(
+                        f"cannot resume: {out / 'results.json'} holds {r.get('arch')}/{r.get('dataset')} "
+                        f"results, not {arch}/{dataset}"
+                    )
+    done = {record_key(r) for r in records}
+    todo: list[tuple[str, str | None, float | None]] = [("original", None, 0.0)]
+    todo += [(m, c, r) for r in ratios for c in criteria for m in modes]
+    todo = [t for t in todo if (t[0], t[1], None if t[2] is None else round(t[2], 6)) not in done]
+    bar = progress(todo, enabled=show_progress, desc=f"sweep {arch}", unit="run", leave=True)
+    for mode, criterion, ratio in bar:
+        if mode == "original":
+            config = None
+            label = "original"
+        else:
+            assert criterion is not None
+            config = compression_config(
+                arch,
+                dataset,
+                mode,
+                criterion,
+                ratio,
+                model=model,
+                preset=preset,
+                threshold=threshold,
+                lam=lam,
+                bn_rule=bn_rule,
+            )
+            label = f"{mode} {criterion} r={ratio if ratio is not None else 'cfg'}"
+        bar.set_postfix_str(label)
+        outcome = run_one(model, arch, test_set, config, show_progress=False)
+        record = {
+            "arch": arch,
+            "dataset": dataset,
+            "mode": mode,
+            "criterion": criterion,
+            "ratio": ratio,
+            "threshold": None if config is None else config.threshold,
+            "lam": None if config is None else config.lam,
+            "bn_rule": None if config is None else config.bn_rule,
+            "preset": preset,
+            "accuracy": round(outcome.result.accuracy, 2),
+            "correct": outcome.result.correct,
+            "total": outcome.result.total,
+            "loss": round(outcome.result.loss, 6),
+            "params": outcome.params,
+            "macs": outcome.macs,
+            "merged": outcome.merged,
+            "widths": outcome.widths,
+        }
+        records.append(record)
+        records.sort(key=_sort_key)
+        if out is not None:
+            write_results(records, out, plot=False)
+        if on_record is not None:
+            on_record(record)
+    if out is not None:
+        write_results(records, out, plot=True)
+    return records
+
+
+def _sort_key(record: dict[str, Any]) -> tuple[int, float, str, int]:
+    ratio = record.get("ratio")
+    order = {"original": 0, "prune": 1, "merge": 2}
+    return (
+        0 if record["mode"] == "original" else 1,
+        -1.0 if ratio is None else float(ratio),
+        record.get("criterion") or "",
+        order.get(record["mode"], 3),
+    )
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named paper experiment for ``neuron-merging reproduce``."""
+
+    name: str
+    arch: str
+    dataset: str
+    ratios: tuple[float | None, ...]
+    checkpoint: str
+    description: str
+
+
+def _ratios(values: Iterable[int]) -> tuple[float, ...]:
+    return tuple(v / 10 for v in values)
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "lenet300": Experiment(
+        "lenet300",
+        "lenet300",
+        "fashion-mnist",
+        _ratios(range(1, 10)),
+        "LeNet_300_100.original.300_100.bias.pth.tar",
+        "LeNet-300-100 on FashionMNIST, Table 1",
+    ),
+    "resnet56": Experiment(
+        "resnet56",
+        "resnet56",
+        "cifar10",
+        _ratios(range(1, 8)),
+        "ResNet.cifar10.original.56.pth.tar",
+        "ResNet-56 on CIFAR-10",
+    ),
+    "vgg16": Experiment(
+        "vgg16",
+        "vgg16",
+        "cifar10",
+        (None,),
+        "VGG.cifar10.original.pth.tar",
+        "VGG-16 on CIFAR-10 with the paper's fixed widths",
+    ),
+    "vgg16-cifar100": Experiment(
+        "vgg16-cifar100",
+        "vgg16",
+        "cifar100",
+        (None,),
+        "VGG.cifar100.original.pth.tar",
+        "VGG-16 on CIFAR-100 with the paper's fixed widths",
+    ),
+    "wrn40_4": Experiment(
+        "wrn40_4",
+        "wrn40_4",
+        "cifar10",
+        _ratios(range(1, 8)),
+        "WideResNet.cifar10.original.40_4.pth.tar",
+        "WRN-40-4 on CIFAR-10",
+    ),
+}
+
+
+def experiment(name: str) -> Experiment:
+    """Look up a named experiment."""
+    try:
+        return EXPERIMENTS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}"
+        ) from None
+
+
+def isclose_ratio(a: float | None, b: float | None) -> bool:
+    """Ratio equality that tolerates float noise (``None`` is the fixed-cfg ratio)."""
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, abs_tol=1e-9)
