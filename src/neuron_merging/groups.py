@@ -192,7 +192,10 @@ def _follow(start: fx.Node, modules: dict[str, nn.Module], calls: Counter[Any]) 
         if user.args[:1] != (cur,) or any(
             a is cur for a in list(user.args[1:]) + list(user.kwargs.values())
         ):
-            return f"its output feeds {_describe(user)} in a position other than the data input"
+            what = _describe(user)
+            if what.startswith("a "):  # a residual add or a concat
+                return f"its output reaches {what}"
+            return f"its output feeds {what} in a position other than the data input"
         mod = modules.get(str(user.target)) if user.op == "call_module" else None
         stateful = isinstance(mod, (*_PRODUCERS, *_BATCHNORMS))
         if stateful and calls[str(user.target)] > 1:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_open
+from .criteria import available_criteria
 
 CSV_FIELDS = (
     "arch",
@@ -34,11 +35,17 @@ def _ratio_label(ratio: float | None) -> str:
     return "paper cfg" if ratio is None else f"{100 * ratio:.0f}%"
 
 
+def _criteria_order(records: Sequence[dict[str, Any]]) -> list[str]:
+    known = available_criteria()
+    found = set(r["criterion"] for r in records)
+    return [c for c in known if c in found] + sorted(found - set(known))
+
+
 def records_to_markdown(records: Sequence[dict[str, Any]]) -> str:
     """The paper-style table: one row per ratio, prune/merge columns per criterion."""
     originals = [r for r in records if r["mode"] == "original"]
     rest = [r for r in records if r["mode"] != "original"]
-    criteria = list(dict.fromkeys(r["criterion"] for r in rest))
+    criteria = _criteria_order(rest)
     modes = [m for m in ("prune", "merge") if any(r["mode"] == m for r in rest)]
     ratios = list(dict.fromkeys(r["ratio"] for r in rest))
     header = ["ratio", "params"] + [f"{c} {m}" for c in criteria for m in modes]
@@ -91,7 +98,7 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: str | Path) -> bool:
     rest = [r for r in records if r["mode"] != "original" and r["ratio"] is not None]
     if not rest:
         return False
-    criteria = list(dict.fromkeys(r["criterion"] for r in rest))
+    criteria = _criteria_order(rest)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, criterion in enumerate(criteria):

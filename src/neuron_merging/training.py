@@ -189,7 +189,7 @@ def train(
             loss.backward()
             optimizer.step()
             seen += len(labels)
-            loss_sum += float(loss) * len(labels)
+            loss_sum += loss.item() * len(labels)
             correct += int((logits.argmax(dim=1) == labels).sum())
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}%")

@@ -1,0 +1,43 @@
+# Two commands for a newcomer:  `make reproduce` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NM := $(VENV)/bin/neuron-merging
+SHARED ?= ../shared
+LENET_CKPT := $(SHARED)/checkpoints/LeNet_300_100.original.300_100.bias.pth.tar
+RESNET_CKPT := $(SHARED)/checkpoints/ResNet.cifar10.original.56.pth.tar
+DATA_ARGS := $(if $(wildcard $(SHARED)/data),--data-dir $(SHARED)/data)
+
+.PHONY: setup test test-slow lint reproduce reproduce-resnet56 demo bench bench-smoke
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q --slow
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+reproduce: setup
+	$(NM) reproduce lenet300 $(if $(wildcard $(LENET_CKPT)),--checkpoint $(LENET_CKPT)) $(DATA_ARGS) --download
+
+reproduce-resnet56: setup
+	$(NM) reproduce resnet56 --checkpoint $(RESNET_CKPT) $(DATA_ARGS)
+
+demo: setup
+	$(PY) examples/demo.py
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+bench-smoke: setup
+	$(PY) benchmarks/run_all.py --smoke
