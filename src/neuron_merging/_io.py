@@ -15,6 +15,23 @@ from typing import IO
 from .errors import OutputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ensure_writable_dir(path: str | os.PathLike[str]) -> None:
+    """Fail early, with :class:`OutputError`, if files cannot be created in ``path``'s folder."""
+    directory = Path(path).parent if str(Path(path).parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".nm-write-test."):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success fsync and rename it over ``path``."""
@@ -28,6 +45,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
     except OSError as exc:
         raise OutputError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; honour the umask instead
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
             handle.flush()

@@ -316,7 +316,7 @@ def load_model(
     arch, arch_from_file = _resolve("arch", metadata.get("arch"), arch, file)
     if arch is None:
         raise CheckpointError(
-            f"{file}: the checkpoint does not record its architecture; pass arch= "
+            f"{file}: the checkpoint does not record its architecture; pass arch= (--arch on the command line) "
             f"(one of: {', '.join(models.list_models())})"
         )
     try:

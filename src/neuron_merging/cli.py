@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ._io import ensure_writable_dir
 from .errors import NeuronMergingError
 
 PROG = "neuron-merging"
@@ -50,9 +51,9 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _threshold(text: str) -> float | None:
+def _threshold(text: str) -> float | str:
     if text.lower() in ("none", "off"):
-        return None
+        return "none"  # experiments.NO_THRESHOLD: always merge (None would mean "the preset's")
     try:
         return float(text)
     except ValueError:
@@ -140,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="batch size (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batches", type=int, help="limit batches per epoch (smoke runs)")
+    p.add_argument(
+        "--no-test",
+        action="store_true",
+        help="skip the per-epoch test evaluation (smoke runs); the last epoch is saved",
+    )
     p.add_argument("--cfg", nargs="+", help="layer widths (compressed architecture)")
     p.add_argument("--output", required=True, help="checkpoint to write (best test accuracy)")
     _common(p)
@@ -237,12 +243,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .data import dataset_info, load_dataset
     from .training import recipe_for, train
 
+    ensure_writable_dir(args.output)
     dataset = args.dataset or _default_dataset(args.arch)
     cfg = [v if v == "M" else int(v) for v in args.cfg] if args.cfg else None
     model = models.create(args.arch, num_classes=dataset_info(dataset).num_classes, cfg=cfg)
     recipe = recipe_for(dataset, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     train_set = load_dataset(dataset, "train", args.data_dir, args.download)
-    test_set = load_dataset(dataset, "test", args.data_dir, args.download)
+    test_set = None if args.no_test else load_dataset(dataset, "test", args.data_dir, args.download)
     start = time.perf_counter()
     result = train(
         model,
@@ -255,20 +262,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_batches=args.max_batches,
         show_progress=not args.quiet,
     )
-    assert result.best is not None
     payload = {
         "arch": args.arch,
         "dataset": dataset,
         "checkpoint": args.output,
-        "best_accuracy": result.best.accuracy,
-        "best_epoch": result.best_epoch,
+        "best_accuracy": None if result.best is None else result.best.accuracy,
+        "best_epoch": None if result.best is None else result.best_epoch,
         "recipe": recipe.to_dict(),
         "seconds": round(time.perf_counter() - start, 1),
         "history": result.history,
     }
-    _emit(
-        args, payload, f"best epoch {result.best_epoch}: {result.best.line()}\nsaved {args.output}"
-    )
+    if result.best is None:
+        summary = f"trained {recipe.epochs} epoch(s) without test evaluation"
+    else:
+        summary = f"best epoch {result.best_epoch}: {result.best.line()}"
+    _emit(args, payload, f"{summary}\nsaved {args.output}")
     return 0
 
 
@@ -302,8 +310,11 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
     from .data import load_dataset
     from .experiments import compression_config, current_cfg, example_input
+    from .metrics import count_macs
     from .training import evaluate
 
+    if args.output:
+        ensure_writable_dir(args.output)
     model, arch, dataset, _ = _load(args)
     payload: dict[str, Any] = {"arch": arch, "dataset": dataset, "mode": args.mode}
     report_text = ""
@@ -326,6 +337,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         payload["report"] = result.report.to_dict()
         report_text = result.report.to_markdown()
     payload["params"] = count_parameters(model)
+    payload["macs"] = count_macs(model, example_input(arch))
     payload["cfg"] = current_cfg(arch, model)
     lines = [report_text] if report_text and not args.quiet else []
     accuracy = None
@@ -357,6 +369,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .experiments import run_sweep
     from .reporting import records_to_markdown
 
+    ensure_writable_dir(Path(args.output) / "results.json")
     model, arch, dataset, _ = _load(args)
     test_set = load_dataset(dataset, "test", args.data_dir, args.download)
     records = run_sweep(
@@ -389,6 +402,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     exp = experiment(args.experiment)
     out = Path(args.output or Path("results") / exp.name)
+    ensure_writable_dir(out / "results.json")
     dataset = args.dataset or exp.dataset
     test_set = load_dataset(dataset, "test", args.data_dir, args.download)
     start = time.perf_counter()

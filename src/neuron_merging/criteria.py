@@ -17,7 +17,9 @@ from .errors import ConfigError
 CriterionFn = Callable[[Tensor], Tensor]
 
 #: Upper bound on the elements of one temporary distance block (float64).
-_GM_BLOCK_ELEMENTS = 1 << 24
+_GM_BLOCK_ELEMENTS = 1 << 23
+#: Upper bound on the elements of one block of rows converted to float64.
+_GM_CHUNK_ELEMENTS = 1 << 22
 
 
 def l1_norm(rows: Tensor) -> Tensor:
@@ -34,17 +36,33 @@ def l2_geometric_median(rows: Tensor) -> Tensor:
     """Score = sum of Euclidean distances to every other row (FPGM).
 
     Rows nearest the geometric median have the smallest sums and are the most
-    replaceable, so they are pruned first. The ``n × n`` distance matrix is
-    computed in row blocks, so memory stays bounded for wide layers.
+    replaceable, so they are pruned first. Distances are computed in float64 as
+    ``‖a‖² + ‖b‖² − 2·a·b``, one block of rows against chunks of the others, so
+    neither the ``n × n`` matrix nor a float64 copy of all rows is ever held:
+    the temporaries stay within a few tens of MB for any ``n``.
     """
-    x = rows.to(torch.float64)
-    n = x.shape[0]
-    sq = (x * x).sum(dim=1)
+    n = rows.shape[0]
+    width = rows[0].numel() if n else 1
+    chunk = max(1, _GM_CHUNK_ELEMENTS // max(width, 1))
     block = max(1, _GM_BLOCK_ELEMENTS // max(n, 1))
-    sums = torch.empty(n, dtype=torch.float64, device=x.device)
+
+    def as64(start: int, stop: int) -> Tensor:
+        return rows[start:stop].to(torch.float64)
+
+    sq = torch.empty(n, dtype=torch.float64, device=rows.device)
+    for start in range(0, n, chunk):
+        x = as64(start, start + chunk)
+        sq[start : start + chunk] = (x * x).sum(dim=1)
+    sums = torch.empty(n, dtype=torch.float64, device=rows.device)
+    buffer = torch.empty(min(block, n), n, dtype=torch.float64, device=rows.device)
     for start in range(0, n, block):
-        part = x[start : start + block]
-        d2 = sq[start : start + block, None] + sq[None, :] - 2.0 * (part @ x.T)
+        part = as64(start, start + block)
+        d2 = buffer[: part.shape[0]]
+        for c0 in range(0, n, chunk):
+            cols = slice(c0, c0 + chunk)
+            prod = part @ as64(c0, c0 + chunk).T
+            torch.add(sq[start : start + block, None], sq[None, cols], out=d2[:, cols])
+            d2[:, cols].sub_(prod.mul_(2.0))
         sums[start : start + block] = d2.clamp_min_(0.0).sqrt_().sum(dim=1)
     return sums
 

@@ -31,6 +31,9 @@ from .training import EvalResult, evaluate
 PRESETS: tuple[str, ...] = ("paper", "none")
 MODES: tuple[str, ...] = ("original", "prune", "merge")
 
+#: ``threshold=NO_THRESHOLD`` merges every pruned neuron (``threshold=None`` means "the preset's").
+NO_THRESHOLD = "none"
+
 _VGG_CFG_CIFAR10 = (
     32,
     64,
@@ -133,16 +136,17 @@ def compression_config(
     *,
     model: nn.Module | None = None,
     preset: str = "paper",
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     lam: float | None = None,
     bn_rule: str = "paper",
 ) -> MergeConfig:
     """The :class:`MergeConfig` of one experiment.
 
     With ``preset="paper"`` the paper's threshold, λ and widths are used (an
-    explicit ``threshold``/``lam`` still wins); ``ratio=None`` selects the fixed
-    VGG widths of the paper. With ``preset="none"`` the library defaults apply and
-    ``ratio`` is used uniformly.
+    explicit ``threshold``/``lam`` still wins, and ``threshold=NO_THRESHOLD``
+    merges every pruned neuron); ``ratio=None`` selects the fixed VGG widths of the
+    paper. With ``preset="none"`` the library defaults apply and ``ratio`` is used
+    uniformly.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -165,10 +169,16 @@ def compression_config(
         keep = _wrn_keep(model if model is not None else models.create(arch), ratio)
     t_default = setting.threshold if setting else DEFAULT_THRESHOLD
     lam_default = setting.lam if setting else DEFAULT_LAMBDA
+    if isinstance(threshold, str):
+        if threshold.lower() != NO_THRESHOLD:
+            raise ConfigError(f"threshold must be a number or {NO_THRESHOLD!r}, got {threshold!r}")
+        t_value: float | None = None
+    else:
+        t_value = t_default if threshold is None else threshold
     return MergeConfig(
         ratio=0.0 if ratio is None else ratio,
         criterion=criterion,
-        threshold=t_default if threshold is None else threshold,
+        threshold=t_value,
         lam=lam_default if lam is None else lam,
         bn_rule=bn_rule,
         rounding=setting.rounding if setting else "round",
@@ -267,7 +277,7 @@ def run_sweep(
     ratios: Sequence[float | None],
     modes: Sequence[str] = ("prune", "merge"),
     preset: str = "paper",
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     lam: float | None = None,
     bn_rule: str = "paper",
     output_dir: str | Path | None = None,

@@ -17,7 +17,7 @@ Models that cannot be traced can name their groups explicitly.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,31 +97,121 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
-def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """Symbolically trace ``model`` and annotate every node with its tensor shape."""
+def _symbolic_trace(model: nn.Module) -> fx.Graph:
     try:
-        graph = _Tracer().trace(model)
+        return _Tracer().trace(model)
     except Exception as exc:  # fx raises many unrelated exception types
         raise ModelError(
             f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else exc!r}); pass the merge groups "
             "explicitly, e.g. groups=[nm.MergeGroup(producer='fc1', bn=None, consumer='fc2')]"
         ) from exc
+
+
+def _run_failed(model: nn.Module, exc: Exception) -> ModelError:
+    return ModelError(
+        f"running {type(model).__name__} on the example inputs failed "
+        f"({type(exc).__name__}: {exc}); check their shapes and dtypes"
+    )
+
+
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """Symbolically trace ``model`` and annotate every node with its tensor shape."""
+    graph = _symbolic_trace(model)
     gm = fx.GraphModule(model, graph)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:  # the user's forward may raise anything
-        raise ModelError(
-            f"running {type(model).__name__} on the example inputs failed "
-            f"({type(exc).__name__}: {exc}); check their shapes and dtypes"
-        ) from exc
+        raise _run_failed(model, exc) from exc
     return gm
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+def _fetch_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _propagate_shapes(
+    model: nn.Module, graph: fx.Graph, inputs: Sequence[Any]
+) -> dict[fx.Node, tuple[int, ...]]:
+    """Run ``graph`` once on ``inputs``; return the shape of every tensor-valued node.
+
+    A minimal interpreter: it executes each node directly on ``model``'s modules
+    and frees values after their last use, without the per-node bookkeeping of
+    :class:`torch.fx.passes.shape_prop.ShapeProp`, so it costs about one
+    ordinary forward pass.
+    """
+    modules = dict(model.named_modules())
+    last_use: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        for source in node.all_input_nodes:
+            last_use[source] = node
+    dead_after: dict[fx.Node, list[fx.Node]] = {}
+    for source, user in last_use.items():
+        dead_after.setdefault(user, []).append(source)
+    env: dict[fx.Node, Any] = {}
+    shapes: dict[fx.Node, tuple[int, ...]] = {}
+    args_iter = iter(inputs)
+
+    def load(arg: Any) -> Any:
+        return fx.node.map_arg(arg, env.__getitem__)
+
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            target = str(node.target)
+            if target.startswith("**"):
+                value: Any = {}
+            elif target.startswith("*"):
+                value = list(args_iter)
+            else:
+                try:
+                    value = next(args_iter)
+                except StopIteration:
+                    if not node.args:
+                        raise TypeError(f"missing example input for argument {target!r}") from None
+                    value = node.args[0]
+        elif node.op == "get_attr":
+            value = _fetch_attr(model, str(node.target))
+        elif node.op == "call_function":
+            value = node.target(*load(node.args), **load(node.kwargs))  # type: ignore[operator]
+        elif node.op == "call_method":
+            obj, *rest = load(node.args)
+            value = getattr(obj, str(node.target))(*rest, **load(node.kwargs))
+        elif node.op == "call_module":
+            value = modules[str(node.target)](*load(node.args), **load(node.kwargs))
+        else:  # output
+            break
+        env[node] = value
+        if isinstance(value, torch.Tensor):
+            shapes[node] = tuple(value.shape)
+        for dead in dead_after.get(node, ()):
+            env.pop(dead, None)
+    return shapes
+
+
+class _Shapes:
+    """Tensor shapes of graph nodes, computed on first request by one run of the graph.
+
+    Most merge groups (conv → conv, linear → linear) are decided from module
+    types alone; the example inputs are executed only when a reshape or a
+    conv → linear boundary needs actual shapes.
+    """
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, inputs: Sequence[Any]) -> None:
+        self._model, self._graph, self._inputs = model, graph, inputs
+        self._shapes: dict[fx.Node, tuple[int, ...]] | None = None
+
+    def __call__(self, node: fx.Node) -> tuple[int, ...] | None:
+        if self._shapes is None:
+            try:
+                with torch.no_grad():
+                    self._shapes = _propagate_shapes(self._model, self._graph, self._inputs)
+            except Exception as exc:  # the user's forward may raise anything
+                raise _run_failed(self._model, exc) from exc
+        return self._shapes.get(node)
 
 
 def _is_metadata_use(user: fx.Node) -> bool:
@@ -148,19 +238,25 @@ def find_groups(
 
     Returns the groups (in graph order) and the candidate producers that were
     left intact, each with the reason. ``model`` should be in eval mode.
+
+    The graph comes from symbolic tracing; ``example_inputs`` are run through it
+    (once, without gradients) only when a decision needs tensor shapes, i.e. a
+    reshape or a convolution feeding a linear layer. Models made of
+    convolution → convolution and linear → linear chains are never executed.
     """
     inputs = (
         (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     )
-    gm = trace(model, inputs)
-    modules = dict(gm.named_modules())
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    graph = _symbolic_trace(model)
+    shape = _Shapes(model, graph, inputs)
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     groups: list[MergeGroup] = []
     skipped: list[SkippedLayer] = []
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], _PRODUCERS):
             continue
-        outcome = _follow(node, modules, calls)
+        outcome = _follow(node, modules, calls, shape)
         if isinstance(outcome, MergeGroup):
             groups.append(outcome)
         else:
@@ -168,7 +264,12 @@ def find_groups(
     return groups, skipped
 
 
-def _follow(start: fx.Node, modules: dict[str, nn.Module], calls: Counter[Any]) -> MergeGroup | str:
+ShapeFn = Callable[[fx.Node], tuple[int, ...] | None]
+
+
+def _follow(
+    start: fx.Node, modules: dict[str, nn.Module], calls: Counter[Any], shape: ShapeFn
+) -> MergeGroup | str:
     """Walk from a producer to its consumer; return the group or the reason it is not one."""
     name = str(start.target)
     producer = modules[name]
@@ -208,7 +309,7 @@ def _follow(start: fx.Node, modules: dict[str, nn.Module], calls: Counter[Any]) 
             bn = str(user.target)
         elif isinstance(mod, _PRODUCERS):
             return _consumer_group(
-                name, bn, str(user.target), mod, channels, is_conv, cur, flattened_spatial
+                name, bn, str(user.target), mod, channels, is_conv, cur, flattened_spatial, shape
             )
         elif _is_elementwise(user, mod):
             pass
@@ -216,7 +317,7 @@ def _follow(start: fx.Node, modules: dict[str, nn.Module], calls: Counter[Any]) 
             if not is_conv or flattened_spatial is not None:
                 return f"{_describe(user)} pools over a non-spatial dimension"
         elif _is_reshape(user, mod):
-            verdict = _check_reshape(cur, user, channels, is_conv)
+            verdict = _check_reshape(cur, user, channels, is_conv, shape)
             if isinstance(verdict, str):
                 return verdict
             if verdict is not None:
@@ -250,13 +351,15 @@ def _is_reshape(node: fx.Node, mod: nn.Module | None) -> bool:
     return False
 
 
-def _check_reshape(src: fx.Node, node: fx.Node, channels: int, is_conv: bool) -> int | str | None:
+def _check_reshape(
+    src: fx.Node, node: fx.Node, channels: int, is_conv: bool, shape: ShapeFn
+) -> int | str | None:
     """Accept a reshape that keeps channels contiguous; return the features per channel.
 
     Returns ``None`` for a shape-preserving reshape, an ``int`` for a channel-major
     flatten ``(N, C, *S) → (N, C·prod(S))``, or a reason string otherwise.
     """
-    before, after = _shape(src), _shape(node)
+    before, after = shape(src), shape(node)
     if before is None or after is None:
         return f"{_describe(node)} has unknown shapes"
     if before == after:
@@ -279,6 +382,7 @@ def _consumer_group(
     is_conv: bool,
     cur: fx.Node,
     flattened_spatial: int | None,
+    shape: ShapeFn,
 ) -> MergeGroup | str:
     if isinstance(mod, nn.Conv2d):
         if mod.groups != 1:
@@ -287,14 +391,13 @@ def _consumer_group(
             return f"consumer {consumer!r} does not take the producer's channels as input channels"
         return MergeGroup(producer, consumer, bn, 1)
     assert isinstance(mod, nn.Linear)
+    spatial = 1
     if is_conv:
-        shape = _shape(cur)
-        if flattened_spatial is None and not (shape is not None and len(shape) == 2):
-            return f"consumer {consumer!r} is applied to a non-channel dimension"
+        if flattened_spatial is None:
+            dims = shape(cur)
+            if not (dims is not None and len(dims) == 2):
+                return f"consumer {consumer!r} is applied to a non-channel dimension"
         spatial = flattened_spatial or 1
-    else:
-        shape = _shape(cur)
-        spatial = 1
     if mod.in_features != channels * spatial:
         return f"consumer {consumer!r} has {mod.in_features} inputs, expected {channels * spatial}"
     return MergeGroup(producer, consumer, bn, spatial)

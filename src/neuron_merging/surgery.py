@@ -24,6 +24,9 @@ from torch import Tensor, nn
 
 from .groups import MergeGroup
 
+#: Upper bound on the elements of one temporary block of scaled consumer columns.
+FOLD_BLOCK_ELEMENTS = 1 << 22
+
 
 @dataclass
 class GroupPlan:
@@ -62,12 +65,19 @@ def fold_columns(weight: Tensor, plan: GroupPlan, features_per_channel: int) -> 
     out = weight.shape[0]
     n = plan.kept.numel() + plan.pruned.numel()
     blocks = weight.detach().reshape(out, n, -1)
-    folded = blocks[:, plan.kept].clone()
+    folded = blocks[:, plan.kept]  # advanced indexing: already a fresh tensor
     merged = plan.partner >= 0
     if bool(merged.any()):
-        sources = blocks[:, plan.pruned[merged]]
-        scales = plan.scale[merged].to(blocks.dtype).view(1, -1, 1)
-        folded.index_add_(1, plan.partner[merged], sources * scales)
+        src, dst = plan.pruned[merged], plan.partner[merged]
+        scales = plan.scale[merged].to(blocks.dtype)
+        # In chunks of pruned channels, so the scaled copies stay within a fixed
+        # budget; index_add_ accumulates in index order either way.
+        step = max(1, FOLD_BLOCK_ELEMENTS // max(out * blocks.shape[2], 1))
+        for start in range(0, src.numel(), step):
+            sl = slice(start, start + step)
+            sources = blocks[:, src[sl]]
+            sources.mul_(scales[sl].view(1, -1, 1))
+            folded.index_add_(1, dst[sl], sources)
     shape = (
         (out, plan.kept.numel() * features_per_channel)
         if weight.dim() == 2

@@ -79,7 +79,7 @@ def recipe_for(dataset: str, **overrides: Any) -> Recipe:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
     if "milestones" not in values and epochs != base.epochs:
         values["milestones"] = tuple(
-            max(1, math.floor(m * epochs / base.epochs)) for m in base.milestones
+            sorted({max(1, math.floor(m * epochs / base.epochs)) for m in base.milestones})
         )
     recipe = Recipe(**{**asdict(base), **values})
     if recipe.lr <= 0 or recipe.batch_size < 1:
