@@ -36,8 +36,10 @@ reproduce-resnet56: setup
 demo: setup
 	$(PY) examples/demo.py
 
+# Writes docs/benchmarks.md and docs/merge_scaling.png (about 15 min on 2 cores).
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
 
+# The same benchmarks at tiny sizes, one repeat, into build/bench-smoke (under a minute).
 bench-smoke: setup
-	$(PY) benchmarks/run_all.py --smoke
+	$(PY) -m benchmarks.run_all --smoke --out-dir build/bench-smoke --raw-dir build/bench-smoke/raw

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -50,25 +51,108 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-#: Elements checked per step by :func:`_check_finite` (bounds its temporary).
-_FINITE_CHUNK = 1 << 24
+#: Tensors smaller than this are checked together, concatenated, by :func:`_check_finite`.
+_FINITE_SMALL = 1 << 20
 
 
-def _all_finite(tensor: Tensor) -> bool:
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() <= _FINITE_CHUNK:
-        return bool(torch.isfinite(flat).all())
-    return all(
-        bool(torch.isfinite(flat[i : i + _FINITE_CHUNK]).all())
-        for i in range(0, flat.numel(), _FINITE_CHUNK)
-    )
+def _finite(flat: Tensor) -> bool:
+    """Whether a 1-D floating tensor holds no NaN or Inf (one pass, no temporary)."""
+    if flat.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(flat)  # NaN propagates, ±Inf shows up as an extreme
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _check_finite(model: nn.Module) -> None:
-    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, tensor in items:
-            if tensor.is_floating_point() and not _all_finite(tensor):
-                raise ModelError(f"{kind} {name!r} contains NaN or Inf; refusing to compress")
+    named = [
+        (kind, name, tensor.detach())
+        for kind, items in (
+            ("parameter", model.named_parameters()),
+            ("buffer", model.named_buffers()),
+        )
+        for name, tensor in items
+        if tensor.is_floating_point()
+    ]
+    small: dict[torch.dtype, list[Tensor]] = {}
+    ok = True
+    for _, _, tensor in named:
+        if tensor.numel() < _FINITE_SMALL:
+            small.setdefault(tensor.dtype, []).append(tensor.reshape(-1))
+        elif not _finite(tensor.reshape(-1)):
+            ok = False
+            break
+    if ok:
+        ok = all(_finite(torch.cat(group)) for group in small.values())
+    if ok:
+        return
+    for kind, name, tensor in named:  # slow path: name the first offender
+        if not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"{kind} {name!r} contains NaN or Inf; refusing to compress")
+
+
+_ATOMIC = frozenset({int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device})
+_CONTAINERS = frozenset({dict, OrderedDict, set, list})
+_MODULE_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__")
+_PLAIN_MODULE_CLASSES: dict[type, bool] = {}
+
+
+def _plain_module_class(cls: type) -> bool:
+    """Whether ``cls`` copies like ``nn.Module`` (``__setstate__`` may differ: it is called)."""
+    plain = _PLAIN_MODULE_CLASSES.get(cls)
+    if plain is None:
+        plain = all(
+            getattr(cls, hook, None) is getattr(nn.Module, hook, None)
+            for hook in _MODULE_COPY_HOOKS
+        )
+        _PLAIN_MODULE_CLASSES[cls] = plain
+    return plain
+
+
+def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
+    kind = type(value)
+    if kind in _ATOMIC:
+        return value
+    if kind in _CONTAINERS and not value:
+        return kind()
+    if kind is tuple and all(type(v) in _ATOMIC for v in value):
+        return value
+    return copy.deepcopy(value, memo)
+
+
+def _copy_tensor(tensor: Tensor | None, memo: dict[int, Any]) -> Tensor | None:
+    if tensor is None:
+        return None
+    done = memo.get(id(tensor))
+    return done if done is not None else copy.deepcopy(tensor, memo)
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy`` for a module tree, without its generic per-object overhead.
+
+    Modules whose class customises copying or pickling are handed to
+    ``copy.deepcopy`` (with the same ``memo``); so are all non-trivial attribute
+    values. Parameters and buffers come from ``memo`` when they are in it.
+    """
+    done = memo.get(id(module))
+    if done is not None:
+        return done
+    cls = type(module)
+    if not _plain_module_class(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state: dict[str, Any] = {}
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            state[key] = type(value)(
+                (n, None if m is None else _copy_module(m, memo)) for n, m in value.items()
+            )
+        elif key in ("_parameters", "_buffers"):
+            state[key] = type(value)((n, _copy_tensor(t, memo)) for n, t in value.items())
+        else:
+            state[key] = _copy_value(value, memo)
+    new.__setstate__(state)  # as copy.deepcopy does
+    return new
 
 
 def _aliasing_copy(model: nn.Module) -> nn.Module:
@@ -87,7 +171,7 @@ def _aliasing_copy(model: nn.Module) -> nn.Module:
             memo[id(tensor)] = nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad)
         elif type(tensor) is torch.Tensor:
             memo[id(tensor)] = tensor.detach()
-    return copy.deepcopy(model, memo)
+    return _copy_module(model, memo)
 
 
 def _storage_key(tensor: Tensor) -> int | None:

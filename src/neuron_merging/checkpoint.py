@@ -154,7 +154,10 @@ def _torch_load(path: Path) -> Any:
 def _describe(exc: BaseException) -> str:
     """First line of an exception, prefixed with its type, for error messages."""
     text = str(exc).strip()
-    first = text.splitlines()[0][:200] if text else ""
+    first = text.splitlines()[0] if text else ""
+    if len(first) > 200:  # keep whole sentences rather than stopping mid-word
+        end = first.rfind(". ", 0, 200)
+        first = first[: end + 1] if end > 0 else first[:200] + "..."
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 

@@ -18,13 +18,26 @@ CriterionFn = Callable[[Tensor], Tensor]
 
 #: Upper bound on the elements of one temporary distance block (float64).
 _GM_BLOCK_ELEMENTS = 1 << 23
-#: Upper bound on the elements of one block of rows converted to float64.
+#: Rows are converted to float64 all at once up to this many elements (256 MB);
+#: beyond it, in chunks of ``_GM_CHUNK_ELEMENTS``, so memory stays bounded.
+_GM_WHOLE_ELEMENTS = 1 << 25
 _GM_CHUNK_ELEMENTS = 1 << 22
 
 
+#: Upper bound on the elements of the temporary ``|rows|`` block of :func:`l1_norm`.
+_L1_CHUNK_ELEMENTS = 1 << 22
+
+
 def l1_norm(rows: Tensor) -> Tensor:
-    """Score = ℓ1 norm of each row (Li et al., "Pruning Filters for Efficient ConvNets")."""
-    return rows.abs().sum(dim=1)
+    """Score = ℓ1 norm of each row (Li et al., "Pruning Filters for Efficient ConvNets").
+
+    Computed in blocks of rows, so the temporary ``|rows|`` stays small.
+    """
+    width = rows[0].numel() if rows.shape[0] else 1
+    chunk = max(1, _L1_CHUNK_ELEMENTS // max(width, 1))
+    if rows.shape[0] <= chunk:
+        return rows.abs().sum(dim=1)
+    return torch.cat([part.abs().sum(dim=1) for part in rows.split(chunk)])
 
 
 def l2_norm(rows: Tensor) -> Tensor:
@@ -37,17 +50,21 @@ def l2_geometric_median(rows: Tensor) -> Tensor:
 
     Rows nearest the geometric median have the smallest sums and are the most
     replaceable, so they are pruned first. Distances are computed in float64 as
-    ``‖a‖² + ‖b‖² − 2·a·b``, one block of rows against chunks of the others, so
-    neither the ``n × n`` matrix nor a float64 copy of all rows is ever held:
-    the temporaries stay within a few tens of MB for any ``n``.
+    ``‖a‖² + ‖b‖² − 2·a·b``, one block of rows at a time, so the ``n × n`` matrix
+    is never held. For large layers (more than ``_GM_WHOLE_ELEMENTS`` weights)
+    the float64 copy of the rows is not held either: each block is compared with
+    chunks of the others, converted on the fly, and the temporaries stay within
+    about 150 MB for any ``n``.
     """
     n = rows.shape[0]
     width = rows[0].numel() if n else 1
-    chunk = max(1, _GM_CHUNK_ELEMENTS // max(width, 1))
+    whole = n * width <= _GM_WHOLE_ELEMENTS
+    chunk = max(1, n) if whole else max(1, _GM_CHUNK_ELEMENTS // max(width, 1))
     block = max(1, _GM_BLOCK_ELEMENTS // max(n, 1))
+    x64 = rows.to(torch.float64) if whole else None
 
     def as64(start: int, stop: int) -> Tensor:
-        return rows[start:stop].to(torch.float64)
+        return x64[start:stop] if x64 is not None else rows[start:stop].to(torch.float64)
 
     sq = torch.empty(n, dtype=torch.float64, device=rows.device)
     for start in range(0, n, chunk):

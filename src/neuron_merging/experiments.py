@@ -7,6 +7,7 @@ over criteria × ratios × {prune, merge}, writing results as each one finishes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from . import models
-from ._io import atomic_write_text
+from ._io import atomic_write_text, ensure_writable_dir
 from ._progress import progress
 from .api import compress, count_parameters
 from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
@@ -267,6 +268,23 @@ def write_results(records: list[dict[str, Any]], output_dir: Path, *, plot: bool
         plot_accuracy(records, output_dir / "accuracy.png")
 
 
+#: The files a sweep writes (atomically) into its output directory.
+SWEEP_FILES: tuple[str, ...] = ("results.json", "results.csv", "results.md", "accuracy.png")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files a killed run left in ``out``; finished files are never touched.
+
+    Every output is written to ``.NAME.XXXX.tmp`` and renamed over ``NAME``, so a
+    run killed mid-write leaves at most such a file behind (``NAME`` itself is
+    always complete).
+    """
+    for name in SWEEP_FILES:
+        for stale in out.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
 def run_sweep(
     model: nn.Module,
     arch: str,
@@ -289,7 +307,8 @@ def run_sweep(
 
     Each finished configuration is saved to ``output_dir`` immediately (atomic
     rewrite), so a crash loses nothing; ``resume=True`` skips configurations the
-    existing ``results.json`` already holds.
+    existing ``results.json`` already holds. Temporary files left by a killed run
+    are removed when a sweep starts.
     """
     for c in criteria:
         if c not in available_criteria():
@@ -307,6 +326,8 @@ def run_sweep(
     if out is not None:
         if out.exists() and not out.is_dir():
             raise OutputError(f"output {out} exists and is not a directory")
+        ensure_writable_dir(out / "results.json")  # fail before any work, not after it
+        _remove_stale_temporaries(out)
         if resume and (out / "results.json").exists():
             records = load_results(out / "results.json")
             for r in records:
@@ -318,7 +339,13 @@ def run_sweep(
     done = {record_key(r) for r in records}
     todo: list[tuple[str, str | None, float | None]] = [("original", None, 0.0)]
     todo += [(m, c, r) for r in ratios for c in criteria for m in modes]
-    todo = [t for t in todo if (t[0], t[1], None if t[2] is None else round(t[2], 6)) not in done]
+    pending, seen = [], set(done)
+    for t in todo:  # skip finished configurations, and repeats in ratios/criteria/modes
+        key = (t[0], t[1], None if t[2] is None else round(t[2], 6))
+        if key not in seen:
+            seen.add(key)
+            pending.append(t)
+    todo = pending
     bar = progress(todo, enabled=show_progress, desc=f"sweep {arch}", unit="run", leave=True)
     for mode, criterion, ratio in bar:
         if mode == "original":

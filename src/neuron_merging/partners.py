@@ -86,7 +86,7 @@ def _unit(rows: Tensor, safe: Tensor, idx: Tensor) -> Tensor:
 
     Only the rows asked for are materialised, never all ``n`` unit rows at once.
     """
-    return rows[idx] / safe[idx, None]
+    return torch.index_select(rows, 0, idx).div_(safe[idx].unsqueeze(1))
 
 
 def _unit_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,6 +97,8 @@ def _unit_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
 def _first_nan_or_argmin(score: Tensor) -> Tensor:
     """Row-wise ``numpy.argmin`` semantics: the first NaN if any, else the first minimum."""
     nan = score.isnan()
+    if not bool(nan.any()):
+        return score.argmin(dim=1)
     first_nan = nan.to(torch.uint8).argmax(dim=1)
     plain = torch.where(nan, torch.full_like(score, float("inf")), score).argmin(dim=1)
     return torch.where(nan.any(dim=1), first_nan, plain)
@@ -135,6 +137,7 @@ def assign_plain(rows: Tensor, kept: Tensor, pruned: Tensor, threshold: float | 
     unit_k, norm_k = _unit(rows, safe, kept), norms[kept]
     norm_p = norms[pruned]
     usable_k = norm_k > 0
+    all_usable = bool(usable_k.all())
     p = pruned.numel()
     partner = torch.full((p,), -1, dtype=torch.long)
     scale = torch.zeros(p, dtype=rows.dtype)
@@ -150,7 +153,8 @@ def assign_plain(rows: Tensor, kept: Tensor, pruned: Tensor, threshold: float | 
             t_rest += t0 - t_mark
             cos = unit_p @ unit_k.T
             t1 = time.perf_counter()
-            cos = torch.where(usable_k[None, :], cos, torch.full_like(cos, float("-inf")))
+            if not all_usable:
+                cos.masked_fill_(~usable_k[None, :], float("-inf"))
             best, idx = cos.max(dim=1)
             s = norm_p[sl] / norm_k[idx]
             ok = _threshold_ok(best, threshold) & torch.isfinite(s) & (s > 0)

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from .groups import MergeGroup
 
-#: Upper bound on the elements of one temporary block of scaled consumer columns.
-FOLD_BLOCK_ELEMENTS = 1 << 22
+#: Consumer weights are folded in blocks of rows of at most this many elements
+#: (small enough to stay in cache; also bounds the temporary scaled copies).
+FOLD_BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -56,28 +57,52 @@ class GroupPlan:
         return int((self.partner >= 0).sum())
 
 
+def _all_finite(tensor: Tensor) -> bool:
+    if tensor.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(tensor)  # NaN propagates, ±Inf shows up as an extreme
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def fold_columns(weight: Tensor, plan: GroupPlan, features_per_channel: int) -> Tensor:
     """The consumer weight with pruned input channels folded into their partners.
 
     ``weight`` is ``(out, n·features_per_channel)`` for a Linear or
-    ``(out, n, kh, kw)`` for a Conv2d; the result has ``k`` input channels.
+    ``(out, n, kh, kw)`` for a Conv2d; the result has ``k`` input channels. A kept
+    channel whose folded weights would overflow to Inf/NaN receives no merge: its
+    merges are dropped and marked so in ``plan`` (``partner = -1``, ``scale = 0``).
     """
     out = weight.shape[0]
     n = plan.kept.numel() + plan.pruned.numel()
     blocks = weight.detach().reshape(out, n, -1)
-    folded = blocks[:, plan.kept]  # advanced indexing: already a fresh tensor
     merged = plan.partner >= 0
-    if bool(merged.any()):
+    if not bool(merged.any()):
+        folded = torch.index_select(blocks, 1, plan.kept)  # a fresh tensor
+    else:
         src, dst = plan.pruned[merged], plan.partner[merged]
-        scales = plan.scale[merged].to(blocks.dtype)
-        # In chunks of pruned channels, so the scaled copies stay within a fixed
-        # budget; index_add_ accumulates in index order either way.
-        step = max(1, FOLD_BLOCK_ELEMENTS // max(out * blocks.shape[2], 1))
-        for start in range(0, src.numel(), step):
-            sl = slice(start, start + step)
-            sources = blocks[:, src[sl]]
-            sources.mul_(scales[sl].view(1, -1, 1))
-            folded.index_add_(1, dst[sl], sources)
+        scales = plan.scale[merged].to(blocks.dtype).view(1, -1, 1)
+        folded = blocks.new_empty((out, plan.kept.numel(), blocks.shape[2]))
+        # In blocks of output rows: a block's columns stay in cache while
+        # index_add_ adds them (in index order, so the sums are those of one
+        # call), and the scaled copies stay within a fixed budget.
+        step = max(1, FOLD_BLOCK_ELEMENTS // max(n * blocks.shape[2], 1))
+        for start in range(0, out, step):
+            rows = slice(start, start + step)
+            part = folded[rows]
+            torch.index_select(blocks[rows], 1, plan.kept, out=part)
+            part.index_add_(1, dst, torch.index_select(blocks[rows], 1, src).mul_(scales))
+        # Scaled weights that overflow the dtype would write Inf/NaN into the model:
+        # drop every merge into such a partner instead (plan updated to match).
+        overflow = (
+            torch.zeros(0, dtype=torch.bool)
+            if _all_finite(folded)  # one cheap pass settles the common case
+            else ~torch.isfinite(folded).all(dim=2).all(dim=0)
+        )
+        if bool(overflow.any()):
+            folded[:, overflow] = blocks[:, plan.kept[overflow]]
+            drop = (plan.partner >= 0) & overflow[plan.partner.clamp_min(0)]
+            plan.partner[drop] = -1
+            plan.scale[drop] = 0.0
     shape = (
         (out, plan.kept.numel() * features_per_channel)
         if weight.dim() == 2
@@ -108,11 +133,13 @@ def apply_plans(model: nn.Module, plans: Sequence[GroupPlan]) -> None:
         new_weights: dict[str, Tensor] = {}
         for name in set(rows) | set(cols):
             weight = modules[name].weight.detach()
+            # Rows first: the fold acts on each row independently, so slicing the
+            # kept rows before folding gives the same values for less work.
+            if name in rows:
+                weight = torch.index_select(weight, 0, rows[name])
             if name in cols:
                 group = cols[name].group
                 weight = fold_columns(weight, cols[name], group.features_per_channel or 1)
-            if name in rows:
-                weight = weight[rows[name]]
             new_weights[name] = weight
         for name, weight in new_weights.items():
             layer = modules[name]

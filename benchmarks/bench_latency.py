@@ -1,0 +1,184 @@
+"""Section 3: is the compressed model really faster?
+
+Measures CPU inference latency of the original, pruned and merged models with
+``torch.utils.benchmark.Timer`` at batch 1 and at a larger batch, next to the
+ratio of multiply-accumulates. Pruned and merged models have the same shapes
+(merging changes only values), so they should run equally fast; both are real,
+physically smaller modules, not masked ones.
+
+Usage::
+
+    python -m benchmarks.bench_latency [--smoke] [--out DIR] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+import neuron_merging as nm
+from neuron_merging.models import create
+
+from . import _common as C
+
+VARIANTS = ("original", "pruned", "merged")
+
+
+def _cases(smoke: bool) -> list[dict[str, Any]]:
+    if smoke:
+        return [
+            {"label": "LeNet (tiny), r=0.5", "arch": "lenet300", "ratio": 0.5, "batch": 8,
+             "cfg": [24, 12]},
+            {"label": "VGG-16 (tiny), paper cfg / 8", "arch": "vgg16", "ratio": None,
+             "batch": 2, "cfg": [8, 8, "M", 16, 16, "M", 32, 32, 32, "M", 64, 64, 64, "M",
+                                 64, 64, 64]},
+        ]  # fmt: skip
+    return [
+        {"label": "LeNet-300-100, r=0.5", "arch": "lenet300", "ratio": 0.5, "batch": 256},
+        {"label": "LeNet-300-100, r=0.8", "arch": "lenet300", "ratio": 0.8, "batch": 256},
+        {"label": "VGG-16, paper cfg", "arch": "vgg16", "ratio": None, "batch": 32},
+        {"label": "ResNet-56, r=0.5", "arch": "resnet56", "ratio": 0.5, "batch": 32},
+    ]
+
+
+def _variants(case: dict[str, Any]) -> dict[str, nn.Module]:
+    arch = case["arch"]
+    x = C.example_input(arch)
+    if "cfg" in case:
+        torch.manual_seed(0)
+        model = C.plant_redundancy(create(arch, cfg=case["cfg"]).eval())
+    else:
+        model, _ = C.paper_model(arch)
+    kwargs = C.paper_setting(arch, model, x, case["ratio"])
+    prune_kwargs = {k: v for k, v in kwargs.items() if k not in ("threshold", "lam")}
+    return {
+        "original": model.eval(),
+        "pruned": nm.prune(model, x, **prune_kwargs).model.eval(),
+        "merged": nm.merge(model, x, **kwargs).model.eval(),
+    }
+
+
+def _latency(model: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
+    timer = Timer(
+        stmt="with torch.no_grad():\n    model(x)",
+        globals={"model": model, "x": x, "torch": torch},
+        num_threads=torch.get_num_threads(),
+    )
+    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+
+
+def run_section3(smoke: bool = False, rounds: int = 5, min_run_time: float = 0.3) -> list[dict]:
+    """Latency of every variant at batch 1 and the case's large batch (medians)."""
+    if smoke:
+        rounds, min_run_time = 1, 0.01
+    rows = []
+    for case in _cases(smoke):
+        models = _variants(case)
+        base = C.example_input(case["arch"])
+        macs = {name: C.macs(m, base) for name, m in models.items()}
+        params = {name: nm.count_parameters(m) for name, m in models.items()}
+        for batch in (1, case["batch"]):
+            x = C.example_input(case["arch"], batch)
+            for m in models.values():  # warm-up
+                with torch.no_grad():
+                    m(x)
+            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for rnd in range(rounds):
+                order = VARIANTS[rnd % 3 :] + VARIANTS[: rnd % 3]  # rotate to cancel drift
+                for name in order:
+                    times[name].append(_latency(models[name], x, min_run_time))
+            speedup = {
+                name: C.median([o / t for o, t in zip(times["original"], times[name], strict=True)])
+                for name in ("pruned", "merged")
+            }
+            mac_ratio = macs["original"] / macs["merged"]
+            rows.append(
+                {
+                    "label": case["label"],
+                    "arch": case["arch"],
+                    "batch": batch,
+                    "large_batch": batch == case["batch"],
+                    "rounds": rounds,
+                    "latency": {name: C.median(t) for name, t in times.items()},
+                    "macs": macs,
+                    "params": params,
+                    "mac_ratio": mac_ratio,
+                    "speedup_pruned": speedup["pruned"],
+                    "speedup_merged": speedup["merged"],
+                    "efficiency": speedup["merged"] / mac_ratio,
+                }
+            )
+    return rows
+
+
+def section3_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The latency table."""
+    head = [
+        "model",
+        "batch",
+        "MACs / sample",
+        "MAC ratio",
+        "original",
+        "pruned",
+        "merged",
+        "speed-up (pruned)",
+        "speed-up (merged)",
+        "speed-up / MAC ratio",
+    ]
+    body = []
+    for r in rows:
+        lat = r["latency"]
+        body.append(
+            [
+                r["label"],
+                r["batch"],
+                f"{r['macs']['original'] / 1e6:.2f}M → {r['macs']['merged'] / 1e6:.2f}M",
+                C.fmt_x(r["mac_ratio"]),
+                f"{C.fmt_ms(lat['original'])} ms",
+                f"{C.fmt_ms(lat['pruned'])} ms",
+                f"{C.fmt_ms(lat['merged'])} ms",
+                C.fmt_x(r["speedup_pruned"]),
+                f"**{C.fmt_x(r['speedup_merged'])}**",
+                f"{r['efficiency']:.2f}",
+            ]
+        )
+    return C.md_table(head, body)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run section 3; write ``bench_latency.json`` to ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
+    parser.add_argument("--out", type=Path, default=C.ROOT / "build" / "bench")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-run-time", type=float, default=0.3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("section 3: latency", file=sys.stderr, flush=True)
+    rows = run_section3(args.smoke, args.rounds, args.min_run_time)
+    for r in rows:
+        print(
+            f"  {r['label']} b={r['batch']}: {C.fmt_x(r['speedup_merged'])} "
+            f"(MAC ratio {C.fmt_x(r['mac_ratio'])})",
+            file=sys.stderr,
+            flush=True,
+        )
+    results = {"machine": C.machine_info(), "smoke": args.smoke, "section3": rows}
+    from neuron_merging._io import atomic_write_text
+
+    atomic_write_text(args.out / "bench_latency.json", json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Run every benchmark and write ``docs/benchmarks.md`` and ``docs/merge_scaling.png``.
+
+Usage::
+
+    python -m benchmarks.run_all [--smoke] [--out-dir docs]
+
+Both files are replaced atomically, only after every benchmark has finished.
+The raw results are kept as JSON in ``--raw-dir`` (default ``build/bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuron_merging._io import atomic_write_bytes, atomic_write_text
+
+from . import _common as C
+from . import bench_latency, bench_merge
+
+TRACE_TARGET = 1.5
+VGG_TARGET = 50.0
+RESNET_TARGET = 5.0
+FLOOR_TARGET = 2.0
+MEMORY_TARGET_MB = 512.0
+LATENCY_TARGET = 0.7
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def _targets(s1: list[dict], s2: list[dict], s3: list[dict]) -> list[list[str]]:
+    """One row per target: target, measured, verdict."""
+    out = []
+
+    def merge_row(arch: str) -> dict | None:
+        return next((r for r in s1 if r["arch"] == arch and r["mode"] == "merge"), None)
+
+    for arch, name, target in (
+        ("vgg16", "VGG-16 paper cfg", VGG_TARGET),
+        ("resnet56", "ResNet-56 r=0.5", RESNET_TARGET),
+    ):
+        r = merge_row(arch)
+        if r:
+            out.append(
+                [
+                    f"{name}: nm.merge ≥ {target:.0f}× faster than the reference",
+                    C.fmt_x(r["speedup"]),
+                    _verdict(r["speedup"] >= target),
+                ]
+            )
+    for r in s1:
+        if r["mode"] != "merge":
+            continue
+        ok = r["trace_over_forward"] <= TRACE_TARGET
+        out.append(
+            [
+                f"{r['label']}: tracing ≤ ~{TRACE_TARGET} forward passes at batch 1",
+                f"{r['trace_over_forward']:.2f} ({C.fmt_ms(r['trace'])} ms vs "
+                f"{C.fmt_ms(r['forward_b1'])} ms)",
+                _verdict(ok),
+            ]
+        )
+    out.append(
+        [
+            "reference equality (kept, partners, scales) on every section-1 case",
+            f"{sum(r['plans_equal'] for r in s1)}/{len(s1)} equal",
+            _verdict(all(r["plans_equal"] for r in s1)),
+        ]
+    )
+    floor = [r for r in s2 if r["n"] >= 4096 and r["criterion"] in ("l1-norm", "l2-norm")]
+    if floor:
+        worst = max(floor, key=lambda r: r["merge_over_mm"])
+        out.append(
+            [
+                f"wide MLP, n ≥ 4096, l1/l2: nm.merge / torch.mm ≤ {FLOOR_TARGET}",
+                f"worst {worst['merge_over_mm']:.2f} (n={worst['n']}, r={worst['ratio']}, "
+                f"{worst['criterion']})",
+                _verdict(worst["merge_over_mm"] <= FLOOR_TARGET),
+            ]
+        )
+    big = [r for r in s2 if r["n"] == max((q["n"] for q in s2), default=0)]
+    if big:
+        worst = max(big, key=lambda r: r["extra_mb"])
+        out.append(
+            [
+                f"wide MLP, n = {worst['n']}: peak extra memory ≤ {MEMORY_TARGET_MB:.0f} MB "
+                "(all criteria)",
+                f"worst {worst['extra_mb']:.0f} MB ({worst['criterion']}, r={worst['ratio']})",
+                _verdict(worst["extra_mb"] <= MEMORY_TARGET_MB),
+            ]
+        )
+    for r in s3:
+        if r["large_batch"]:
+            out.append(
+                [
+                    f"{r['label']}, batch {r['batch']}: speed-up ≥ {LATENCY_TARGET} × MAC ratio",
+                    f"{C.fmt_x(r['speedup_merged'])} vs {C.fmt_x(r['mac_ratio'])} "
+                    f"→ {r['efficiency']:.2f}",
+                    _verdict(r["efficiency"] >= LATENCY_TARGET),
+                ]
+            )
+    return out
+
+
+METHOD = """\
+## How the numbers are measured
+
+* Every time is a **median over repeats**; every ratio is measured **side by
+  side in the same run** (interleaved calls, alternating which goes first, and
+  the median of the per-pair ratios), so that load from other processes on this
+  shared machine hits both sides of a ratio alike. Absolute times move with the
+  load (listed above); the ratios are much steadier.
+* *Reference* is `benchmarks/reference.py`: a literal transcription of the
+  selection criteria and of Algorithms 2 and 3 that loops over every (pruned,
+  kept) pair in Python with numpy float64 scalars and builds the compressed
+  model by folding consumer columns one pruned neuron at a time. Its time
+  excludes discovery (it is handed the groups), so the speed-ups are, if
+  anything, understated. Its plans are the correctness oracle: kept and pruned
+  indices and partners must be identical, scales equal to 1e-4 (float32 vs
+  float64).
+* *nm* is the whole `nm.merge` (or `nm.prune`) call, tracing included; the split
+  comes from `report.timings` (*rebuild* is copying the module tree and
+  un-sharing the tensors surgery did not replace).
+* *Trace / forward*: `report.timings["trace"]` divided by the median of the same
+  model's plain forward pass at batch 1 (no grad).
+* Wide layers: `nn.Sequential(Linear(4096, n), ReLU, Linear(n, 4096))` with half
+  of the neurons planted as noisy multiples of the others (so merges happen),
+  threshold 0.1. The floor is a bare `torch.mm` of the similarity product's
+  shapes, `(p × f) @ (f × k)` with `f = 4097` (`[w | b]` rows), timed in the same
+  process, interleaved with the merges.
+* Peak memory: each wide-layer case runs in a **fresh subprocess**. After the
+  model is built and a warm-up merge has run, the kernel's peak-RSS mark is
+  reset (`echo 5 > /proc/self/clear_refs`), `nm.merge` runs once, and
+  *peak +MB* is `VmHWM` minus the RSS just before the call. This counts every
+  byte the process touches (torch's allocator, BLAS buffers, Python), unlike
+  `tracemalloc`, which does not see tensor memory. *Output MB* is the returned
+  model's parameters and buffers, which must exist; *extra MB* = peak − output
+  is the working memory the merge needed on top of its result.
+* Latency: `torch.utils.benchmark.Timer.blocked_autorange` under `no_grad`, in
+  rounds that rotate the order of original / pruned / merged; the speed-up is
+  the median over rounds of the per-round ratio. MACs are counted with forward
+  hooks on every `Linear`/`Conv2d` (`benchmarks/_common.py:macs`).
+"""
+
+
+def _notes(s1: list[dict], s2: list[dict], s3: list[dict]) -> str:
+    """Explanations of the targets that were missed, from the measured values."""
+    notes = []
+    for r in s1:
+        if r["mode"] == "merge" and r["trace_over_forward"] > TRACE_TARGET:
+            notes.append(
+                f"* **Tracing, {r['label']}** ({r['trace_over_forward']:.1f} forward passes): "
+                f"symbolic tracing with `torch.fx` has a fixed cost per graph node "
+                f"(≈{C.fmt_ms(r['trace'])} ms here), independent of the layer sizes. "
+                f"When a forward pass itself is as cheap as this one "
+                f"({C.fmt_ms(r['forward_b1'])} ms at batch 1) no tracer can stay within "
+                "1.5 forward passes; the cost is a few milliseconds in absolute terms."
+            )
+    for arch, target in (("vgg16", VGG_TARGET), ("resnet56", RESNET_TARGET)):
+        r = next((q for q in s1 if q["arch"] == arch and q["mode"] == "merge"), None)
+        if r is None or r["speedup"] >= target:
+            continue
+        sp = r["split"]
+        per_group = (sp["select"] + sp["assign"] + sp["fold"]) / max(r["groups"], 1)
+        notes.append(
+            f"* **{r['label']} speed-up** ({C.fmt_x(r['speedup'])} < {target:.0f}×): "
+            f"the reference loops over {r['pairs']:,} (pruned, kept) pairs in "
+            f"{C.fmt_ms(r['t_ref'])} ms. Of the {C.fmt_ms(r['t_ours'])} ms of `nm.merge`, "
+            f"the similarity products, the only work that grows with the layers, take "
+            f"{C.fmt_ms(sp['similarity'])} ms; tracing takes {C.fmt_ms(sp['trace'])} ms "
+            f"(≈{r['trace_over_forward']:.1f} forward passes), and selection, assignment and "
+            f"surgery cost ≈{per_group * 1e3:.2f} ms per group over {r['groups']} groups, "
+            "almost all of it the fixed dispatch cost of a few dozen small tensor operations "
+            "per group, not arithmetic. Such fixed costs are paid once per group whatever "
+            "its size, so the speed-up grows with the layer widths (section 2) and is "
+            "smallest for a model of many narrow groups."
+        )
+    floor = [r for r in s2 if r["n"] >= 4096 and r["criterion"] in ("l1-norm", "l2-norm")]
+    for r in floor:
+        if r["merge_over_mm"] > FLOOR_TARGET:
+            notes.append(
+                f"* **Floor, n={r['n']}, r={r['ratio']}, {r['criterion']}** "
+                f"({r['merge_over_mm']:.2f}): similarity {C.fmt_ms(r['split']['similarity'])} ms, "
+                f"fold {C.fmt_ms(r['split']['fold'])} ms, rebuild "
+                f"{C.fmt_ms(r['split']['rebuild'])} ms of {C.fmt_ms(r['t_merge'])} ms."
+            )
+    for r in s3:
+        if r["large_batch"] and r["efficiency"] < LATENCY_TARGET:
+            notes.append(
+                f"* **Latency, {r['label']}, batch {r['batch']}** ({r['efficiency']:.2f} of the "
+                f"MAC ratio): see the discussion below the latency table."
+            )
+    return "\n".join(notes) if notes else "Every target was met in this run."
+
+
+def render(merge: dict[str, Any], latency: dict[str, Any], wall: float) -> str:
+    """The whole ``docs/benchmarks.md``."""
+    s1, s2, s3 = merge["section1"], merge["section2"], latency["section3"]
+    smoke = merge["smoke"] or latency["smoke"]
+    title = "# Benchmarks" + (" (SMOKE RUN: tiny sizes, not representative)" if smoke else "")
+    parts = [
+        title,
+        "",
+        "Generated by `make bench` (`python -m benchmarks.run_all`); do not edit by hand. "
+        f"The whole run took {wall / 60:.1f} min.",
+        "",
+        "## Machine",
+        "",
+        C.machine_markdown(merge["machine"]),
+        "",
+        f"Load average at the end of the run: {latency['machine']['load_average_1_5_15']} "
+        "(1/5/15 min). The machine is shared with other jobs, which is why only medians and "
+        "same-run ratios are quoted.",
+        "",
+        "## Targets",
+        "",
+        C.md_table(["target", "measured", "verdict"], _targets(s1, s2, s3)),
+        "",
+        _notes(s1, s2, s3),
+        "",
+        "## 1. Merge cost against a literal reference",
+        "",
+        "Paper settings: LeNet-300-100 t = 0.45, rounded widths; VGG-16 t = 0.1, λ = 0.85, "
+        "cfg [32, 64, M, 128, 128, M, 256 ×3, M, 256 ×3, M, 256 ×3], `classifier.0` "
+        "excluded; ResNet-56 t = 0.1, λ = 0.85, floor rounding, the blocks' `conv1` groups. "
+        'Criterion l1-norm, `bn_rule="paper"`. *Authors\' code* is the released '
+        "implementation's time as measured earlier on this machine class (context only, "
+        "not the same run).",
+        "",
+        bench_merge.section1_markdown(s1),
+        "",
+        "## 2. Distance from the floor on wide layers",
+        "",
+        bench_merge.section2_markdown(s2),
+        "",
+        "![merge time against n](merge_scaling.png)",
+        "",
+        "## 3. Does the smaller model run faster?",
+        "",
+        "CPU, "
+        f"{latency['machine']['torch_threads']} threads, medians (ms per batch). The pruned and "
+        "the merged model have identical shapes; they differ only in the consumer weights.",
+        "",
+        bench_latency.section3_markdown(s3),
+        "",
+        LATENCY_DISCUSSION,
+        "",
+        METHOD,
+    ]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+LATENCY_DISCUSSION = """\
+Batch 1 is dominated by fixed per-layer costs (Python dispatch of each module,
+operator launch, memory allocation), not by arithmetic: a LeNet-300-100 forward
+is a few microseconds of math, and even VGG-16 at 32×32 is only a few MFLOPs in
+its late layers. Removing MACs there barely moves the wall clock, so speed-ups at
+batch 1 are expected to stay well below the MAC ratio. At the larger batch the
+convolutions and GEMMs dominate and the speed-up should approach the MAC ratio;
+where it stays short, the usual causes are layers the compression does not touch
+(the first convolution's input side, batch norm, pooling and activations, whose
+cost scales with the activations, not with the MACs) and GEMM/convolution
+kernels that are less efficient on narrow shapes (e.g. 32 or 64 channels) than
+on wide ones."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmarks and write the documentation files."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
+    parser.add_argument("--out-dir", type=Path, default=C.ROOT / "docs")
+    parser.add_argument("--raw-dir", type=Path, default=C.ROOT / "build" / "bench")
+    parser.add_argument("--repeats", type=int, default=5, help="section 1 repeats")
+    parser.add_argument("--max-n", type=int, default=16384)
+    parser.add_argument("--gm-max-n", type=int, default=16384)
+    parser.add_argument("--rounds", type=int, default=5, help="section 3 rounds")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's choice; 1 with --smoke)"
+    )
+    args = parser.parse_args(argv)
+    threads = args.threads or (1 if args.smoke else None)
+    previous = torch.get_num_threads()
+    t0 = time.perf_counter()
+    common = ["--out", str(args.raw_dir)] + (["--smoke"] if args.smoke else [])
+    common += ["--threads", str(threads)] if threads else []
+    try:
+        merge = bench_merge.main(
+            [*common, "--repeats", str(args.repeats), "--max-n", str(args.max_n),
+             "--gm-max-n", str(args.gm_max_n)]
+        )  # fmt: skip
+        latency = bench_latency.main([*common, "--rounds", str(args.rounds)])
+    finally:
+        torch.set_num_threads(previous)
+    wall = time.perf_counter() - t0
+    text = render(merge, latency, wall)
+    png = (args.raw_dir / "merge_scaling.png").read_bytes()
+    atomic_write_bytes(args.out_dir / "merge_scaling.png", png)
+    atomic_write_text(args.out_dir / "benchmarks.md", text)
+    print(f"wrote {args.out_dir / 'benchmarks.md'} in {wall / 60:.1f} min", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
