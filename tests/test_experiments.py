@@ -264,8 +264,8 @@ def test_recipe_defaults_are_the_papers() -> None:
         ("fashion-mnist", 6, (1, 3, 4)),
         ("fashion-mnist", 30, (7, 15, 22)),
         ("cifar10", 20, (10, 15)),
-        ("cifar10", 2, (1, 1)),
-        ("cifar100", 1, (1, 1)),
+        ("cifar10", 2, (1,)),  # deduplicated: one decay, not two
+        ("cifar100", 1, (1,)),
     ],
 )
 def test_recipe_rescales_milestones(dataset: str, epochs: int, milestones: tuple) -> None:
