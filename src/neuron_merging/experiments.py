@@ -35,44 +35,10 @@ MODES: tuple[str, ...] = ("original", "prune", "merge")
 #: ``threshold=NO_THRESHOLD`` merges every pruned neuron (``threshold=None`` means "the preset's").
 NO_THRESHOLD = "none"
 
-_VGG_CFG_CIFAR10 = (
-    32,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    256,
-    256,
-    256,
-)
-_VGG_CFG_CIFAR100 = (
-    32,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    256,
-    "M",
-    256,
-    256,
-    256,
-)
+# fmt: off
+_VGG_CFG_CIFAR10 = (32, 64, "M", 128, 128, "M", 256, 256, 256, "M", 256, 256, 256, "M", 256, 256, 256)
+_VGG_CFG_CIFAR100 = (32, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 256, "M", 256, 256, 256)
+# fmt: on
 
 
 @dataclass(frozen=True)
