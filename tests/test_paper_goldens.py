@@ -80,9 +80,7 @@ def test_resnet56_baseline(resnet) -> None:
 
 
 @needs_resnet
-@pytest.mark.parametrize(
-    ("ratio", "pruned", "merged"), [(0.3, 74.46, 83.72), (0.5, 25.58, 57.06)]
-)
+@pytest.mark.parametrize(("ratio", "pruned", "merged"), [(0.3, 74.46, 83.72), (0.5, 25.58, 57.06)])
 def test_resnet56_table(resnet, ratio: float, pruned: float, merged: float) -> None:
     model, test_set = resnet
     args = ("resnet56", "cifar10", test_set)
@@ -94,5 +92,7 @@ def test_resnet56_table(resnet, ratio: float, pruned: float, merged: float) -> N
 def test_resnet56_paper_rule_beats_exact(resnet) -> None:
     """Why ``bn_rule="paper"`` is the default: 83.72 against 81.11 at r = 0.3."""
     model, test_set = resnet
-    exact = _accuracy(model, "resnet56", "cifar10", test_set, mode="merge", ratio=0.3, bn_rule="exact")
+    exact = _accuracy(
+        model, "resnet56", "cifar10", test_set, mode="merge", ratio=0.3, bn_rule="exact"
+    )
     assert exact == 81.11
