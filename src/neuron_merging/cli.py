@@ -241,11 +241,12 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from . import models
     from .data import dataset_info, load_dataset
-    from .training import recipe_for, train
+    from .training import recipe_for, seed_everything, train
 
     ensure_writable_dir(args.output)
     dataset = args.dataset or _default_dataset(args.arch)
     cfg = [v if v == "M" else int(v) for v in args.cfg] if args.cfg else None
+    seed_everything(args.seed)  # the initial weights are drawn from the seeded global RNG
     model = models.create(args.arch, num_classes=dataset_info(dataset).num_classes, cfg=cfg)
     recipe = recipe_for(dataset, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     train_set = load_dataset(dataset, "train", args.data_dir, args.download)
@@ -398,7 +399,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .data import dataset_info, load_dataset
     from .experiments import experiment, run_sweep
     from .reporting import records_to_markdown
-    from .training import recipe_for, train
+    from .training import recipe_for, seed_everything, train
 
     exp = experiment(args.experiment)
     out = Path(args.output or Path("results") / exp.name)
@@ -414,6 +415,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if checkpoint is not None:
         model, _ = load_model(checkpoint, arch=exp.arch)
     else:
+        seed_everything(args.seed)  # the initial weights are drawn from the seeded global RNG
         model = models.create(exp.arch, num_classes=dataset_info(dataset).num_classes)
         recipe = recipe_for(dataset, epochs=args.epochs)
         train_set = load_dataset(dataset, "train", args.data_dir, args.download)
