@@ -36,3 +36,16 @@ def test_same_seed_gives_identical_weights_across_processes(tmp_path: Path) -> N
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["ip1.weight"], other["ip1.weight"])
+
+
+def test_paper_recipe_trains_lenet_to_at_least_89_3_percent(tmp_path: Path) -> None:
+    """The full 60-epoch LeNet-300-100 recipe (about a minute on 2 cores)."""
+    out = tmp_path / "lenet.pth.tar"
+    cmd = [
+        sys.executable, "-m", "neuron_merging.cli", "train", "--arch", "lenet300",
+        "--data-dir", str(DATA), "--seed", "0", "--output", str(out), "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr
+    checkpoint = torch.load(out, map_location="cpu", weights_only=True)
+    assert checkpoint["acc"] >= 89.3
