@@ -1,4 +1,4 @@
-"""Shared pytest configuration: the ``--slow`` option.
+"""Shared pytest configuration: the ``--slow`` option and shared fixtures.
 
 Tests marked ``@pytest.mark.slow`` (the marker is declared in pyproject.toml)
 are skipped unless pytest runs with ``--slow``.
@@ -6,7 +6,12 @@ are skipped unless pytest runs with ``--slow``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from neuron_merging.data import _locate
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -22,3 +27,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("slow") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def isolated_search_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """Keep the real environment (env vars, Debian dir, ~/.cache) out of a data test."""
+    base = tmp_path_factory.mktemp("isolated")
+    monkeypatch.delenv("NEURON_MERGING_DATA", raising=False)
+    monkeypatch.delenv("NEURON_MERGING_MIRROR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(base / "xdg-cache"))
+    monkeypatch.setattr(_locate, "_DEBIAN_DIR", base / "no-debian")
+    yield base

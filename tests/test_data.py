@@ -8,7 +8,6 @@ import gzip
 import os
 import pickle
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +55,8 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def isolated_search_path(
-    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Path]:
-    """Keep the real environment (env vars, Debian dir, ~/.cache) out of every test."""
-    base = tmp_path_factory.mktemp("isolated")
-    monkeypatch.delenv("NEURON_MERGING_DATA", raising=False)
-    monkeypatch.delenv("NEURON_MERGING_MIRROR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(base / "xdg-cache"))
-    monkeypatch.setattr(_locate, "_DEBIAN_DIR", base / "no-debian")
-    yield base
+#: Every test here runs with the data search path isolated (see conftest.py).
+pytestmark = pytest.mark.usefixtures("isolated_search_path")
 
 
 def write_idx_images(path: Path, images: np.ndarray, magic: int = 2051) -> None:

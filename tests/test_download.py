@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from neuron_merging.data import (
-    _locate,
     download_file,
     fetch_cifar,
     fetch_fashion_mnist,
@@ -52,17 +51,8 @@ needs_fmnist = pytest.mark.skipif(
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True)
-def isolated_search_path(
-    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Path]:
-    """Keep the real environment (env vars, Debian dir, ~/.cache) out of every test."""
-    base = tmp_path_factory.mktemp("isolated")
-    monkeypatch.delenv("NEURON_MERGING_DATA", raising=False)
-    monkeypatch.delenv("NEURON_MERGING_MIRROR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(base / "xdg-cache"))
-    monkeypatch.setattr(_locate, "_DEBIAN_DIR", base / "no-debian")
-    yield base
+#: Every test here runs with the data search path isolated (see conftest.py).
+pytestmark = pytest.mark.usefixtures("isolated_search_path")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
