@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,10 +442,3 @@ def experiment(name: str) -> Experiment:
         raise ConfigError(
             f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}"
         ) from None
-
-
-def isclose_ratio(a: float | None, b: float | None) -> bool:
-    """Ratio equality that tolerates float noise (``None`` is the fixed-cfg ratio)."""
-    if a is None or b is None:
-        return a is b
-    return math.isclose(a, b, abs_tol=1e-9)
