@@ -1,17 +1,26 @@
-"""Shared pytest configuration: the ``--slow`` option and shared fixtures.
+"""Shared pytest configuration: the ``--slow`` option, hypothesis profiles, shared fixtures.
 
 Tests marked ``@pytest.mark.slow`` (the marker is declared in pyproject.toml)
 are skipped unless pytest runs with ``--slow``.
+
+Hypothesis runs derandomised by default, so the suite (and CI) is reproducible;
+``HYPOTHESIS_PROFILE=explore`` draws fresh random examples on every run.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from neuron_merging.data import _locate
+
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -21,8 +21,8 @@ from ._copy import aliasing_copy, check_finite, unshare
 from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
 from .criteria import CriterionFn, select_kept
 from .errors import ConfigError, ModelError
-from .groups import MergeGroup, SkippedLayer, find_groups, resolve_groups
-from .partners import BNStats, assign_bn, assign_plain
+from .groups import MergeGroup, SkippedLayer, _find_groups, resolve_groups
+from .partners import BNStats, Workspace, assign_bn, assign_plain
 from .report import GroupReport, MergeReport
 from .surgery import GroupPlan, apply_plans
 
@@ -106,6 +106,102 @@ def _targets(
     return out
 
 
+#: Groups whose ``[w | b]`` rows have at most this many elements are planned
+#: together with their same-shaped siblings (stacked, so one call serves them
+#: all); larger groups are planned alone, where per-call overhead is negligible
+#: and a stacked copy would only cost memory.
+_BATCH_ELEMENTS = 1 << 20
+
+
+def _plan(
+    targets: list[tuple[MergeGroup, int, int]],
+    modules: dict[str, nn.Module],
+    config: MergeConfig,
+    criterion_fn: CriterionFn | None,
+    timings: dict[str, float],
+) -> list[GroupPlan]:
+    """Select the kept neurons of every target group and assign partners to the rest.
+
+    Groups with the same shape (``n``, ``k``, row width, batch norm or not) are
+    processed as one batch; the result is the same, group by group, as planning
+    each alone.
+    """
+    items = []
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for i, (group, n, k) in enumerate(targets):
+        producer = modules[group.producer]
+        bn = modules[group.bn] if group.bn is not None else None
+        rows = _rows(producer, with_bias=bn is None)
+        stats = _bn_stats(bn, producer) if bn is not None and config.mode == "merge" else None
+        items.append((group, rows, stats))
+        key: tuple[Any, ...] = (
+            (n, k, rows.shape[1], rows.dtype, bn is None, stats.eps if stats else None)
+            if rows.numel() <= _BATCH_ELEMENTS
+            else (i,)
+        )
+        buckets.setdefault(key, []).append(i)
+    plans: list[GroupPlan | None] = [None] * len(targets)
+    workspace = Workspace()
+    for members in buckets.values():
+        _, n, k = targets[members[0]]
+        batch = [items[i][1] for i in members]
+        rows = batch[0].unsqueeze(0) if len(batch) == 1 else torch.stack(batch)
+        b = len(members)
+        t0 = time.perf_counter()
+        if k == n:  # nothing to prune: no need to score
+            kept = torch.arange(n).expand(b, n)
+            pruned = torch.zeros(b, 0, dtype=torch.long)
+        else:
+            kept = select_kept(rows, k, criterion_fn or config.criterion)
+            mask = torch.ones(b, n, dtype=torch.bool)
+            mask.scatter_(1, kept, False)
+            pruned = mask.nonzero()[:, 1].view(b, n - k)
+        timings["select"] += time.perf_counter() - t0
+        p = n - k
+        if config.mode == "prune" or p == 0:
+            partner = torch.full((b, p), -1, dtype=torch.long)
+            scale, similarity = torch.zeros(b, p), torch.zeros(b, p)
+        else:
+            first_stats = items[members[0]][2]
+            if first_stats is None:
+                assignment = assign_plain(rows, kept, pruned, config.threshold, workspace)
+            else:
+                stats = _stack_stats([items[i][2] for i in members])
+                assignment = assign_bn(
+                    rows,
+                    stats,
+                    kept,
+                    pruned,
+                    config.threshold,
+                    config.lam,
+                    config.bn_rule,
+                    workspace,
+                )
+            timings["similarity"] += assignment.timings["similarity"]
+            timings["assign"] += assignment.timings["assign"]
+            partner, scale, similarity = (
+                assignment.partner,
+                assignment.scale,
+                assignment.similarity,
+            )
+        for j, i in enumerate(members):
+            plans[i] = GroupPlan(
+                targets[i][0], kept[j], pruned[j], partner[j], scale[j], similarity[j]
+            )
+    return [plan for plan in plans if plan is not None]
+
+
+def _stack_stats(stats: list[Any]) -> BNStats:
+    """One :class:`BNStats` of ``(B, n)`` tensors from ``B`` groups' ``(n,)`` statistics."""
+    return BNStats(
+        torch.stack([s.gamma for s in stats]),
+        torch.stack([s.beta for s in stats]),
+        torch.stack([s.mean for s in stats]),
+        torch.stack([s.var for s in stats]),
+        stats[0].eps,
+    )
+
+
 def compress(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -152,47 +248,12 @@ def compress(
     else:
         if example_inputs is None:
             raise ConfigError("example_inputs are required to trace the model (or pass groups=)")
-        found, skipped = find_groups(work, example_inputs)
+        found, skipped = _find_groups(work, example_inputs, modules)
     timings["trace"] = time.perf_counter() - t0
     targets = _targets(config, found, skipped, modules)
 
-    plans: list[GroupPlan] = []
     with torch.no_grad():
-        for group, n, k in targets:
-            producer = modules[group.producer]
-            bn = modules[group.bn] if group.bn is not None else None
-            rows = _rows(producer, with_bias=bn is None)
-            t0 = time.perf_counter()
-            kept = select_kept(rows, k, criterion_fn or config.criterion)
-            mask = torch.ones(n, dtype=torch.bool)
-            mask[kept] = False
-            pruned = mask.nonzero().squeeze(1)
-            timings["select"] += time.perf_counter() - t0
-            if config.mode == "prune" or pruned.numel() == 0:
-                p = pruned.numel()
-                plans.append(
-                    GroupPlan(
-                        group, kept, pruned, torch.full((p,), -1), torch.zeros(p), torch.zeros(p)
-                    )
-                )
-                continue
-            if bn is None:
-                assignment = assign_plain(rows, kept, pruned, config.threshold)
-            else:
-                stats = _bn_stats(bn, producer)
-                assignment = assign_bn(
-                    rows, stats, kept, pruned, config.threshold, config.lam, config.bn_rule
-                )
-            timings["similarity"] += assignment.timings["similarity"]
-            timings["assign"] += assignment.timings["assign"]
-            plans.append(
-                GroupPlan(
-                    group, kept, pruned, assignment.partner, assignment.scale, assignment.similarity
-                )
-            )
-
-    if targets:
-        del rows  # the last group's [w | b] copy: surgery does not need it
+        plans = _plan(targets, modules, config, criterion_fn, timings)
     if not found:
         warnings.warn(
             f"{type(model).__name__} has no mergeable group; returning an unchanged copy",

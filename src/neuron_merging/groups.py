@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import _trace
 from .errors import ModelError
 
 _PRODUCERS = (nn.Linear, nn.Conv2d)
@@ -86,7 +87,7 @@ class SkippedLayer:
     reason: str
 
 
-class _Tracer(fx.Tracer):
+class _FxTracer(fx.Tracer):
     """An fx tracer that also traces through modules created inside ``forward``."""
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -97,9 +98,16 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
-def _symbolic_trace(model: nn.Module) -> fx.Graph:
+def _symbolic_trace(
+    model: nn.Module, num_inputs: int, modules: dict[str, nn.Module]
+) -> _trace.Graph:
+    """The dataflow graph of ``model``: the light tracer, else ``torch.fx``."""
     try:
-        return _Tracer().trace(model)
+        return _trace.trace(model, num_inputs, modules)
+    except Exception:  # anything the light tracer cannot follow: torch.fx may
+        pass
+    try:
+        return _trace.from_fx(_FxTracer().trace(model))
     except Exception as exc:  # fx raises many unrelated exception types
         raise ModelError(
             f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
@@ -116,8 +124,8 @@ def _run_failed(model: nn.Module, exc: Exception) -> ModelError:
 
 
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """Symbolically trace ``model`` and annotate every node with its tensor shape."""
-    graph = _symbolic_trace(model)
+    """Symbolically trace ``model`` with ``torch.fx`` and annotate every node with its shape."""
+    graph = _FxTracer().trace(model)
     gm = fx.GraphModule(model, graph)
     try:
         with torch.no_grad():
@@ -127,100 +135,42 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphM
     return gm
 
 
-def _fetch_attr(model: nn.Module, target: str) -> Any:
-    obj: Any = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _propagate_shapes(
-    model: nn.Module, graph: fx.Graph, inputs: Sequence[Any]
-) -> dict[fx.Node, tuple[int, ...]]:
-    """Run ``graph`` once on ``inputs``; return the shape of every tensor-valued node.
-
-    A minimal interpreter: it executes each node directly on ``model``'s modules
-    and frees values after their last use, without the per-node bookkeeping of
-    :class:`torch.fx.passes.shape_prop.ShapeProp`, so it costs about one
-    ordinary forward pass.
-    """
-    modules = dict(model.named_modules())
-    last_use: dict[fx.Node, fx.Node] = {}
-    for node in graph.nodes:
-        for source in node.all_input_nodes:
-            last_use[source] = node
-    dead_after: dict[fx.Node, list[fx.Node]] = {}
-    for source, user in last_use.items():
-        dead_after.setdefault(user, []).append(source)
-    env: dict[fx.Node, Any] = {}
-    shapes: dict[fx.Node, tuple[int, ...]] = {}
-    args_iter = iter(inputs)
-
-    def load(arg: Any) -> Any:
-        return fx.node.map_arg(arg, env.__getitem__)
-
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            target = str(node.target)
-            if target.startswith("**"):
-                value: Any = {}
-            elif target.startswith("*"):
-                value = list(args_iter)
-            else:
-                try:
-                    value = next(args_iter)
-                except StopIteration:
-                    if not node.args:
-                        raise TypeError(f"missing example input for argument {target!r}") from None
-                    value = node.args[0]
-        elif node.op == "get_attr":
-            value = _fetch_attr(model, str(node.target))
-        elif node.op == "call_function":
-            value = node.target(*load(node.args), **load(node.kwargs))  # type: ignore[operator]
-        elif node.op == "call_method":
-            obj, *rest = load(node.args)
-            value = getattr(obj, str(node.target))(*rest, **load(node.kwargs))
-        elif node.op == "call_module":
-            value = modules[str(node.target)](*load(node.args), **load(node.kwargs))
-        else:  # output
-            break
-        env[node] = value
-        if isinstance(value, torch.Tensor):
-            shapes[node] = tuple(value.shape)
-        for dead in dead_after.get(node, ()):
-            env.pop(dead, None)
-    return shapes
-
-
 class _Shapes:
     """Tensor shapes of graph nodes, computed on first request by one run of the graph.
 
     Most merge groups (conv → conv, linear → linear) are decided from module
-    types alone; the example inputs are executed only when a reshape or a
-    conv → linear boundary needs actual shapes.
+    types alone; shapes are computed only when a reshape or a conv → linear
+    boundary needs them. The graph is first run on ``meta`` tensors (shapes
+    only, no arithmetic); if some operation has no meta implementation, it is
+    run once on the real example inputs.
     """
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, inputs: Sequence[Any]) -> None:
+    def __init__(self, model: nn.Module, graph: _trace.Graph, inputs: Sequence[Any]) -> None:
         self._model, self._graph, self._inputs = model, graph, inputs
-        self._shapes: dict[fx.Node, tuple[int, ...]] | None = None
+        self._shapes: dict[_trace.Node, tuple[int, ...]] | None = None
 
-    def __call__(self, node: fx.Node) -> tuple[int, ...] | None:
+    def __call__(self, node: _trace.Node) -> tuple[int, ...] | None:
         if self._shapes is None:
-            try:
-                with torch.no_grad():
-                    self._shapes = _propagate_shapes(self._model, self._graph, self._inputs)
-            except Exception as exc:  # the user's forward may raise anything
-                raise _run_failed(self._model, exc) from exc
+            with torch.no_grad():
+                try:
+                    self._shapes = _trace.run(self._model, self._graph, self._inputs, meta=True)
+                except Exception:  # no meta kernel, data-dependent code, ...: run for real
+                    try:
+                        self._shapes = _trace.run(
+                            self._model, self._graph, self._inputs, meta=False
+                        )
+                    except Exception as exc:  # the user's forward may raise anything
+                        raise _run_failed(self._model, exc) from exc
         return self._shapes.get(node)
 
 
-def _is_metadata_use(user: fx.Node) -> bool:
+def _is_metadata_use(user: _trace.Node) -> bool:
     if user.op == "call_method" and user.target in _METADATA_METHODS:
         return True
     return user.op == "call_function" and user.target is getattr
 
 
-def _describe(node: fx.Node) -> str:
+def _describe(node: _trace.Node) -> str:
     if node.op == "call_module":
         return f"module {node.target!r}"
     if node.op == "call_function":
@@ -244,12 +194,20 @@ def find_groups(
     reshape or a convolution feeding a linear layer. Models made of
     convolution → convolution and linear → linear chains are never executed.
     """
+    return _find_groups(model, example_inputs, dict(model.named_modules()))
+
+
+def _find_groups(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    modules: dict[str, nn.Module],
+) -> tuple[list[MergeGroup], list[SkippedLayer]]:
+    """:func:`find_groups` with ``dict(model.named_modules())`` already at hand."""
     inputs = (
         (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     )
-    graph = _symbolic_trace(model)
+    graph = _symbolic_trace(model, len(inputs), modules)
     shape = _Shapes(model, graph, inputs)
-    modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     groups: list[MergeGroup] = []
     skipped: list[SkippedLayer] = []
@@ -264,11 +222,11 @@ def find_groups(
     return groups, skipped
 
 
-ShapeFn = Callable[[fx.Node], tuple[int, ...] | None]
+ShapeFn = Callable[[_trace.Node], tuple[int, ...] | None]
 
 
 def _follow(
-    start: fx.Node, modules: dict[str, nn.Module], calls: Counter[Any], shape: ShapeFn
+    start: _trace.Node, modules: dict[str, nn.Module], calls: Counter[Any], shape: ShapeFn
 ) -> MergeGroup | str:
     """Walk from a producer to its consumer; return the group or the reason it is not one."""
     name = str(start.target)
@@ -327,7 +285,7 @@ def _follow(
         cur = user
 
 
-def _is_elementwise(node: fx.Node, mod: nn.Module | None) -> bool:
+def _is_elementwise(node: _trace.Node, mod: nn.Module | None) -> bool:
     if mod is not None:
         return isinstance(mod, _ELEMENTWISE_MODULES)
     if node.op == "call_function":
@@ -335,13 +293,13 @@ def _is_elementwise(node: fx.Node, mod: nn.Module | None) -> bool:
     return node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
 
 
-def _is_pool(node: fx.Node, mod: nn.Module | None) -> bool:
+def _is_pool(node: _trace.Node, mod: nn.Module | None) -> bool:
     if mod is not None:
         return isinstance(mod, _POOL_MODULES)
     return node.op == "call_function" and node.target in _POOL_FUNCTIONS
 
 
-def _is_reshape(node: fx.Node, mod: nn.Module | None) -> bool:
+def _is_reshape(node: _trace.Node, mod: nn.Module | None) -> bool:
     if mod is not None:
         return isinstance(mod, nn.Flatten)
     if node.op == "call_method":
@@ -352,7 +310,7 @@ def _is_reshape(node: fx.Node, mod: nn.Module | None) -> bool:
 
 
 def _check_reshape(
-    src: fx.Node, node: fx.Node, channels: int, is_conv: bool, shape: ShapeFn
+    src: _trace.Node, node: _trace.Node, channels: int, is_conv: bool, shape: ShapeFn
 ) -> int | str | None:
     """Accept a reshape that keeps channels contiguous; return the features per channel.
 
@@ -380,7 +338,7 @@ def _consumer_group(
     mod: nn.Module,
     channels: int,
     is_conv: bool,
-    cur: fx.Node,
+    cur: _trace.Node,
     flattened_spatial: int | None,
     shape: ShapeFn,
 ) -> MergeGroup | str:

@@ -1,8 +1,9 @@
 """Assignment: the kept partner and scale of every pruned neuron.
 
-Three rules are implemented, all vectorised over whole layers and computed in
-row blocks of the pruned neurons, so the ``p × k`` similarity matrix is never
-materialised beyond a fixed memory budget.
+Three rules are implemented, all vectorised over whole layers (and over batches
+of same-shaped groups, so a network of many narrow layers costs a few calls, not
+one per layer) and computed in row blocks of the pruned neurons, so the
+``p × k`` similarity matrix is never materialised beyond a fixed memory budget.
 
 * **No batch norm** (the paper's fully connected case): the partner is the kept
   row with the highest cosine similarity; the scale is ``‖w_n‖ / ‖w_m‖``.
@@ -38,7 +39,10 @@ BLOCK_ELEMENTS = 1 << 22
 
 @dataclass
 class BNStats:
-    """Batch-norm parameters of a producer's neurons (producer bias already folded in μ)."""
+    """Batch-norm parameters of producers' neurons (producer bias already folded in μ).
+
+    Every tensor is ``(n,)`` for one group or ``(B, n)`` for a batch of groups.
+    """
 
     gamma: Tensor
     beta: Tensor
@@ -47,7 +51,7 @@ class BNStats:
     eps: float
 
     def subset(self, idx: Tensor) -> BNStats:
-        """The statistics of the neurons ``idx``."""
+        """The statistics of the neurons ``idx`` (one group)."""
         return BNStats(self.gamma[idx], self.beta[idx], self.mean[idx], self.var[idx], self.eps)
 
 
@@ -56,11 +60,12 @@ class Assignment:
     """Partner and scale of each pruned neuron.
 
     Attributes:
-        partner: ``(p,)`` position in the kept list of the partner, ``-1`` if the
-            pruned neuron is dropped without compensation.
-        scale: ``(p,)`` factor applied to the pruned neuron's outgoing weights
-            before they are added to its partner's (0 where not merged).
-        similarity: ``(p,)`` cosine similarity to the chosen candidate.
+        partner: ``(p,)`` (or ``(B, p)`` for a batch of groups) position in the
+            kept list of the partner, ``-1`` if the pruned neuron is dropped
+            without compensation.
+        scale: factor applied to the pruned neuron's outgoing weights before
+            they are added to its partner's (0 where not merged).
+        similarity: cosine similarity to the chosen candidate.
         timings: seconds spent in the similarity products and in the rest.
     """
 
@@ -75,44 +80,95 @@ class Assignment:
         return int((self.partner >= 0).sum())
 
 
+class Workspace:
+    """Scratch memory reused by the groups of one compression call.
+
+    Gathering the unit rows of a wide layer needs a multi-megabyte temporary;
+    allocated fresh for every group it costs more in page faults than the copy
+    itself. Tensors handed out under one key share memory: a key's previous
+    tensor is invalid once it is taken again.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """An uninitialised contiguous tensor of ``shape`` backed by the buffer ``key``."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel].view(shape)
+
+
+def _batched(rows: Tensor, *index: Tensor) -> tuple[bool, Tensor, tuple[Tensor, ...]]:
+    """``(rows, index...)`` as ``(B, n, f)`` and ``(B, m)``; whether they were unbatched."""
+    single = rows.dim() == 2
+    if single:
+        return True, rows.unsqueeze(0), tuple(i.unsqueeze(0) for i in index)
+    return False, rows, index
+
+
+def _gather_rows(rows: Tensor, idx: Tensor, out: Tensor) -> Tensor:
+    """``rows[b, idx[b]]`` for every group ``b``, written to ``out`` (``(B, m, f)``)."""
+    b, n, f = rows.shape
+    if b == 1:
+        torch.index_select(rows[0], 0, idx[0], out=out[0])
+        return out
+    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * n).reshape(-1)
+    torch.index_select(rows.reshape(b * n, f), 0, flat, out=out.view(-1, f))
+    return out
+
+
 def _row_norms(rows: Tensor) -> tuple[Tensor, Tensor]:
     """Row norms, and the same with zeros replaced by 1 (the divisor of the unit rows)."""
-    norms = torch.linalg.vector_norm(rows, dim=1)
+    norms = torch.linalg.vector_norm(rows, dim=-1)
     return norms, torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
-def _unit(rows: Tensor, safe: Tensor, idx: Tensor) -> Tensor:
+def _unit(rows: Tensor, safe: Tensor, idx: Tensor, workspace: Workspace, key: str) -> Tensor:
     """The unit rows ``idx`` (a zero row stays zero), gathered before dividing.
 
-    Only the rows asked for are materialised, never all ``n`` unit rows at once.
+    Only the rows asked for are materialised, never all ``n`` unit rows at once,
+    and in ``workspace`` memory under ``key``.
     """
-    return torch.index_select(rows, 0, idx).div_(safe[idx].unsqueeze(1))
+    out = workspace.take(key, (idx.shape[0], idx.shape[1], rows.shape[2]), rows.dtype)
+    return _gather_rows(rows, idx, out).div_(safe.gather(1, idx).unsqueeze(2))
 
 
-def _unit_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
-    norms, safe = _row_norms(rows)
-    return rows / safe[:, None], norms
+def _products(unit_p: Tensor, unit_k: Tensor) -> Tensor:
+    """Cosine similarities ``(B, p, k)`` of unit rows ``(B, p, f)`` and ``(B, k, f)``."""
+    if unit_p.shape[0] == 1:
+        return (unit_p[0] @ unit_k[0].T).unsqueeze(0)
+    return torch.matmul(unit_p, unit_k.transpose(1, 2))
+
+
+def _pick(values: Tensor, choice: Tensor) -> Tensor:
+    """``values[b, i, choice[b, i]]``: ``(B, p, k)`` at ``(B, p)`` → ``(B, p)``."""
+    return values.gather(2, choice.unsqueeze(2)).squeeze(2)
 
 
 def _first_nan_or_argmin(score: Tensor) -> Tensor:
     """Row-wise ``numpy.argmin`` semantics: the first NaN if any, else the first minimum."""
     nan = score.isnan()
     if not bool(nan.any()):
-        return score.argmin(dim=1)
-    first_nan = nan.to(torch.uint8).argmax(dim=1)
-    plain = torch.where(nan, torch.full_like(score, float("inf")), score).argmin(dim=1)
-    return torch.where(nan.any(dim=1), first_nan, plain)
+        return score.argmin(dim=-1)
+    first_nan = nan.to(torch.uint8).argmax(dim=-1)
+    plain = torch.where(nan, torch.full_like(score, float("inf")), score).argmin(dim=-1)
+    return torch.where(nan.any(dim=-1), first_nan, plain)
 
 
 def _minmax_rows(d: Tensor, valid: Tensor | None) -> Tensor:
     """Min-max normalise each row; with ``valid`` given, only over valid entries, 0 if flat."""
     if valid is None:  # paper: NaN propagates exactly as with numpy
-        lo = d.amin(dim=1, keepdim=True)
-        hi = d.amax(dim=1, keepdim=True)
+        lo = d.amin(dim=-1, keepdim=True)
+        hi = d.amax(dim=-1, keepdim=True)
         return (d - lo) / (hi - lo)
     inf = torch.full_like(d, float("inf"))
-    lo = torch.where(valid, d, inf).amin(dim=1, keepdim=True)
-    hi = torch.where(valid, d, -inf).amax(dim=1, keepdim=True)
+    lo = torch.where(valid, d, inf).amin(dim=-1, keepdim=True)
+    hi = torch.where(valid, d, -inf).amax(dim=-1, keepdim=True)
     span = hi - lo
     ok = torch.isfinite(span) & (span > 0)
     out = (d - lo) / torch.where(ok, span, torch.ones_like(span))
@@ -125,45 +181,66 @@ def _threshold_ok(similarity: Tensor, threshold: float | None) -> Tensor:
     return similarity >= threshold
 
 
-def assign_plain(rows: Tensor, kept: Tensor, pruned: Tensor, threshold: float | None) -> Assignment:
+def _unbatch(single: bool, assignment: Assignment) -> Assignment:
+    if single:
+        assignment.partner = assignment.partner[0]
+        assignment.scale = assignment.scale[0]
+        assignment.similarity = assignment.similarity[0]
+    return assignment
+
+
+def assign_plain(
+    rows: Tensor,
+    kept: Tensor,
+    pruned: Tensor,
+    threshold: float | None,
+    workspace: Workspace | None = None,
+) -> Assignment:
     """Partners by maximum cosine similarity, scales ``‖w_n‖/‖w_m‖`` (no batch norm).
+
+    ``rows`` is ``(n, f)`` with ``kept``/``pruned`` index vectors, or a batch of
+    same-shaped groups ``(B, n, f)`` with ``(B, k)``/``(B, p)`` indices.
 
     A candidate with a zero-norm row can never be a partner (its scale would be
     infinite); a pruned zero row has nothing to contribute and is dropped.
+    ``workspace`` lends scratch memory (pass one to reuse it across groups).
     """
     t_sim = t_rest = 0.0
     t0 = time.perf_counter()
+    workspace = workspace or Workspace()
+    single, rows, (kept, pruned) = _batched(rows, kept, pruned)
     norms, safe = _row_norms(rows)
-    unit_k, norm_k = _unit(rows, safe, kept), norms[kept]
-    norm_p = norms[pruned]
+    unit_k, norm_k = _unit(rows, safe, kept, workspace, "kept"), norms.gather(1, kept)
+    norm_p = norms.gather(1, pruned)
     usable_k = norm_k > 0
     all_usable = bool(usable_k.all())
-    p = pruned.numel()
-    partner = torch.full((p,), -1, dtype=torch.long)
-    scale = torch.zeros(p, dtype=rows.dtype)
-    similarity = torch.zeros(p, dtype=rows.dtype)
+    b, p = pruned.shape
+    partner = torch.full((b, p), -1, dtype=torch.long)
+    scale = torch.zeros(b, p, dtype=rows.dtype)
+    similarity = torch.zeros(b, p, dtype=rows.dtype)
     t_rest += time.perf_counter() - t0
-    step = max(1, BLOCK_ELEMENTS // max(kept.numel(), 1))
+    step = max(1, BLOCK_ELEMENTS // max(b * kept.shape[1], 1))
     with torch.no_grad():
         for start in range(0, p, step):
             t_mark = time.perf_counter()
             sl = slice(start, start + step)
-            unit_p = _unit(rows, safe, pruned[sl])
+            unit_p = _unit(rows, safe, pruned[:, sl], workspace, "pruned")
             t0 = time.perf_counter()
             t_rest += t0 - t_mark
-            cos = unit_p @ unit_k.T
+            cos = _products(unit_p, unit_k)
             t1 = time.perf_counter()
             if not all_usable:
-                cos.masked_fill_(~usable_k[None, :], float("-inf"))
-            best, idx = cos.max(dim=1)
-            s = norm_p[sl] / norm_k[idx]
+                cos.masked_fill_(~usable_k.unsqueeze(1), float("-inf"))
+            best, idx = cos.max(dim=2)
+            s = norm_p[:, sl] / norm_k.gather(1, idx)
             ok = _threshold_ok(best, threshold) & torch.isfinite(s) & (s > 0)
-            partner[sl] = torch.where(ok, idx, torch.full_like(idx, -1))
-            scale[sl] = torch.where(ok, s, torch.zeros_like(s))
-            similarity[sl] = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+            partner[:, sl] = torch.where(ok, idx, torch.full_like(idx, -1))
+            scale[:, sl] = torch.where(ok, s, torch.zeros_like(s))
+            similarity[:, sl] = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
             t_sim += t1 - t0
             t_rest += time.perf_counter() - t1
-    return Assignment(partner, scale, similarity, {"similarity": t_sim, "assign": t_rest})
+    timings = {"similarity": t_sim, "assign": t_rest}
+    return _unbatch(single, Assignment(partner, scale, similarity, timings))
 
 
 def assign_bn(
@@ -174,10 +251,14 @@ def assign_bn(
     threshold: float | None,
     lam: float,
     rule: str,
+    workspace: Workspace | None = None,
 ) -> Assignment:
     """Partners and scales for a producer followed by batch norm (Algorithm 3).
 
-    For pruned ``n`` and kept candidate ``m`` with ``s = ‖F_n‖/‖F_m‖``:
+    ``rows`` is ``(n, f)`` with ``(n,)`` statistics and index vectors, or a batch
+    of same-shaped groups: ``(B, n, f)``, ``(B, n)`` statistics, ``(B, k)`` and
+    ``(B, p)`` indices. For pruned ``n`` and kept candidate ``m`` with
+    ``s = ‖F_n‖/‖F_m‖``:
 
     * ``paper``: ``S = s·(γ_m/γ_n)·(σ_n/σ_m)``,
       ``B = (γ_m/σ_m)·(s·(μ_n − σ_n·β_n/γ_n) − μ_m) + β_m``, with ``σ = running_var``;
@@ -186,37 +267,48 @@ def assign_bn(
 
     ``d_bias = |B|/S`` is min-max normalised over the candidates and the partner
     minimises ``λ·(1 − cos) + (1 − λ)·d_bias``; it is merged (with scale ``S``)
-    when its cosine similarity reaches ``threshold``.
+    when its cosine similarity reaches ``threshold``. ``workspace`` lends scratch
+    memory (pass one to reuse it across groups).
     """
     if rule not in ("paper", "exact"):
         raise ValueError(f"unknown bn rule {rule!r}")
     t_sim = t_rest = 0.0
     t0 = time.perf_counter()
+    workspace = workspace or Workspace()
+    single, rows, (kept, pruned) = _batched(rows, kept, pruned)
     dtype = rows.dtype
+
+    def per_neuron(value: Tensor) -> Tensor:
+        value = value.to(dtype)
+        return value.unsqueeze(0) if single else value
+
     norms, safe = _row_norms(rows)
-    var = stats.var.to(dtype)
+    var = per_neuron(stats.var)
     sigma = var if rule == "paper" else torch.sqrt(var + stats.eps)
-    gamma, beta, mu = stats.gamma.to(dtype), stats.beta.to(dtype), stats.mean.to(dtype)
-    k_unit, k_norm = _unit(rows, safe, kept), norms[kept]
-    g_k, b_k, m_k, s_k = gamma[kept], beta[kept], mu[kept], sigma[kept]
-    p = pruned.numel()
-    partner = torch.full((p,), -1, dtype=torch.long)
-    scale = torch.zeros(p, dtype=dtype)
-    similarity = torch.zeros(p, dtype=dtype)
+    gamma, beta, mu = per_neuron(stats.gamma), per_neuron(stats.beta), per_neuron(stats.mean)
+    k_unit, k_norm = _unit(rows, safe, kept, workspace, "kept"), norms.gather(1, kept)
+    g_k, b_k = gamma.gather(1, kept).unsqueeze(1), beta.gather(1, kept).unsqueeze(1)
+    m_k, s_k = mu.gather(1, kept).unsqueeze(1), sigma.gather(1, kept).unsqueeze(1)
+    k_norm = k_norm.unsqueeze(1)
+    b, p = pruned.shape
+    partner = torch.full((b, p), -1, dtype=torch.long)
+    scale = torch.zeros(b, p, dtype=dtype)
+    similarity = torch.zeros(b, p, dtype=dtype)
     t_rest += time.perf_counter() - t0
-    step = max(1, BLOCK_ELEMENTS // max(kept.numel(), 1))
+    step = max(1, BLOCK_ELEMENTS // max(b * kept.shape[1], 1))
     with torch.no_grad():
         for start in range(0, p, step):
             t_mark = time.perf_counter()
-            idx_p = pruned[start : start + step]
-            unit_p = _unit(rows, safe, idx_p)
+            sl = slice(start, start + step)
+            idx_p = pruned[:, sl]
+            unit_p = _unit(rows, safe, idx_p, workspace, "pruned")
             t0 = time.perf_counter()
             t_rest += t0 - t_mark
-            cos = unit_p @ k_unit.T
+            cos = _products(unit_p, k_unit)
             t1 = time.perf_counter()
-            g_n, b_n = gamma[idx_p, None], beta[idx_p, None]
-            m_n, s_n = mu[idx_p, None], sigma[idx_p, None]
-            s = norms[idx_p, None] / k_norm[None, :]
+            g_n, b_n = gamma.gather(1, idx_p).unsqueeze(2), beta.gather(1, idx_p).unsqueeze(2)
+            m_n, s_n = mu.gather(1, idx_p).unsqueeze(2), sigma.gather(1, idx_p).unsqueeze(2)
+            s = norms.gather(1, idx_p).unsqueeze(2) / k_norm
             if rule == "paper":
                 cos = cos.clamp(-1.0, 1.0)
                 big_s = s * (g_k / g_n) * (s_n / s_k)
@@ -224,7 +316,7 @@ def assign_bn(
                 d_bias = _minmax_rows(big_b.abs() / big_s, None)
                 score = lam * (1.0 - cos) + (1.0 - lam) * d_bias
                 choice = _first_nan_or_argmin(score)
-                chosen_scale = big_s.gather(1, choice[:, None]).squeeze(1)
+                chosen_scale = _pick(big_s, choice)
                 usable = torch.isfinite(chosen_scale)
             else:
                 big_s = s * (g_n / g_k) * (s_k / s_n)
@@ -234,15 +326,15 @@ def assign_bn(
                 d_bias = _minmax_rows(d_raw, valid)
                 score = lam * (1.0 - cos) + (1.0 - lam) * d_bias
                 score = torch.where(valid, score, torch.full_like(score, float("inf")))
-                choice = score.argmin(dim=1)
-                chosen_scale = big_s.gather(1, choice[:, None]).squeeze(1)
-                usable = valid.gather(1, choice[:, None]).squeeze(1)
-            chosen_cos = cos.gather(1, choice[:, None]).squeeze(1)
+                choice = score.argmin(dim=2)
+                chosen_scale = _pick(big_s, choice)
+                usable = _pick(valid, choice)
+            chosen_cos = _pick(cos, choice)
             ok = usable & _threshold_ok(chosen_cos, threshold)
-            sl = slice(start, start + step)
-            partner[sl] = torch.where(ok, choice, torch.full_like(choice, -1))
-            scale[sl] = torch.where(ok, chosen_scale, torch.zeros_like(chosen_scale))
-            similarity[sl] = chosen_cos
+            partner[:, sl] = torch.where(ok, choice, torch.full_like(choice, -1))
+            scale[:, sl] = torch.where(ok, chosen_scale, torch.zeros_like(chosen_scale))
+            similarity[:, sl] = chosen_cos
             t_sim += t1 - t0
             t_rest += time.perf_counter() - t1
-    return Assignment(partner, scale, similarity, {"similarity": t_sim, "assign": t_rest})
+    timings = {"similarity": t_sim, "assign": t_rest}
+    return _unbatch(single, Assignment(partner, scale, similarity, timings))

@@ -26,7 +26,7 @@ from .groups import MergeGroup
 
 #: Consumer weights are folded in blocks of rows of at most this many elements
 #: (small enough to stay in cache; also bounds the temporary scaled copies).
-FOLD_BLOCK_ELEMENTS = 1 << 20
+FOLD_BLOCK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -64,42 +64,54 @@ def _all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def fold_columns(weight: Tensor, plan: GroupPlan, features_per_channel: int) -> Tensor:
+def fold_columns(
+    weight: Tensor,
+    plan: GroupPlan,
+    features_per_channel: int,
+    rows: Tensor | None = None,
+) -> Tensor:
     """The consumer weight with pruned input channels folded into their partners.
 
     ``weight`` is ``(out, n·features_per_channel)`` for a Linear or
-    ``(out, n, kh, kw)`` for a Conv2d; the result has ``k`` input channels. A kept
-    channel whose folded weights would overflow to Inf/NaN receives no merge: its
-    merges are dropped and marked so in ``plan`` (``partner = -1``, ``scale = 0``).
+    ``(out, n, kh, kw)`` for a Conv2d; the result has ``k`` input channels and,
+    when ``rows`` is given (the layer is also a producer), only those output
+    rows. Rows are gathered block by block through one small buffer, so the
+    row-sliced weight is never materialised. A kept channel whose folded
+    weights would overflow to Inf/NaN receives no merge: its merges are dropped
+    and marked so in ``plan`` (``partner = -1``, ``scale = 0``).
     """
-    out = weight.shape[0]
     n = plan.kept.numel() + plan.pruned.numel()
-    blocks = weight.detach().reshape(out, n, -1)
+    blocks = weight.detach().reshape(weight.shape[0], n, -1)
+    out = weight.shape[0] if rows is None else rows.numel()
+    width = blocks.shape[2]
     merged = plan.partner >= 0
-    if not bool(merged.any()):
-        folded = torch.index_select(blocks, 1, plan.kept)  # a fresh tensor
-    else:
+    any_merged = bool(merged.any())
+    if any_merged:
         src, dst = plan.pruned[merged], plan.partner[merged]
         scales = plan.scale[merged].to(blocks.dtype).view(1, -1, 1)
-        folded = blocks.new_empty((out, plan.kept.numel(), blocks.shape[2]))
-        # In blocks of output rows: a block's columns stay in cache while
-        # index_add_ adds them (in index order, so the sums are those of one
-        # call), and the scaled copies stay within a fixed budget.
-        step = max(1, FOLD_BLOCK_ELEMENTS // max(n * blocks.shape[2], 1))
-        for start in range(0, out, step):
-            rows = slice(start, start + step)
-            part = folded[rows]
-            torch.index_select(blocks[rows], 1, plan.kept, out=part)
-            part.index_add_(1, dst, torch.index_select(blocks[rows], 1, src).mul_(scales))
+    folded = blocks.new_empty((out, plan.kept.numel(), width))
+    # In blocks of output rows: a block stays in cache while index_add_ adds its
+    # columns (in index order, so the sums are those of one call), and the
+    # gathered rows and scaled copies stay within a fixed budget.
+    step = max(1, FOLD_BLOCK_ELEMENTS // max(n * width, 1))
+    buffer = None if rows is None else blocks.new_empty((min(step, out), n, width))
+    for start in range(0, out, step):
+        part = folded[start : start + step]
+        if rows is None or buffer is None:
+            source = blocks[start : start + step]
+        else:
+            source = buffer[: part.shape[0]]
+            torch.index_select(blocks, 0, rows[start : start + step], out=source)
+        torch.index_select(source, 1, plan.kept, out=part)
+        if any_merged:
+            part.index_add_(1, dst, torch.index_select(source, 1, src).mul_(scales))
+    if any_merged and not _all_finite(folded):  # one cheap pass settles the common case
         # Scaled weights that overflow the dtype would write Inf/NaN into the model:
         # drop every merge into such a partner instead (plan updated to match).
-        overflow = (
-            torch.zeros(0, dtype=torch.bool)
-            if _all_finite(folded)  # one cheap pass settles the common case
-            else ~torch.isfinite(folded).all(dim=2).all(dim=0)
-        )
+        overflow = ~torch.isfinite(folded).all(dim=2).all(dim=0)
         if bool(overflow.any()):
-            folded[:, overflow] = blocks[:, plan.kept[overflow]]
+            original = blocks if rows is None else torch.index_select(blocks, 0, rows)
+            folded[:, overflow] = original[:, plan.kept[overflow]]
             drop = (plan.partner >= 0) & overflow[plan.partner.clamp_min(0)]
             plan.partner[drop] = -1
             plan.scale[drop] = 0.0
@@ -124,6 +136,7 @@ def _replace(module: nn.Module, name: str, value: Tensor | None) -> None:
 def apply_plans(model: nn.Module, plans: Sequence[GroupPlan]) -> None:
     """Shrink ``model`` in place according to ``plans`` (computed on its weights)."""
     modules = dict(model.named_modules())
+    plans = [plan for plan in plans if plan.pruned.numel() > 0]  # the rest change nothing
     rows: dict[str, Tensor] = {}
     cols: dict[str, GroupPlan] = {}
     for plan in plans:
@@ -133,13 +146,13 @@ def apply_plans(model: nn.Module, plans: Sequence[GroupPlan]) -> None:
         new_weights: dict[str, Tensor] = {}
         for name in set(rows) | set(cols):
             weight = modules[name].weight.detach()
-            # Rows first: the fold acts on each row independently, so slicing the
-            # kept rows before folding gives the same values for less work.
-            if name in rows:
-                weight = torch.index_select(weight, 0, rows[name])
             if name in cols:
                 group = cols[name].group
-                weight = fold_columns(weight, cols[name], group.features_per_channel or 1)
+                weight = fold_columns(
+                    weight, cols[name], group.features_per_channel or 1, rows.get(name)
+                )
+            else:
+                weight = torch.index_select(weight, 0, rows[name])
             new_weights[name] = weight
         for name, weight in new_weights.items():
             layer = modules[name]
