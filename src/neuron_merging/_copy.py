@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,31 +29,57 @@ def _finite(flat: Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def check_finite(model: nn.Module) -> None:
-    named = [
-        (kind, name, tensor.detach())
-        for kind, items in (
-            ("parameter", model.named_parameters()),
-            ("buffer", model.named_buffers()),
-        )
-        for name, tensor in items
-        if tensor.is_floating_point()
-    ]
+@dataclass
+class ModelTensors:
+    """The distinct parameters and buffers of a model, found in one walk of its modules."""
+
+    params: list[Tensor]
+    buffers: list[Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelTensors:
+        """Walk ``model`` once (a tensor shared by several modules is listed once)."""
+        seen: set[int] = set()
+        params: list[Tensor] = []
+        buffers: list[Tensor] = []
+        for module in model.modules():
+            for bucket, values in ((params, module._parameters), (buffers, module._buffers)):
+                for tensor in values.values():
+                    if tensor is not None and id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        bucket.append(tensor)
+        return cls(params, buffers)
+
+    def parameter_count(self) -> int:
+        """Number of scalar parameters."""
+        return sum(p.numel() for p in self.params)
+
+
+def check_finite(model: nn.Module, tensors: ModelTensors | None = None) -> None:
+    """Raise :class:`ModelError` naming the first parameter or buffer holding NaN or Inf.
+
+    ``tensors`` is ``ModelTensors.of(model)`` if the caller has it.
+    """
+    tensors = tensors or ModelTensors.of(model)
     small: dict[torch.dtype, list[Tensor]] = {}
     ok = True
-    for _, _, tensor in named:
-        if tensor.numel() < _FINITE_SMALL:
-            small.setdefault(tensor.dtype, []).append(tensor.reshape(-1))
-        elif not _finite(tensor.reshape(-1)):
+    for tensor in (*tensors.params, *tensors.buffers):
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() < _FINITE_SMALL:
+            small.setdefault(flat.dtype, []).append(flat)
+        elif not _finite(flat):
             ok = False
             break
     if ok:
         ok = all(_finite(torch.cat(group)) for group in small.values())
     if ok:
         return
-    for kind, name, tensor in named:  # slow path: name the first offender
-        if not bool(torch.isfinite(tensor).all()):
-            raise ModelError(f"{kind} {name!r} contains NaN or Inf; refusing to compress")
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in items:  # slow path: name the first offender
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all()):
+                raise ModelError(f"{kind} {name!r} contains NaN or Inf; refusing to compress")
 
 
 _ATOMIC = frozenset({int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device})
@@ -71,17 +98,6 @@ def _plain_module_class(cls: type) -> bool:
         )
         _PLAIN_MODULE_CLASSES[cls] = plain
     return plain
-
-
-def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
-    kind = type(value)
-    if kind in _ATOMIC:
-        return value
-    if kind in _CONTAINERS and not value:
-        return kind()
-    if kind is tuple and all(type(v) in _ATOMIC for v in value):
-        return value
-    return copy.deepcopy(value, memo)
 
 
 def _copy_tensor(tensor: Tensor | None, memo: dict[int, Any]) -> Tensor | None:
@@ -106,21 +122,26 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         return copy.deepcopy(module, memo)
     new = cls.__new__(cls)
     memo[id(module)] = new
-    state: dict[str, Any] = {}
-    for key, value in module.__dict__.items():
+    state = module.__dict__.copy()
+    for key, value in state.items():  # values are replaced in place; keys do not change
+        kind = type(value)
+        if kind in _ATOMIC:
+            continue
         if key == "_modules":
-            state[key] = type(value)(
+            state[key] = kind(
                 (n, None if m is None else _copy_module(m, memo)) for n, m in value.items()
             )
-        elif key in ("_parameters", "_buffers"):
-            state[key] = type(value)((n, _copy_tensor(t, memo)) for n, t in value.items())
-        else:
-            state[key] = _copy_value(value, memo)
+        elif key == "_parameters" or key == "_buffers":
+            state[key] = kind((n, _copy_tensor(t, memo)) for n, t in value.items())
+        elif kind in _CONTAINERS and not value:
+            state[key] = kind()
+        elif not (kind is tuple and all(type(v) in _ATOMIC for v in value)):
+            state[key] = copy.deepcopy(value, memo)
     new.__setstate__(state)  # as copy.deepcopy does
     return new
 
 
-def aliasing_copy(model: nn.Module) -> nn.Module:
+def aliasing_copy(model: nn.Module, tensors: ModelTensors | None = None) -> nn.Module:
     """A deep copy of ``model`` whose plain parameters and buffers still share its data.
 
     Copying the data of every tensor up front is wasted for the tensors surgery
@@ -128,8 +149,9 @@ def aliasing_copy(model: nn.Module) -> nn.Module:
     memory of wide layers. :func:`unshare` must run on the result before it is
     returned, so that no tensor of the output aliases the input model.
     """
+    tensors = tensors or ModelTensors.of(model)
     memo: dict[int, Any] = {}
-    for tensor in (*model.parameters(), *model.buffers()):
+    for tensor in (*tensors.params, *tensors.buffers):
         if tensor.__dict__:
             continue  # tensors carrying Python attributes are copied the usual way
         if type(tensor) is nn.Parameter:
@@ -146,9 +168,11 @@ def _storage_key(tensor: Tensor) -> int | None:
         return None
 
 
-def unshare(copied: nn.Module, original: nn.Module) -> None:
+def unshare(copied: nn.Module, original: nn.Module | ModelTensors) -> None:
     """Clone every parameter or buffer of ``copied`` that still shares ``original``'s data."""
-    shared = {_storage_key(t) for t in (*original.parameters(), *original.buffers())}
+    if isinstance(original, nn.Module):
+        original = ModelTensors.of(original)
+    shared = {_storage_key(t) for t in (*original.params, *original.buffers)}
     shared.discard(None)
     clones: dict[int, Tensor] = {}
     with torch.no_grad():

@@ -115,7 +115,9 @@ def map_nodes(value: Any, fn: Callable[[Node], Any]) -> Any:
     if kind is dict:
         return {key: map_nodes(item, fn) for key, item in value.items()}
     if kind is slice:
-        return slice(map_nodes(value.start, fn), map_nodes(value.stop, fn), map_nodes(value.step, fn))
+        return slice(
+            map_nodes(value.start, fn), map_nodes(value.stop, fn), map_nodes(value.step, fn)
+        )
     return value
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._copy import aliasing_copy, check_finite, unshare
+from ._copy import ModelTensors, aliasing_copy, check_finite, unshare
 from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
 from .criteria import CriterionFn, select_kept
 from .errors import ConfigError, ModelError
@@ -234,13 +234,15 @@ def compress(
     }
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_finite(model)
+    tensors = ModelTensors.of(model)
+    check_finite(model, tensors)
     t0 = time.perf_counter()
-    work = aliasing_copy(model)
-    was_training = work.training
-    work.eval()
-    timings["rebuild"] += time.perf_counter() - t0
+    work = aliasing_copy(model, tensors)
     modules = dict(work.named_modules())
+    training = [m for m in modules.values() if m.training]
+    if training:
+        work.eval()
+    timings["rebuild"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if groups is not None:
@@ -261,10 +263,11 @@ def compress(
         )
     t0 = time.perf_counter()
     apply_plans(work, plans)
-    work.train(was_training)
     timings["fold"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    unshare(work, model)
+    for module in training:  # each module back in its own mode
+        module.training = True
+    unshare(work, tensors)
     timings["rebuild"] += time.perf_counter() - t0
     timings["total"] = sum(timings.values())
 
@@ -290,7 +293,7 @@ def compress(
         config=config.to_dict(),
         groups=group_reports,
         skipped=skipped + excluded,
-        params_before=count_parameters(model),
+        params_before=tensors.parameter_count(),
         params_after=count_parameters(work),
         timings=timings,
     )

@@ -21,12 +21,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_impl
 
 from .groups import MergeGroup
 
 #: Consumer weights are folded in blocks of rows of at most this many elements
 #: (small enough to stay in cache; also bounds the temporary scaled copies).
 FOLD_BLOCK_ELEMENTS = 1 << 18
+#: Consumers with at least this many weights per (output, input) channel pair
+#: (a 2×2 kernel) and this many weights in all are folded by gathering kernels
+#: through a flat index, without copying the selected rows first; for small
+#: layers the index arithmetic costs more than it saves.
+_FLAT_GATHER_WIDTH = 4
+_FLAT_GATHER_ELEMENTS = 1 << 17
 
 
 @dataclass
@@ -85,8 +92,11 @@ def fold_columns(
     out = weight.shape[0] if rows is None else rows.numel()
     width = blocks.shape[2]
     merged = plan.partner >= 0
-    any_merged = bool(merged.any())
-    if any_merged:
+    count = int(merged.sum())
+    any_merged = count > 0
+    if count == merged.numel():  # every pruned neuron has a partner: no masking needed
+        src, dst, scales = plan.pruned, plan.partner, plan.scale.to(blocks.dtype).view(1, -1, 1)
+    elif any_merged:
         src, dst = plan.pruned[merged], plan.partner[merged]
         scales = plan.scale[merged].to(blocks.dtype).view(1, -1, 1)
     folded = blocks.new_empty((out, plan.kept.numel(), width))
@@ -94,17 +104,30 @@ def fold_columns(
     # columns (in index order, so the sums are those of one call), and the
     # gathered rows and scaled copies stay within a fixed budget.
     step = max(1, FOLD_BLOCK_ELEMENTS // max(n * width, 1))
-    buffer = None if rows is None else blocks.new_empty((min(step, out), n, width))
-    for start in range(0, out, step):
-        part = folded[start : start + step]
-        if rows is None or buffer is None:
-            source = blocks[start : start + step]
-        else:
-            source = buffer[: part.shape[0]]
-            torch.index_select(blocks, 0, rows[start : start + step], out=source)
-        torch.index_select(source, 1, plan.kept, out=part)
-        if any_merged:
-            part.index_add_(1, dst, torch.index_select(source, 1, src).mul_(scales))
+    if width >= _FLAT_GATHER_WIDTH and blocks.numel() >= _FLAT_GATHER_ELEMENTS:
+        # Convolution kernels: gather (row, channel) kernels directly through a
+        # flat index, without first copying the selected rows.
+        flat = blocks.reshape(-1, width)
+        first = torch.arange(out) if rows is None else rows
+        for start in range(0, out, step):
+            part = folded[start : start + step]
+            base = first[start : start + step].unsqueeze(1) * n
+            torch.index_select(flat, 0, (base + plan.kept).reshape(-1), out=part.view(-1, width))
+            if any_merged:
+                moved = torch.index_select(flat, 0, (base + src).reshape(-1))
+                part.index_add_(1, dst, moved.view(part.shape[0], -1, width).mul_(scales))
+    else:
+        buffer = None if rows is None else blocks.new_empty((min(step, out), n, width))
+        for start in range(0, out, step):
+            part = folded[start : start + step]
+            if rows is None or buffer is None:
+                source = blocks[start : start + step]
+            else:
+                source = buffer[: part.shape[0]]
+                torch.index_select(blocks, 0, rows[start : start + step], out=source)
+            torch.index_select(source, 1, plan.kept, out=part)
+            if any_merged:
+                part.index_add_(1, dst, torch.index_select(source, 1, src).mul_(scales))
     if any_merged and not _all_finite(folded):  # one cheap pass settles the common case
         # Scaled weights that overflow the dtype would write Inf/NaN into the model:
         # drop every merge into such a partner instead (plan updated to match).
@@ -123,7 +146,31 @@ def fold_columns(
     return folded.reshape(shape)
 
 
-def _replace(module: nn.Module, name: str, value: Tensor | None) -> None:
+def _registration_hooks() -> bool:
+    """Whether global parameter/buffer registration hooks might be installed."""
+    hooks = [
+        getattr(_module_impl, name, None)
+        for name in ("_global_parameter_registration_hooks", "_global_buffer_registration_hooks")
+    ]
+    return any(h is None or len(h) > 0 for h in hooks)
+
+
+def _replace(module: nn.Module, name: str, value: Tensor | None, direct: bool) -> None:
+    """Put ``value`` in place of ``module.<name>`` (same kind: parameter or buffer).
+
+    With ``direct`` (no registration hooks to run), registered tensors are
+    swapped in the module's own dictionaries, skipping ``nn.Module.__setattr__``.
+    """
+    params, buffers = module._parameters, module._buffers
+    if direct and name in params:
+        old = params[name]
+        if value is not None and old is not None:
+            params[name] = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
+        return
+    if direct and name in buffers:
+        if value is not None and buffers[name] is not None:
+            buffers[name] = value.contiguous()
+        return
     old = getattr(module, name)
     if value is None or old is None:
         return
@@ -154,11 +201,14 @@ def apply_plans(model: nn.Module, plans: Sequence[GroupPlan]) -> None:
             else:
                 weight = torch.index_select(weight, 0, rows[name])
             new_weights[name] = weight
+        direct = not _registration_hooks()
         for name, weight in new_weights.items():
             layer = modules[name]
-            _replace(layer, "weight", weight)
+            _replace(layer, "weight", weight, direct)
             if name in rows and layer.bias is not None:
-                _replace(layer, "bias", layer.bias.detach()[rows[name]])
+                _replace(
+                    layer, "bias", torch.index_select(layer.bias.detach(), 0, rows[name]), direct
+                )
             if isinstance(layer, nn.Linear):
                 layer.out_features, layer.in_features = weight.shape[0], weight.shape[1]
             else:
@@ -170,5 +220,5 @@ def apply_plans(model: nn.Module, plans: Sequence[GroupPlan]) -> None:
             for attr in ("weight", "bias", "running_mean", "running_var"):
                 value = getattr(bn, attr)
                 if value is not None:
-                    _replace(bn, attr, value.detach()[plan.kept])
+                    _replace(bn, attr, torch.index_select(value.detach(), 0, plan.kept), direct)
             bn.num_features = plan.kept.numel()
