@@ -93,14 +93,26 @@ class Workspace:
         self._buffers: dict[str, Tensor] = {}
 
     def take(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """An uninitialised contiguous tensor of ``shape`` backed by the buffer ``key``."""
-        numel = 1
-        for size in shape:
-            numel *= size
+        """An uninitialised tensor of ``shape`` backed by the buffer ``key``.
+
+        Each ``[b]`` slice of the result starts on a 64-byte boundary (the
+        slices are padded apart): matrix-product kernels round differently for
+        differently aligned operands, and a group's result must not depend on
+        its position in a batch. A single group gets a plain contiguous tensor.
+        """
+        per = 1
+        for size in shape[1:]:
+            per *= size
+        align = max(1, 64 // torch.empty(0, dtype=dtype).element_size())
+        stride = -(-per // align) * align if shape[0] > 1 else per
+        numel = stride * shape[0]
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
             buffer = self._buffers[key] = torch.empty(numel, dtype=dtype)
-        return buffer[:numel].view(shape)
+        inner = [1] * len(shape)
+        for i in range(len(shape) - 2, 0, -1):
+            inner[i] = inner[i + 1] * shape[i + 1]
+        return buffer.as_strided(shape, (stride, *inner[1:]))
 
 
 def _batched(rows: Tensor, *index: Tensor) -> tuple[bool, Tensor, tuple[Tensor, ...]]:
@@ -113,12 +125,8 @@ def _batched(rows: Tensor, *index: Tensor) -> tuple[bool, Tensor, tuple[Tensor, 
 
 def _gather_rows(rows: Tensor, idx: Tensor, out: Tensor) -> Tensor:
     """``rows[b, idx[b]]`` for every group ``b``, written to ``out`` (``(B, m, f)``)."""
-    b, n, f = rows.shape
-    if b == 1:
-        torch.index_select(rows[0], 0, idx[0], out=out[0])
-        return out
-    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * n).reshape(-1)
-    torch.index_select(rows.reshape(b * n, f), 0, flat, out=out.view(-1, f))
+    for group, index, target in zip(rows, idx, out, strict=True):
+        torch.index_select(group, 0, index, out=target)
     return out
 
 
@@ -138,11 +146,19 @@ def _unit(rows: Tensor, safe: Tensor, idx: Tensor, workspace: Workspace, key: st
     return _gather_rows(rows, idx, out).div_(safe.gather(1, idx).unsqueeze(2))
 
 
-def _products(unit_p: Tensor, unit_k: Tensor) -> Tensor:
-    """Cosine similarities ``(B, p, k)`` of unit rows ``(B, p, f)`` and ``(B, k, f)``."""
-    if unit_p.shape[0] == 1:
-        return (unit_p[0] @ unit_k[0].T).unsqueeze(0)
-    return torch.matmul(unit_p, unit_k.transpose(1, 2))
+def _products(unit_p: Tensor, unit_k: Tensor, workspace: Workspace) -> Tensor:
+    """Cosine similarities ``(B, p, k)`` of unit rows ``(B, p, f)`` and ``(B, k, f)``.
+
+    One matrix product per group, on 64-byte aligned operands (see
+    :meth:`Workspace.take`): a batched product may pick other kernels for small
+    shapes and round differently, and a group's plan must not depend on the
+    groups it was batched with.
+    """
+    b, p, k = unit_p.shape[0], unit_p.shape[1], unit_k.shape[1]
+    out = workspace.take("products", (b, p, k), unit_p.dtype)
+    for p_rows, k_rows, target in zip(unit_p, unit_k, out, strict=True):
+        torch.mm(p_rows, k_rows.T, out=target)
+    return out
 
 
 def _pick(values: Tensor, choice: Tensor) -> Tensor:
@@ -227,7 +243,7 @@ def assign_plain(
             unit_p = _unit(rows, safe, pruned[:, sl], workspace, "pruned")
             t0 = time.perf_counter()
             t_rest += t0 - t_mark
-            cos = _products(unit_p, unit_k)
+            cos = _products(unit_p, unit_k, workspace)
             t1 = time.perf_counter()
             if not all_usable:
                 cos.masked_fill_(~usable_k.unsqueeze(1), float("-inf"))
@@ -304,7 +320,7 @@ def assign_bn(
             unit_p = _unit(rows, safe, idx_p, workspace, "pruned")
             t0 = time.perf_counter()
             t_rest += t0 - t_mark
-            cos = _products(unit_p, k_unit)
+            cos = _products(unit_p, k_unit, workspace)
             t1 = time.perf_counter()
             g_n, b_n = gamma.gather(1, idx_p).unsqueeze(2), beta.gather(1, idx_p).unsqueeze(2)
             m_n, s_n = mu.gather(1, idx_p).unsqueeze(2), sigma.gather(1, idx_p).unsqueeze(2)
