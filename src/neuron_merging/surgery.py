@@ -88,18 +88,21 @@ def fold_columns(
     and marked so in ``plan`` (``partner = -1``, ``scale = 0``).
     """
     n = plan.kept.numel() + plan.pruned.numel()
-    blocks = weight.detach().reshape(weight.shape[0], n, -1)
+    width = weight[0].numel() // n if weight.shape[0] else 1
+    # (out, n) for one weight per channel pair: PyTorch's index kernels are far
+    # slower on a trailing dimension of size 1.
+    blocks = weight.detach().reshape(weight.shape[0], n, *((width,) if width > 1 else ()))
     out = weight.shape[0] if rows is None else rows.numel()
-    width = blocks.shape[2]
     merged = plan.partner >= 0
     count = int(merged.sum())
     any_merged = count > 0
     if count == merged.numel():  # every pruned neuron has a partner: no masking needed
-        src, dst, scales = plan.pruned, plan.partner, plan.scale.to(blocks.dtype).view(1, -1, 1)
+        src, dst, scales = plan.pruned, plan.partner, plan.scale
     elif any_merged:
-        src, dst = plan.pruned[merged], plan.partner[merged]
-        scales = plan.scale[merged].to(blocks.dtype).view(1, -1, 1)
-    folded = blocks.new_empty((out, plan.kept.numel(), width))
+        src, dst, scales = plan.pruned[merged], plan.partner[merged], plan.scale[merged]
+    if any_merged:
+        scales = scales.to(blocks.dtype).view(1, -1, *((1,) if width > 1 else ()))
+    folded = blocks.new_empty((out, plan.kept.numel(), *((width,) if width > 1 else ())))
     # In blocks of output rows: a block stays in cache while index_add_ adds its
     # columns (in index order, so the sums are those of one call), and the
     # gathered rows and scaled copies stay within a fixed budget.
@@ -117,7 +120,7 @@ def fold_columns(
                 moved = torch.index_select(flat, 0, (base + src).reshape(-1))
                 part.index_add_(1, dst, moved.view(part.shape[0], -1, width).mul_(scales))
     else:
-        buffer = None if rows is None else blocks.new_empty((min(step, out), n, width))
+        buffer = None if rows is None else blocks.new_empty((min(step, out), *blocks.shape[1:]))
         for start in range(0, out, step):
             part = folded[start : start + step]
             if rows is None or buffer is None:
@@ -131,7 +134,8 @@ def fold_columns(
     if any_merged and not _all_finite(folded):  # one cheap pass settles the common case
         # Scaled weights that overflow the dtype would write Inf/NaN into the model:
         # drop every merge into such a partner instead (plan updated to match).
-        overflow = ~torch.isfinite(folded).all(dim=2).all(dim=0)
+        finite = torch.isfinite(folded)
+        overflow = ~(finite.all(dim=2) if width > 1 else finite).all(dim=0)
         if bool(overflow.any()):
             original = blocks if rows is None else torch.index_select(blocks, 0, rows)
             folded[:, overflow] = original[:, plan.kept[overflow]]
