@@ -123,7 +123,8 @@ def run_section1(smoke: bool = False, repeats: int = 9) -> list[dict[str, Any]]:
     for case in _section1_cases(smoke):
         model, weights, x, kwargs = _build(case)
         groups, _ = nm.find_groups(model, x)
-        fwd, discovery, trace_ratio = _trace_vs_forward(model, x, 3 if smoke else 40)
+        trace_rounds = 3 if smoke else 40
+        fwd, discovery, trace_ratio = _trace_vs_forward(model, x, trace_rounds)
         modes = ["merge", "prune"] if case["arch"] == "vgg16" else ["merge"]
         for mode in modes:
             nm_kwargs = kwargs if mode == "merge" else _prune_kwargs(kwargs)
@@ -175,6 +176,7 @@ def run_section1(smoke: bool = False, repeats: int = 9) -> list[dict[str, Any]]:
                     "trace": C.median(trace),
                     "forward_b1": fwd,
                     "discovery_b1": discovery,
+                    "trace_rounds": trace_rounds,
                     "trace_over_forward": trace_ratio,
                     "authors_s": None if smoke else AUTHORS_SECONDS.get((case["arch"], mode)),
                     "plans_equal": not problems,
@@ -439,8 +441,9 @@ def section1_markdown(rows: Sequence[dict[str, Any]]) -> str:
         + "\n\nSplit of the `nm.merge` call (medians, ms); *total* is the whole call, "
         "the phases are `report.timings`:\n\n"
         + C.md_table(split_head, split_body)
-        + "\n\nDiscovery against a forward pass (medians over 40 interleaved rounds; the "
-        "ratio is the median of the per-round ratios):\n\n" + C.md_table(trace_head, trace_body)
+        + f"\n\nDiscovery against a forward pass (medians over {rows[0]['trace_rounds']} "
+        "interleaved rounds; the ratio is the median of the per-round ratios):\n\n"
+        + C.md_table(trace_head, trace_body)
     )
 
 

@@ -132,7 +132,7 @@ METHOD = """\
 * *Trace / forward*: the whole discovery, `nm.find_groups(model, x)` (tracing,
   the shape pass when a flatten needs one, and the group analysis), against
   the same model's plain forward pass at batch 1 (no grad). Both are timed the
-  same way, interleaved over 40 rounds after the same warm-up; the ratio is the
+  same way, interleaved over 40 rounds (3 with `--smoke`) after the same warm-up; the ratio is the
   median of the per-round ratios. (The *trace* column of the split is the same
   step inside `nm.merge`, where it runs once, with colder caches.) The target
   says “at most about 1.5”; a ratio within 10 % above 1.5 is reported as met

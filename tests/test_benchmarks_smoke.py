@@ -55,6 +55,9 @@ def test_every_benchmark_runs_in_smoke_mode(tmp_path: Path) -> None:
         assert row["output_rel_diff"] < 1e-4
         assert row["params_after"] < row["params_before"]
         assert set(row["split"]) == {"trace", "select", "similarity", "assign", "fold", "rebuild"}
+        assert row["discovery_b1"] > 0 and row["forward_b1"] > 0
+        assert row["trace_over_forward"] > 0
+    assert "| model | forward pass, batch 1 | nm.find_groups | discovery / forward |" in text
     s2 = merge["section2"]
     assert {r["criterion"] for r in s2} == {"l1-norm", "l2-norm", "l2-GM"}
     assert {r["ratio"] for r in s2} == {0.5, 0.8}
