@@ -7,11 +7,14 @@ pruned neurons of the producer into kept ones and folding the scales into the
 consumer is exact for positive multiples because ``f(s·z) = s·f(z)`` for every
 operation in between.
 
-Groups are found with :mod:`torch.fx` symbolic tracing; example inputs give the
-tensor shapes needed to check that a flatten keeps each channel's features
-contiguous. A producer whose output reaches anything else (a residual add, a
-concat, a second consumer, the model output) is left intact and reported.
-Models that cannot be traced can name their groups explicitly.
+Groups are found in the dataflow graph of the model's ``forward``, recorded by
+the light tracer of :mod:`._trace` (or by :mod:`torch.fx` when that tracer
+cannot follow the code). Example inputs give the tensor shapes needed to check
+that a flatten keeps each channel's features contiguous; they are computed on
+the ``meta`` device, without arithmetic, and only when a decision needs them. A
+producer whose output reaches anything else (a residual add, a concat, a second
+consumer, the model output) is left intact and reported. Models that cannot be
+traced can name their groups explicitly.
 """
 
 from __future__ import annotations
@@ -190,9 +193,10 @@ def find_groups(
     left intact, each with the reason. ``model`` should be in eval mode.
 
     The graph comes from symbolic tracing; ``example_inputs`` are run through it
-    (once, without gradients) only when a decision needs tensor shapes, i.e. a
-    reshape or a convolution feeding a linear layer. Models made of
-    convolution → convolution and linear → linear chains are never executed.
+    (once, on the ``meta`` device, so only shapes are computed) only when a
+    decision needs tensor shapes, i.e. a reshape or a convolution feeding a
+    linear layer. Models made of convolution → convolution and linear → linear
+    chains are never executed.
     """
     return _find_groups(model, example_inputs, dict(model.named_modules()))
 
