@@ -66,17 +66,55 @@ def _variants(case: dict[str, Any]) -> dict[str, nn.Module]:
     }
 
 
-def _latency(model: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
+def _latency(model: nn.Module, x: torch.Tensor, min_run_time: float, threads: int) -> float:
     timer = Timer(
         stmt="with torch.no_grad():\n    model(x)",
         globals={"model": model, "x": x, "torch": torch},
-        num_threads=torch.get_num_threads(),
+        num_threads=threads,
     )
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
+#: Operators that carry the multiply-accumulates (what compression shrinks).
+_KERNEL_OPS = ("conv", "addmm", "aten::mm", "matmul", "linear", "bmm")
+
+
+def _breakdown(model: nn.Module, x: torch.Tensor, threads: int, repeats: int) -> dict[str, float]:
+    """Seconds per forward pass in convolution/GEMM operators and in all the others.
+
+    From ``torch.profiler``'s self CPU time per operator, averaged over
+    ``repeats`` forward passes, with ``threads`` intra-op threads.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            model(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(repeats):
+                    model(x)
+    finally:
+        torch.set_num_threads(previous)
+    kernel = other = 0.0
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6 / repeats
+        if any(key in event.key for key in _KERNEL_OPS):
+            kernel += seconds
+        else:
+            other += seconds
+    return {"kernel": kernel, "other": other}
+
+
+def thread_settings() -> list[int]:
+    """1 thread, and torch's current setting if that is more."""
+    current = torch.get_num_threads()
+    return [1] if current <= 1 else [1, current]
+
+
 def run_section3(smoke: bool = False, rounds: int = 5, min_run_time: float = 0.3) -> list[dict]:
-    """Latency of every variant at batch 1 and the case's large batch (medians)."""
+    """Latency of every variant at batch 1 and the case's large batch (medians), per thread count."""
     if smoke:
         rounds, min_run_time = 1, 0.01
     rows = []
@@ -85,7 +123,7 @@ def run_section3(smoke: bool = False, rounds: int = 5, min_run_time: float = 0.3
         base = C.example_input(case["arch"])
         macs = {name: C.macs(m, base) for name, m in models.items()}
         params = {name: nm.count_parameters(m) for name, m in models.items()}
-        for batch in (1, case["batch"]):
+        for threads, batch in [(t, b) for t in thread_settings() for b in (1, case["batch"])]:
             x = C.example_input(case["arch"], batch)
             for m in models.values():  # warm-up
                 with torch.no_grad():
@@ -94,18 +132,31 @@ def run_section3(smoke: bool = False, rounds: int = 5, min_run_time: float = 0.3
             for rnd in range(rounds):
                 order = VARIANTS[rnd % 3 :] + VARIANTS[: rnd % 3]  # rotate to cancel drift
                 for name in order:
-                    times[name].append(_latency(models[name], x, min_run_time))
+                    times[name].append(_latency(models[name], x, min_run_time, threads))
             speedup = {
                 name: C.median([o / t for o, t in zip(times["original"], times[name], strict=True)])
                 for name in ("pruned", "merged")
             }
             mac_ratio = macs["original"] / macs["merged"]
+            large = batch == case["batch"]
+            profiled = 1 if smoke else 10
+            breakdown = (
+                {
+                    name: _breakdown(models[name], x, threads, profiled)
+                    for name in ("original", "merged")
+                }
+                if large
+                else None
+            )
             rows.append(
                 {
                     "label": case["label"],
                     "arch": case["arch"],
+                    "threads": threads,
                     "batch": batch,
-                    "large_batch": batch == case["batch"],
+                    "large_batch": large,
+                    "breakdown": breakdown,
+                    "profiled_passes": profiled,
                     "rounds": rounds,
                     "latency": {name: C.median(t) for name, t in times.items()},
                     "macs": macs,
@@ -123,6 +174,7 @@ def section3_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The latency table."""
     head = [
         "model",
+        "threads",
         "batch",
         "MACs / sample",
         "MAC ratio",
@@ -139,6 +191,7 @@ def section3_markdown(rows: Sequence[dict[str, Any]]) -> str:
         body.append(
             [
                 r["label"],
+                r["threads"],
                 r["batch"],
                 f"{r['macs']['original'] / 1e6:.2f}M → {r['macs']['merged'] / 1e6:.2f}M",
                 C.fmt_x(r["mac_ratio"]),
@@ -150,7 +203,39 @@ def section3_markdown(rows: Sequence[dict[str, Any]]) -> str:
                 f"{r['efficiency']:.2f}",
             ]
         )
-    return C.md_table(head, body)
+    table = C.md_table(head, body)
+    split_head = [
+        "model",
+        "threads",
+        "batch",
+        "conv/GEMM original → merged",
+        "conv/GEMM speed-up",
+        "other ops original → merged",
+        "other ops share of merged",
+    ]
+    split_body = []
+    for r in rows:
+        if not r["breakdown"]:
+            continue
+        o, m = r["breakdown"]["original"], r["breakdown"]["merged"]
+        split_body.append(
+            [
+                r["label"],
+                r["threads"],
+                r["batch"],
+                f"{C.fmt_ms(o['kernel'])} → {C.fmt_ms(m['kernel'])} ms",
+                C.fmt_x(o["kernel"] / m["kernel"]) if m["kernel"] > 0 else "—",
+                f"{C.fmt_ms(o['other'])} → {C.fmt_ms(m['other'])} ms",
+                f"{100 * m['other'] / max(m['kernel'] + m['other'], 1e-12):.0f} %",
+            ]
+        )
+    return (
+        table + "\n\nWhere the time goes at the larger batch (`torch.profiler`, self CPU time per "
+        "operator, mean of 10 forward passes; *conv/GEMM* are the convolution and matrix "
+        "product operators, which carry the MACs; *other* is everything else: batch norm, "
+        "activations, pooling, residual adds, reshapes, allocation):\n\n"
+        + C.md_table(split_head, split_body)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -168,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = run_section3(args.smoke, args.rounds, args.min_run_time)
     for r in rows:
         print(
-            f"  {r['label']} b={r['batch']}: {C.fmt_x(r['speedup_merged'])} "
+            f"  {r['label']} b={r['batch']} threads={r['threads']}: "
+            f"{C.fmt_x(r['speedup_merged'])} "
             f"(MAC ratio {C.fmt_x(r['mac_ratio'])})",
             file=sys.stderr,
             flush=True,

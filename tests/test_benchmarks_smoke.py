@@ -43,7 +43,8 @@ def test_every_benchmark_runs_in_smoke_mode(tmp_path: Path) -> None:
     assert "| model | verb | weights |" in text  # section 1
     assert "| n | ratio | criterion |" in text  # section 2
     assert "l2-GM" in text
-    assert "| model | batch | MACs / sample |" in text  # section 3
+    assert "| model | threads | batch | MACs / sample |" in text  # section 3
+    assert "| model | threads | batch | conv/GEMM original → merged |" in text
     assert (docs / "merge_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(docs.glob(".*.tmp"))  # atomic writes leave no temporaries
 
@@ -69,6 +70,10 @@ def test_every_benchmark_runs_in_smoke_mode(tmp_path: Path) -> None:
     assert {r["batch"] == 1 for r in s3} == {True, False}
     for row in s3:
         assert set(row["latency"]) == {"original", "pruned", "merged"}
+        assert row["threads"] >= 1
+        if row["large_batch"]:
+            for part in row["breakdown"].values():
+                assert part["kernel"] > 0 and part["other"] > 0
         assert row["macs"]["merged"] == row["macs"]["pruned"] < row["macs"]["original"]
 
 

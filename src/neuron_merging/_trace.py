@@ -3,8 +3,8 @@
 Discovery needs only which operation consumes which value. ``torch.fx`` records
 that too, but every ``Tracer.trace`` call pays a fixed toll: it patches module
 globals for auto-wrapping, names each node, searches the parameters on every
-attribute access. On a small model that toll is thirty times the model's own
-forward pass. This tracer records the same graph (the same ``op``/``target``
+attribute access. On a small model that toll is tens of times the model's
+own forward pass at batch 1. This tracer records the same graph (the same ``op``/``target``
 conventions as ``torch.fx``: ``placeholder``, ``call_module``,
 ``call_function``, ``call_method``, ``get_attr``, ``output``) with a proxy that
 has only ``__torch_function__``, the Python operators and attribute access.
@@ -13,7 +13,7 @@ Anything it does not understand raises :class:`TraceError`; callers then fall
 back to ``torch.fx`` (see :func:`from_fx`), so no model traceable by ``torch.fx``
 is lost.
 
-Shapes are computed separately and only on demand (:func:`node_shapes`): the
+Shapes are computed separately and only on demand (:func:`run`): the
 graph is first run on ``meta`` tensors, which costs microseconds per operation
 and no arithmetic, and on the real example inputs only if that fails.
 """
