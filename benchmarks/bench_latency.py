@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,36 +76,43 @@ def _latency(model: nn.Module, x: torch.Tensor, min_run_time: float, threads: in
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
-#: Operators that carry the multiply-accumulates (what compression shrinks).
-_KERNEL_OPS = ("conv", "addmm", "aten::mm", "matmul", "linear", "bmm")
-
-
 def _breakdown(model: nn.Module, x: torch.Tensor, threads: int, repeats: int) -> dict[str, float]:
-    """Seconds per forward pass in convolution/GEMM operators and in all the others.
+    """Seconds per forward pass inside ``Conv2d``/``Linear`` modules and outside them.
 
-    From ``torch.profiler``'s self CPU time per operator, averaged over
-    ``repeats`` forward passes, with ``threads`` intra-op threads.
+    Forward hooks read the clock around every convolution and linear layer (the
+    operators that carry the MACs); *other* is the rest of the forward pass:
+    batch norm, activations, pooling, residual adds, reshapes, dispatch. Means
+    over ``repeats`` passes with ``threads`` intra-op threads, after a warm-up.
     """
-    from torch.profiler import ProfilerActivity, profile
+    inside = [0.0]
+    started: list[float] = []
 
+    def before(module: nn.Module, args: object) -> None:
+        started.append(time.perf_counter())
+
+    def after(module: nn.Module, args: object, output: object) -> None:
+        inside[0] += time.perf_counter() - started.pop()
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.register_forward_hook(after))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
             model(x)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(repeats):
-                    model(x)
+            inside[0] = 0.0
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                model(x)
+            total = time.perf_counter() - t0
     finally:
         torch.set_num_threads(previous)
-    kernel = other = 0.0
-    for event in prof.key_averages():
-        seconds = event.self_cpu_time_total / 1e6 / repeats
-        if any(key in event.key for key in _KERNEL_OPS):
-            kernel += seconds
-        else:
-            other += seconds
-    return {"kernel": kernel, "other": other}
+        for handle in handles:
+            handle.remove()
+    return {"kernel": inside[0] / repeats, "other": (total - inside[0]) / repeats}
 
 
 def thread_settings() -> list[int]:
@@ -208,12 +216,13 @@ def section3_markdown(rows: Sequence[dict[str, Any]]) -> str:
         "model",
         "threads",
         "batch",
-        "conv/GEMM original → merged",
-        "conv/GEMM speed-up",
+        "conv/linear original → merged",
+        "conv/linear speed-up",
         "other ops original → merged",
         "other ops share of merged",
     ]
     split_body = []
+    passes = rows[0]["profiled_passes"] if rows else 0
     for r in rows:
         if not r["breakdown"]:
             continue
@@ -230,10 +239,10 @@ def section3_markdown(rows: Sequence[dict[str, Any]]) -> str:
             ]
         )
     return (
-        table + "\n\nWhere the time goes at the larger batch (`torch.profiler`, self CPU time per "
-        "operator, mean of 10 forward passes; *conv/GEMM* are the convolution and matrix "
-        "product operators, which carry the MACs; *other* is everything else: batch norm, "
-        "activations, pooling, residual adds, reshapes, allocation):\n\n"
+        table + "\n\nWhere the time goes at the larger batch (forward hooks read the clock around "
+        "every `Conv2d` and `Linear` module, which carry the MACs; *other* is the rest of the "
+        "forward pass: batch norm, activations, pooling, residual adds, reshapes, dispatch; "
+        f"mean over {passes} forward pass{'es' if passes != 1 else ''}):\n\n"
         + C.md_table(split_head, split_body)
     )
 

@@ -246,7 +246,7 @@ def _latency_note(r: dict[str, Any]) -> str:
     total_o, total_m = o["kernel"] + o["other"], m["kernel"] + m["other"]
     kernel_x = o["kernel"] / m["kernel"] if m["kernel"] > 0 else float("inf")
     text += (
-        f": the convolution/GEMM operators, which carry the MACs, went from "
+        f": the convolution and linear layers, which carry the MACs, went from "
         f"{C.fmt_ms(o['kernel'])} to {C.fmt_ms(m['kernel'])} ms ({C.fmt_x(kernel_x)}), but the "
         f"other operators, whose cost follows the activations and the number of layers rather "
         f"than the MACs, went from {C.fmt_ms(o['other'])} to {C.fmt_ms(m['other'])} ms and are "
@@ -255,13 +255,13 @@ def _latency_note(r: dict[str, Any]) -> str:
     )
     if r["threads"] > 1:
         text += (
-            "With more threads the convolutions and GEMMs get faster while those mostly "
+            "With more threads the convolutions and matrix products get faster while those mostly "
             "memory-bound operators and the per-operator overheads do not, so their share, and "
             "the gap to the MAC ratio, grows; see the same case at 1 thread in the table. "
         )
     if kernel_x < 0.8 * r["mac_ratio"]:
         text += (
-            "The compute operators themselves also fall short of the MAC ratio: their narrower "
+            "The convolution and linear layers themselves also fall short of the MAC ratio: their narrower "
             "shapes use the cores less efficiently than the original's."
         )
     return text.rstrip()

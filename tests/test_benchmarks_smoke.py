@@ -44,7 +44,7 @@ def test_every_benchmark_runs_in_smoke_mode(tmp_path: Path) -> None:
     assert "| n | ratio | criterion |" in text  # section 2
     assert "l2-GM" in text
     assert "| model | threads | batch | MACs / sample |" in text  # section 3
-    assert "| model | threads | batch | conv/GEMM original → merged |" in text
+    assert "| model | threads | batch | conv/linear original → merged |" in text
     assert (docs / "merge_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(docs.glob(".*.tmp"))  # atomic writes leave no temporaries
 
