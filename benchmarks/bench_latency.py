@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -76,13 +77,16 @@ def _latency(model: nn.Module, x: torch.Tensor, min_run_time: float, threads: in
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
-def _breakdown(model: nn.Module, x: torch.Tensor, threads: int, repeats: int) -> dict[str, float]:
+def _breakdown(
+    model: nn.Module, x: torch.Tensor, threads: int, blocks: int, min_time: float
+) -> dict[str, float]:
     """Seconds per forward pass inside ``Conv2d``/``Linear`` modules and outside them.
 
     Forward hooks read the clock around every convolution and linear layer (the
     operators that carry the MACs); *other* is the rest of the forward pass:
-    batch norm, activations, pooling, residual adds, reshapes, dispatch. Means
-    over ``repeats`` passes with ``threads`` intra-op threads, after a warm-up.
+    batch norm, activations, pooling, residual adds, reshapes, dispatch. Medians
+    over ``blocks`` blocks of forward passes lasting at least ``min_time``
+    seconds each, with ``threads`` intra-op threads, after a warm-up.
     """
     inside = [0.0]
     started: list[float] = []
@@ -100,19 +104,26 @@ def _breakdown(model: nn.Module, x: torch.Tensor, threads: int, repeats: int) ->
             handles.append(module.register_forward_hook(after))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    kernel, other = [], []
     try:
         with torch.no_grad():
             model(x)
-            inside[0] = 0.0
             t0 = time.perf_counter()
-            for _ in range(repeats):
-                model(x)
-            total = time.perf_counter() - t0
+            model(x)
+            repeats = max(3, math.ceil(min_time / max(time.perf_counter() - t0, 1e-6)))
+            for _ in range(blocks):
+                inside[0] = 0.0
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    model(x)
+                total = time.perf_counter() - t0
+                kernel.append(inside[0] / repeats)
+                other.append((total - inside[0]) / repeats)
     finally:
         torch.set_num_threads(previous)
         for handle in handles:
             handle.remove()
-    return {"kernel": inside[0] / repeats, "other": (total - inside[0]) / repeats}
+    return {"kernel": C.median(kernel), "other": C.median(other)}
 
 
 def thread_settings() -> list[int]:
@@ -147,10 +158,10 @@ def run_section3(smoke: bool = False, rounds: int = 5, min_run_time: float = 0.3
             }
             mac_ratio = macs["original"] / macs["merged"]
             large = batch == case["batch"]
-            profiled = 1 if smoke else 10
+            blocks, block_time = (1, 0.001) if smoke else (5, 0.1)
             breakdown = (
                 {
-                    name: _breakdown(models[name], x, threads, profiled)
+                    name: _breakdown(models[name], x, threads, blocks, block_time)
                     for name in ("original", "merged")
                 }
                 if large
@@ -164,7 +175,8 @@ def run_section3(smoke: bool = False, rounds: int = 5, min_run_time: float = 0.3
                     "batch": batch,
                     "large_batch": large,
                     "breakdown": breakdown,
-                    "profiled_passes": profiled,
+                    "breakdown_blocks": blocks,
+                    "breakdown_block_s": block_time,
                     "rounds": rounds,
                     "latency": {name: C.median(t) for name, t in times.items()},
                     "macs": macs,
@@ -222,7 +234,8 @@ def section3_markdown(rows: Sequence[dict[str, Any]]) -> str:
         "other ops share of merged",
     ]
     split_body = []
-    passes = rows[0]["profiled_passes"] if rows else 0
+    blocks = rows[0]["breakdown_blocks"] if rows else 0
+    block_s = rows[0]["breakdown_block_s"] if rows else 0.0
     for r in rows:
         if not r["breakdown"]:
             continue
@@ -242,8 +255,8 @@ def section3_markdown(rows: Sequence[dict[str, Any]]) -> str:
         table + "\n\nWhere the time goes at the larger batch (forward hooks read the clock around "
         "every `Conv2d` and `Linear` module, which carry the MACs; *other* is the rest of the "
         "forward pass: batch norm, activations, pooling, residual adds, reshapes, dispatch; "
-        f"mean over {passes} forward pass{'es' if passes != 1 else ''}):\n\n"
-        + C.md_table(split_head, split_body)
+        f"per pass, medians over {blocks} block(s) of passes of at least {block_s:g} s "
+        "each):\n\n" + C.md_table(split_head, split_body)
     )
 
 
