@@ -63,17 +63,18 @@ def check_finite(model: nn.Module, tensors: ModelTensors | None = None) -> None:
     tensors = tensors or ModelTensors.of(model)
     small: dict[torch.dtype, list[Tensor]] = {}
     ok = True
-    for tensor in (*tensors.params, *tensors.buffers):
-        if not tensor.is_floating_point():
-            continue
-        flat = tensor.detach().reshape(-1)
-        if flat.numel() < _FINITE_SMALL:
-            small.setdefault(flat.dtype, []).append(flat)
-        elif not _finite(flat):
-            ok = False
-            break
-    if ok:
-        ok = all(_finite(torch.cat(group)) for group in small.values())
+    with torch.no_grad():  # views without autograd bookkeeping
+        for tensor in (*tensors.params, *tensors.buffers):
+            if not tensor.is_floating_point():
+                continue
+            flat = tensor.reshape(-1)
+            if flat.numel() < _FINITE_SMALL:
+                small.setdefault(flat.dtype, []).append(flat)
+            elif not _finite(flat):
+                ok = False
+                break
+        if ok:
+            ok = all(_finite(torch.cat(group)) for group in small.values())
     if ok:
         return
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
@@ -137,7 +138,10 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = kind()
         elif not (kind is tuple and all(type(v) in _ATOMIC for v in value)):
             state[key] = copy.deepcopy(value, memo)
-    new.__setstate__(state)  # as copy.deepcopy does
+    if cls.__setstate__ is nn.Module.__setstate__:
+        new.__dict__.update(state)  # what it does for a complete state, minus the checks
+    else:
+        new.__setstate__(state)  # as copy.deepcopy does
     return new
 
 
@@ -168,20 +172,35 @@ def _storage_key(tensor: Tensor) -> int | None:
         return None
 
 
-def unshare(copied: nn.Module, original: nn.Module | ModelTensors) -> None:
-    """Clone every parameter or buffer of ``copied`` that still shares ``original``'s data."""
+def unshare(copied: nn.Module, original: nn.Module | ModelTensors) -> ModelTensors:
+    """Clone every parameter or buffer of ``copied`` that still shares ``original``'s data.
+
+    Returns the distinct parameters and buffers of ``copied`` afterwards.
+    """
     if isinstance(original, nn.Module):
         original = ModelTensors.of(original)
     shared = {_storage_key(t) for t in (*original.params, *original.buffers)}
     shared.discard(None)
     clones: dict[int, Tensor] = {}
+    seen: set[int] = set()
+    result = ModelTensors([], [])
     with torch.no_grad():
         for module in copied.modules():
             for param in module._parameters.values():
-                if param is not None and _storage_key(param) in shared:
+                if param is None or id(param) in seen:
+                    continue
+                if _storage_key(param) in shared:
                     param.data = param.data.clone()
+                seen.add(id(param))
+                result.params.append(param)
             for name, buf in module._buffers.items():
-                if buf is not None and (id(buf) in clones or _storage_key(buf) in shared):
+                if buf is None:
+                    continue
+                if id(buf) in clones or _storage_key(buf) in shared:
                     if id(buf) not in clones:
                         clones[id(buf)] = buf.clone()
-                    module._buffers[name] = clones[id(buf)]
+                    buf = module._buffers[name] = clones[id(buf)]
+                if id(buf) not in seen:
+                    seen.add(id(buf))
+                    result.buffers.append(buf)
+    return result

@@ -262,12 +262,12 @@ def compress(
             stacklevel=2,
         )
     t0 = time.perf_counter()
-    apply_plans(work, plans)
+    apply_plans(work, plans, modules)
     timings["fold"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for module in training:  # each module back in its own mode
         module.training = True
-    unshare(work, tensors)
+    result_tensors = unshare(work, tensors)
     timings["rebuild"] += time.perf_counter() - t0
     timings["total"] = sum(timings.values())
 
@@ -294,7 +294,7 @@ def compress(
         groups=group_reports,
         skipped=skipped + excluded,
         params_before=tensors.parameter_count(),
-        params_after=count_parameters(work),
+        params_after=result_tensors.parameter_count(),
         timings=timings,
     )
     return MergeResult(work, report, plans)

@@ -184,9 +184,17 @@ def _replace(module: nn.Module, name: str, value: Tensor | None, direct: bool) -
         setattr(module, name, value.contiguous())
 
 
-def apply_plans(model: nn.Module, plans: Sequence[GroupPlan]) -> None:
-    """Shrink ``model`` in place according to ``plans`` (computed on its weights)."""
-    modules = dict(model.named_modules())
+def apply_plans(
+    model: nn.Module,
+    plans: Sequence[GroupPlan],
+    modules: dict[str, nn.Module] | None = None,
+) -> None:
+    """Shrink ``model`` in place according to ``plans`` (computed on its weights).
+
+    ``modules`` is ``dict(model.named_modules())`` if the caller has it.
+    """
+    if modules is None:
+        modules = dict(model.named_modules())
     plans = [plan for plan in plans if plan.pruned.numel() > 0]  # the rest change nothing
     rows: dict[str, Tensor] = {}
     cols: dict[str, GroupPlan] = {}
@@ -222,7 +230,12 @@ def apply_plans(model: nn.Module, plans: Sequence[GroupPlan]) -> None:
                 continue
             bn = modules[plan.group.bn]
             for attr in ("weight", "bias", "running_mean", "running_var"):
-                value = getattr(bn, attr)
+                if attr in bn._parameters:
+                    value = bn._parameters[attr]
+                elif attr in bn._buffers:
+                    value = bn._buffers[attr]
+                else:
+                    value = getattr(bn, attr, None)
                 if value is not None:
                     _replace(bn, attr, torch.index_select(value.detach(), 0, plan.kept), direct)
             bn.num_features = plan.kept.numel()
