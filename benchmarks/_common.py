@@ -8,6 +8,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,48 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+@dataclass
+class SideBySide:
+    """Times of two functions called alternately, and the last result of each."""
+
+    first: list[float]
+    second: list[float]
+    first_result: Any
+    second_result: Any
+
+    @property
+    def ratios(self) -> list[float]:
+        """Per-round ``second / first`` time ratios."""
+        return [b / a for a, b in zip(self.first, self.second, strict=True)]
+
+
+def side_by_side(
+    first: Callable[[], Any],
+    second: Callable[[], Any],
+    rounds: int,
+    on_round: Callable[[Any, Any], None] | None = None,
+) -> SideBySide:
+    """Time ``first`` and ``second`` in ``rounds`` rounds, alternating which goes first.
+
+    Alternating cancels drift (load from other processes, thermal state) between
+    the two sides of a ratio. ``on_round(first_result, second_result)`` sees
+    every round's results.
+    """
+    out = SideBySide([], [], None, None)
+    for r in range(rounds):
+        if r % 2 == 0:
+            ta, out.first_result = timed(first)
+            tb, out.second_result = timed(second)
+        else:
+            tb, out.second_result = timed(second)
+            ta, out.first_result = timed(first)
+        out.first.append(ta)
+        out.second.append(tb)
+        if on_round is not None:
+            on_round(out.first_result, out.second_result)
+    return out
 
 
 def repeat_median(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:

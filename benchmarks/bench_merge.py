@@ -103,18 +103,8 @@ def _trace_vs_forward(model: nn.Module, x: torch.Tensor, rounds: int) -> tuple[f
     for _ in range(3):
         forward()
         discover()
-    t_fwd, t_disc, ratios = [], [], []
-    for i in range(rounds):
-        if i % 2 == 0:
-            tf, _ = C.timed(forward)
-            td, _ = C.timed(discover)
-        else:
-            td, _ = C.timed(discover)
-            tf, _ = C.timed(forward)
-        t_fwd.append(tf)
-        t_disc.append(td)
-        ratios.append(td / tf)
-    return C.median(t_fwd), C.median(t_disc), C.median(ratios)
+    timed = C.side_by_side(forward, discover, rounds)
+    return C.median(timed.first), C.median(timed.second), C.median(timed.ratios)
 
 
 def run_section1(smoke: bool = False, repeats: int = 9) -> list[dict[str, Any]]:
@@ -138,19 +128,18 @@ def run_section1(smoke: bool = False, repeats: int = 9) -> list[dict[str, Any]]:
 
             ours()  # warm-up, untimed
             ref()
-            t_ours, t_ref, ratios, splits, trace = [], [], [], [], []
-            for r in range(1 if smoke else repeats):
-                if r % 2 == 0:  # alternate the order to cancel drift
-                    tr, (ref_model, ref_plans) = C.timed(ref)
-                    to, result = C.timed(ours)
-                else:
-                    to, result = C.timed(ours)
-                    tr, (ref_model, ref_plans) = C.timed(ref)
-                t_ours.append(to)
-                t_ref.append(tr)
-                ratios.append(tr / to)
-                splits.append(result.report.timings)
-                trace.append(result.report.timings["trace"])
+            splits: list[dict[str, float]] = []
+            timed = C.side_by_side(
+                ref,
+                ours,
+                1 if smoke else repeats,
+                lambda _, ours_result, out=splits: out.append(ours_result.report.timings),
+            )
+            t_ref, t_ours = timed.first, timed.second
+            ratios = [tr / to for tr, to in zip(t_ref, t_ours, strict=True)]
+            trace = [s["trace"] for s in splits]
+            ref_model, ref_plans = timed.first_result
+            result = timed.second_result
             problems = compare_plans(result.plans, ref_plans)
             with torch.no_grad():
                 xb = C.example_input(case["arch"], batch=4)
@@ -259,18 +248,9 @@ def run_mlp_case(
         return nm.merge(model, x, **kwargs).report.timings
 
     bare_mm()
-    t_merge, t_mm, ratios, splits = [], [], [], []
-    for r in range(repeats):
-        if r % 2 == 0:  # alternate the order to cancel drift
-            tm, timings = C.timed(merge)
-            tf, _ = C.timed(bare_mm)
-        else:
-            tf, _ = C.timed(bare_mm)
-            tm, timings = C.timed(merge)
-        splits.append(timings)
-        t_merge.append(tm)
-        t_mm.append(tf)
-        ratios.append(tm / tf)
+    splits: list[dict[str, float]] = []
+    timed = C.side_by_side(bare_mm, merge, repeats, lambda _, timings: splits.append(timings))
+    t_mm, t_merge, ratios = timed.first, timed.second, timed.ratios
     operands.clear()
     t_gm = None
     if criterion == "l2-GM" and gm_floor:
