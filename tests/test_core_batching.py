@@ -64,6 +64,14 @@ def _weights_equal(a: nn.Module, b: nn.Module) -> None:
 def test_batched_planning_equals_planning_each_group_alone(
     criterion: str, bn_rule: str, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    batch_sizes: list[int] = []
+    select = api.select_kept
+
+    def spy(rows: torch.Tensor, keep: int, crit: object) -> torch.Tensor:
+        batch_sizes.append(rows.shape[0])
+        return select(rows, keep, crit)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(api, "select_kept", spy)
     for seed, (model, x) in enumerate(
         [
             (Repeated(0), torch.randn(1, 6, 4, 4)),
@@ -73,11 +81,14 @@ def test_batched_planning_equals_planning_each_group_alone(
         config = nm.MergeConfig(
             mode=mode, ratio=0.5, criterion=criterion, bn_rule=bn_rule, threshold=None
         )
+        batch_sizes.clear()
         batched = nm.compress(model, x, config)
-        assert len({p.group.producer for p in batched.plans}) >= 2, seed
+        assert max(batch_sizes) >= 2, seed  # same-shaped groups really were batched
+        batch_sizes.clear()
         with monkeypatch.context() as patch:
             patch.setattr(api, "_BATCH_ELEMENTS", -1)  # every group alone
             alone = nm.compress(model, x, config)
+        assert batch_sizes and set(batch_sizes) == {1}
         _plans_equal(batched.plans, alone.plans)
         _weights_equal(batched.model, alone.model)
 

@@ -82,27 +82,14 @@ class Graph:
     ) -> Node:
         """Append a node; ``inputs`` (the nodes inside ``args``/``kwargs``) is found if omitted."""
         if inputs is None:
-            inputs = {}
-            _collect((args, kwargs), inputs)
+            found: dict[Node, None] = {}
+            map_nodes((args, kwargs), lambda node: found.setdefault(node, None))
+            inputs = found
         node = Node(op, target, args, kwargs, inputs)
         for source in inputs:
             source.users[node] = None
         self.nodes.append(node)
         return node
-
-
-def _collect(value: Any, found: dict[Node, None]) -> None:
-    kind = type(value)
-    if kind is Node:
-        found[value] = None
-    elif kind in (tuple, list):
-        for item in value:
-            _collect(item, found)
-    elif kind is dict:
-        for item in value.values():
-            _collect(item, found)
-    elif kind is slice:
-        _collect((value.start, value.stop, value.step), found)
 
 
 def map_nodes(value: Any, fn: Callable[[Node], Any]) -> Any:

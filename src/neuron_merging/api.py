@@ -126,26 +126,27 @@ def _plan(
     processed as one batch; the result is the same, group by group, as planning
     each alone.
     """
-    items = []
-    buckets: dict[tuple[Any, ...], list[int]] = {}
+    buckets: dict[tuple[object, ...], list[int]] = {}
     for i, (group, n, k) in enumerate(targets):
         producer = modules[group.producer]
         bn = modules[group.bn] if group.bn is not None else None
-        rows = _rows(producer, with_bias=bn is None)
-        stats = _bn_stats(bn, producer) if bn is not None and config.mode == "merge" else None
-        items.append((group, rows, stats))
-        key: tuple[Any, ...] = (
-            (n, k, rows.shape[1], rows.dtype, bn is None, stats.eps if stats else None)
-            if rows.numel() <= _BATCH_ELEMENTS
-            else (i,)
-        )
+        with_bias = bn is None and producer.bias is not None
+        width = producer.weight[0].numel() + int(with_bias)
+        dtypes = (producer.weight.dtype, producer.bias.dtype if with_bias else None)
+        eps = float(bn.eps) if bn is not None else None
+        key = (n, k, width, dtypes, bn is None, eps) if n * width <= _BATCH_ELEMENTS else (i,)
         buckets.setdefault(key, []).append(i)
     plans: list[GroupPlan | None] = [None] * len(targets)
     workspace = Workspace()
     for members in buckets.values():
         _, n, k = targets[members[0]]
-        batch = [items[i][1] for i in members]
+        # [w | b] rows (a copy when a bias is appended) only for this bucket, so the
+        # copies of every producer are never held at once.
+        producers = [modules[targets[i][0].producer] for i in members]
+        bns = [modules[name] if (name := targets[i][0].bn) else None for i in members]
+        batch = [_rows(prod, with_bias=bn is None) for prod, bn in zip(producers, bns, strict=True)]
         rows = batch[0].unsqueeze(0) if len(batch) == 1 else torch.stack(batch)
+        del batch
         b = len(members)
         t0 = time.perf_counter()
         if k == n:  # nothing to prune: no need to score
@@ -162,11 +163,12 @@ def _plan(
             partner = torch.full((b, p), -1, dtype=torch.long)
             scale, similarity = torch.zeros(b, p), torch.zeros(b, p)
         else:
-            first_stats = items[members[0]][2]
-            if first_stats is None:
+            if bns[0] is None:
                 assignment = assign_plain(rows, kept, pruned, config.threshold, workspace)
             else:
-                stats = _stack_stats([items[i][2] for i in members])
+                stats = _stack_stats(
+                    [_bn_stats(bn, prod) for prod, bn in zip(producers, bns, strict=True)]  # type: ignore[arg-type]
+                )
                 assignment = assign_bn(
                     rows,
                     stats,
@@ -188,10 +190,10 @@ def _plan(
             plans[i] = GroupPlan(
                 targets[i][0], kept[j], pruned[j], partner[j], scale[j], similarity[j]
             )
-    return [plan for plan in plans if plan is not None]
+    return [plan for plan in plans if plan is not None]  # every slot is filled
 
 
-def _stack_stats(stats: list[Any]) -> BNStats:
+def _stack_stats(stats: list[BNStats]) -> BNStats:
     """One :class:`BNStats` of ``(B, n)`` tensors from ``B`` groups' ``(n,)`` statistics."""
     return BNStats(
         torch.stack([s.gamma for s in stats]),

@@ -50,10 +50,6 @@ class BNStats:
     var: Tensor
     eps: float
 
-    def subset(self, idx: Tensor) -> BNStats:
-        """The statistics of the neurons ``idx`` (one group)."""
-        return BNStats(self.gamma[idx], self.beta[idx], self.mean[idx], self.var[idx], self.eps)
-
 
 @dataclass
 class Assignment:
@@ -100,19 +96,18 @@ class Workspace:
         differently aligned operands, and a group's result must not depend on
         its position in a batch. A single group gets a plain contiguous tensor.
         """
+        inner: list[int] = []  # contiguous strides of one group, innermost first
         per = 1
-        for size in shape[1:]:
+        for size in reversed(shape[1:]):
+            inner.append(per)
             per *= size
-        align = max(1, 64 // torch.empty(0, dtype=dtype).element_size())
+        align = max(1, 64 // dtype.itemsize)
         stride = -(-per // align) * align if shape[0] > 1 else per
         numel = stride * shape[0]
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
             buffer = self._buffers[key] = torch.empty(numel, dtype=dtype)
-        inner = [1] * len(shape)
-        for i in range(len(shape) - 2, 0, -1):
-            inner[i] = inner[i + 1] * shape[i + 1]
-        return buffer.as_strided(shape, (stride, *inner[1:]))
+        return buffer.as_strided(shape, (stride, *reversed(inner)))
 
 
 def _batched(rows: Tensor, *index: Tensor) -> tuple[bool, Tensor, tuple[Tensor, ...]]:

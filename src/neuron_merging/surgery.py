@@ -91,7 +91,8 @@ def fold_columns(
     width = weight[0].numel() // n if weight.shape[0] else 1
     # (out, n) for one weight per channel pair: PyTorch's index kernels are far
     # slower on a trailing dimension of size 1.
-    blocks = weight.detach().reshape(weight.shape[0], n, *((width,) if width > 1 else ()))
+    tail = (width,) if width > 1 else ()
+    blocks = weight.detach().reshape(weight.shape[0], n, *tail)
     out = weight.shape[0] if rows is None else rows.numel()
     merged = plan.partner >= 0
     count = int(merged.sum())
@@ -101,8 +102,8 @@ def fold_columns(
     elif any_merged:
         src, dst, scales = plan.pruned[merged], plan.partner[merged], plan.scale[merged]
     if any_merged:
-        scales = scales.to(blocks.dtype).view(1, -1, *((1,) if width > 1 else ()))
-    folded = blocks.new_empty((out, plan.kept.numel(), *((width,) if width > 1 else ())))
+        scales = scales.to(blocks.dtype).view(1, -1, *(1 for _ in tail))
+    folded = blocks.new_empty((out, plan.kept.numel(), *tail))
     # In blocks of output rows: a block stays in cache while index_add_ adds its
     # columns (in index order, so the sums are those of one call), and the
     # gathered rows and scaled copies stay within a fixed budget.
@@ -123,7 +124,7 @@ def fold_columns(
         buffer = None if rows is None else blocks.new_empty((min(step, out), *blocks.shape[1:]))
         for start in range(0, out, step):
             part = folded[start : start + step]
-            if rows is None or buffer is None:
+            if buffer is None:  # no row selection: slice the weight itself
                 source = blocks[start : start + step]
             else:
                 source = buffer[: part.shape[0]]
