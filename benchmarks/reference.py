@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from neuron_merging import MergeGroup
-from neuron_merging.surgery import GroupPlan
+from neuron_merging.core.build import GroupPlan
 
 __all__ = [
     "RefPlan",

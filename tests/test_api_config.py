@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuron_merging as nm
-import neuron_merging.api
+import neuron_merging.core.api
 from _factories import ConvBNNet, assert_lossless, keep_first, mlp, plant_linear_rows, same_state
-from neuron_merging.config import BN_RULES, MODES, ROUNDINGS
+from neuron_merging.core.config import BN_RULES, MODES, ROUNDINGS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -295,6 +295,6 @@ def test_exclude_leaves_a_group_intact() -> None:
 
 def test_api_docstring_examples_run() -> None:
     torch.manual_seed(0)
-    results = doctest.testmod(neuron_merging.api, verbose=False)
+    results = doctest.testmod(neuron_merging.core.api, verbose=False)
     assert results.attempted >= 6
     assert results.failed == 0

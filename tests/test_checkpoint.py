@@ -20,7 +20,7 @@ from neuron_merging.checkpoint import (
     load_state_dict,
     save_checkpoint,
 )
-from neuron_merging.errors import CheckpointError, ConfigError
+from neuron_merging.core.errors import CheckpointError, ConfigError
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
 LENET_FILE = CHECKPOINTS / "LeNet_300_100.original.300_100.bias.pth.tar"

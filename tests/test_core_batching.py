@@ -15,8 +15,8 @@ from torch import nn
 
 import neuron_merging as nm
 from _factories import TinyResNet, gen, randomize_bn
-from neuron_merging import api, criteria, surgery
-from neuron_merging.partners import BNStats, Workspace, assign_bn, assign_plain
+from neuron_merging.core import api, build, select
+from neuron_merging.core.assign import BNStats, Workspace, assign_bn, assign_plain
 
 
 class Repeated(nn.Module):
@@ -44,7 +44,7 @@ class Repeated(nn.Module):
         return self.fcs[-1](x)
 
 
-def _plans_equal(a: list[surgery.GroupPlan], b: list[surgery.GroupPlan]) -> None:
+def _plans_equal(a: list[build.GroupPlan], b: list[build.GroupPlan]) -> None:
     assert [p.group for p in a] == [p.group for p in b]
     for x, y in zip(a, b, strict=True):
         for field in ("kept", "pruned", "partner", "scale", "similarity"):
@@ -102,12 +102,12 @@ def test_batched_planning_equals_planning_each_group_alone(
 )
 def test_chunked_l1_is_bit_identical(n: int, width: int, chunk: int, seed: int) -> None:
     rows = torch.randn(n, width, generator=gen(seed)) * 10 ** torch.randint(-3, 4, (n, 1))
-    previous = criteria._L1_CHUNK_ELEMENTS
-    criteria._L1_CHUNK_ELEMENTS = chunk
+    previous = select._L1_CHUNK_ELEMENTS
+    select._L1_CHUNK_ELEMENTS = chunk
     try:
-        assert torch.equal(criteria.l1_norm(rows), rows.abs().sum(dim=1))
+        assert torch.equal(select.l1_norm(rows), rows.abs().sum(dim=1))
     finally:
-        criteria._L1_CHUNK_ELEMENTS = previous
+        select._L1_CHUNK_ELEMENTS = previous
 
 
 def _custom(rows: torch.Tensor) -> torch.Tensor:
@@ -118,14 +118,14 @@ def _custom(rows: torch.Tensor) -> torch.Tensor:
 def test_batched_selection_equals_per_group_selection(criterion: object) -> None:
     rows = torch.randn(5, 9, 7, generator=gen(3))
     rows[1, 4] = rows[1, 2]  # a tie
-    batched = criteria.select_kept(rows, 4, criterion)  # type: ignore[arg-type]
+    batched = select.select_kept(rows, 4, criterion)  # type: ignore[arg-type]
     for b in range(5):
-        assert torch.equal(batched[b], criteria.select_kept(rows[b], 4, criterion))  # type: ignore[arg-type]
+        assert torch.equal(batched[b], select.select_kept(rows[b], 4, criterion))  # type: ignore[arg-type]
 
 
 def test_batched_custom_criterion_with_a_wrong_shape_is_a_config_error() -> None:
     with pytest.raises(nm.ConfigError, match=r"expected \(9,\)"):
-        criteria.select_kept(torch.randn(2, 9, 3), 4, lambda rows: rows.sum())
+        select.select_kept(torch.randn(2, 9, 3), 4, lambda rows: rows.sum())
 
 
 def _bn_stats(b: int, n: int, seed: int) -> BNStats:
@@ -189,10 +189,10 @@ def test_flat_kernel_gather_equals_row_slicing(monkeypatch: pytest.MonkeyPatch) 
     model = Repeated(5)
     x = torch.randn(1, 6, 4, 4)
     config = nm.MergeConfig(ratio=0.5, threshold=None, bn_rule="exact")
-    monkeypatch.setattr(surgery, "_FLAT_GATHER_ELEMENTS", 0)
-    monkeypatch.setattr(surgery, "FOLD_BLOCK_ELEMENTS", 100)  # several blocks per layer
+    monkeypatch.setattr(build, "_FLAT_GATHER_ELEMENTS", 0)
+    monkeypatch.setattr(build, "FOLD_BLOCK_ELEMENTS", 100)  # several blocks per layer
     flat = nm.compress(model, x, config)
-    monkeypatch.setattr(surgery, "_FLAT_GATHER_WIDTH", 10**9)
+    monkeypatch.setattr(build, "_FLAT_GATHER_WIDTH", 10**9)
     sliced = nm.compress(model, x, config)
     _plans_equal(flat.plans, sliced.plans)
     _weights_equal(flat.model, sliced.model)

@@ -32,7 +32,7 @@ from neuron_merging.data import (
     resolve_data_dir,
 )
 from neuron_merging.data._safe_pickle import safe_load, safe_loads
-from neuron_merging.errors import ConfigError, DatasetError
+from neuron_merging.core.errors import ConfigError, DatasetError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FMNIST_RAW = SHARED / "FashionMNIST" / "raw"

@@ -10,7 +10,7 @@ import torch.fx
 from torch import nn
 
 from neuron_merging import models
-from neuron_merging.errors import ConfigError
+from neuron_merging.core.errors import ConfigError
 
 VGG_SMALL = [32, 64, "M", 128, 128, "M", 256, 256, 256, "M", 256, 256, 256, "M", 256, 256, 256]
 

@@ -45,7 +45,7 @@ from torch import nn
 import neuron_merging as nm
 from neuron_merging import cli, models
 from neuron_merging.checkpoint import load_model, save_checkpoint
-from neuron_merging.config import MergeConfig
+from neuron_merging.core.config import MergeConfig
 from neuron_merging.data import load_dataset
 from neuron_merging.experiments import compression_config, example_input, run_sweep
 
@@ -447,7 +447,7 @@ def isolated_env(root: Path) -> dict[str, str]:
 _DRIVER = r"""
 import json, os, sys, traceback
 import neuron_merging.cli as cli
-import neuron_merging.api, neuron_merging.checkpoint, neuron_merging.data
+import neuron_merging.core.api, neuron_merging.checkpoint, neuron_merging.data
 import neuron_merging.experiments, neuron_merging.training
 
 jobs, workers = json.load(sys.stdin), int(sys.argv[1])

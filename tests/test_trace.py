@@ -11,8 +11,8 @@ from torch import nn
 
 import neuron_merging as nm
 from _factories import ConvBNNet, FunctionalNet, TinyResNet, Untraceable, mlp
-from neuron_merging import _trace
-from neuron_merging import groups as groups_mod
+from neuron_merging.core import _trace
+from neuron_merging.core import groups as groups_mod
 from neuron_merging.models import create, list_models, model_spec
 
 # ----------------------------------------------------------------------------- models

@@ -2,13 +2,14 @@
 
 The main entry points are :func:`merge` and :func:`prune` (and :func:`compress`
 with a :class:`MergeConfig`). They return a :class:`MergeResult` holding a new,
-physically smaller model and a report of what was done.
+physically smaller model and a report of what was done. The compression core
+lives in :mod:`neuron_merging.core`.
 """
 
-from .api import MergeResult, compress, count_parameters, merge, prune
-from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
-from .criteria import available_criteria, register_criterion
-from .errors import (
+from .core.api import MergeResult, compress, count_parameters, merge, prune
+from .core.build import GroupPlan
+from .core.config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
+from .core.errors import (
     CheckpointError,
     ConfigError,
     DatasetError,
@@ -16,9 +17,9 @@ from .errors import (
     NeuronMergingError,
     OutputError,
 )
-from .groups import MergeGroup, SkippedLayer, find_groups
-from .report import GroupReport, MergeReport
-from .surgery import GroupPlan
+from .core.groups import MergeGroup, SkippedLayer, find_groups
+from .core.report import GroupReport, MergeReport
+from .core.select import available_criteria, register_criterion
 
 __version__ = "0.1.0"
 

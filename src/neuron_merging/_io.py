@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from .errors import OutputError
+from .core.errors import OutputError
 
 
 def _umask() -> int:

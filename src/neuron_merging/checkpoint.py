@@ -30,7 +30,7 @@ from torch import nn
 
 from . import models
 from ._io import atomic_save
-from .errors import CheckpointError, ConfigError
+from .core.errors import CheckpointError, ConfigError
 
 __all__ = [
     "METADATA_KEYS",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._io import ensure_writable_dir
-from .errors import NeuronMergingError
+from .core.errors import NeuronMergingError
 
 PROG = "neuron-merging"
 
@@ -99,7 +99,7 @@ def _model_args(parser: argparse.ArgumentParser, checkpoint_required: bool) -> N
 
 
 def _compression_args(parser: argparse.ArgumentParser) -> None:
-    from .criteria import available_criteria
+    from .core.select import available_criteria
 
     parser.add_argument(
         "--preset",
@@ -122,7 +122,7 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``neuron-merging``."""
     from . import __version__
-    from .criteria import available_criteria
+    from .core.select import available_criteria
     from .experiments import EXPERIMENTS
 
     parser = _Parser(
@@ -218,7 +218,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, str, str, dict[str, Any]]:
     """Load the checkpoint; return (model, arch, dataset, metadata)."""
     from .checkpoint import load_model
     from .data import dataset_info
-    from .errors import ConfigError
+    from .core.errors import ConfigError
 
     model, meta = load_model(args.checkpoint, arch=args.arch)
     arch = meta["arch"]
@@ -307,7 +307,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from .api import compress, count_parameters
+    from .core.api import compress, count_parameters
     from .checkpoint import save_checkpoint
     from .data import load_dataset
     from .experiments import compression_config, current_cfg, example_input

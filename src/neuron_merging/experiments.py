@@ -20,11 +20,11 @@ from torch import nn
 from . import models
 from ._io import atomic_write_text, ensure_writable_dir
 from ._progress import progress
-from .api import compress, count_parameters
-from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
-from .criteria import available_criteria
+from .core.api import compress, count_parameters
+from .core.config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
+from .core.select import available_criteria
 from .data import ArrayDataset
-from .errors import ConfigError, OutputError
+from .core.errors import ConfigError, OutputError
 from .metrics import count_macs
 from .training import EvalResult, evaluate
 

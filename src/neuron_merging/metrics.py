@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .api import count_parameters
+from .core.api import count_parameters
 
 __all__ = ["count_macs", "count_parameters"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_open
-from .criteria import available_criteria
+from .core.select import available_criteria
 
 CSV_FIELDS = (
     "arch",

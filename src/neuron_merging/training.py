@@ -15,7 +15,7 @@ from torch import nn
 from ._progress import progress
 from .checkpoint import save_checkpoint
 from .data import ArrayDataset, iterate_batches, num_batches
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 
 @dataclass(frozen=True)

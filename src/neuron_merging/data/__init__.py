@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, DatasetError
+from ..core.errors import ConfigError, DatasetError
 from ._download import (
     download_dataset,
     download_file,

@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
-from ..errors import DatasetError
+from ..core.errors import DatasetError
 from ._locate import CIFAR_DIRS, canonical_name
 
 ENV_MIRROR = "NEURON_MERGING_MIRROR"

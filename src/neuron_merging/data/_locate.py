@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DatasetError
+from ..core.errors import DatasetError
 
 DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100")
 """Canonical names of the supported datasets."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..core.errors import DatasetError
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..core.errors import DatasetError
 from ._locate import CIFAR_FILES, canonical_name, check_split, dataset_info
 from ._safe_pickle import safe_load
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..core.errors import DatasetError
 from ._locate import FASHION_MNIST_FILES, check_split, find_file
 
 IMAGES_MAGIC = 2051

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ._registry import CfgItem, init_weights, register_model, shape_of, validate_widths
 
 __all__ = ["VGG", "vgg16"]

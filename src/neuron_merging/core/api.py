@@ -19,12 +19,12 @@ from torch import Tensor, nn
 
 from ._copy import ModelTensors, aliasing_copy, check_finite, unshare
 from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
-from .criteria import CriterionFn, select_kept
+from .select import CriterionFn, select_kept
 from .errors import ConfigError, ModelError
 from .groups import MergeGroup, SkippedLayer, _find_groups, resolve_groups
-from .partners import BNStats, Workspace, assign_bn, assign_plain
+from .assign import BNStats, Workspace, assign_bn, assign_plain
 from .report import GroupReport, MergeReport
-from .surgery import GroupPlan, apply_plans
+from .build import GroupPlan, apply_plans
 
 ExampleInputs = Tensor | Sequence[Tensor] | None
 GroupSpec = MergeGroup | tuple[str, str | None, str]
@@ -216,7 +216,7 @@ def compress(
 
     Args:
         model: any module built from ``nn.Linear``/``nn.Conv2d`` producers whose
-            groups can be found by :func:`~neuron_merging.groups.find_groups`.
+            groups can be found by :func:`~neuron_merging.core.groups.find_groups`.
         example_inputs: a tensor or tuple of tensors ``model`` accepts (batch 1 is
             enough); used only for tracing. May be ``None`` when ``groups`` is given.
         config: the compression settings.

@@ -44,7 +44,7 @@ class MergeConfig:
         lam: weight ``λ`` of the cosine distance against the bias distance when
             the producer is followed by batch norm.
         bn_rule: ``"paper"`` reproduces the released code, ``"exact"`` follows the
-            algebra (see :mod:`neuron_merging.partners`).
+            algebra (see :mod:`neuron_merging.core.assign`).
         rounding: how ``n·(1-ratio)`` becomes a neuron count.
         keep: per-layer neuron counts that override ``ratio`` (producer names).
         exclude: producer names left untouched.
@@ -62,7 +62,7 @@ class MergeConfig:
     mode: str = "merge"
 
     def __post_init__(self) -> None:
-        from .criteria import available_criteria
+        from .select import available_criteria
 
         ratio = self.ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
