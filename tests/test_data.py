@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from neuron_merging.core.errors import ConfigError, DatasetError
 from neuron_merging.data import (
     DATASETS,
     ArrayDataset,
@@ -32,7 +33,6 @@ from neuron_merging.data import (
     resolve_data_dir,
 )
 from neuron_merging.data._safe_pickle import safe_load, safe_loads
-from neuron_merging.core.errors import ConfigError, DatasetError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FMNIST_RAW = SHARED / "FashionMNIST" / "raw"

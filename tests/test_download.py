@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from neuron_merging.core.errors import DatasetError
 from neuron_merging.data import (
     download_file,
     fetch_cifar,
@@ -32,7 +33,6 @@ from neuron_merging.data import (
     load_dataset,
 )
 from neuron_merging.data._download import FASHION_MNIST_MD5, extract_tarball
-from neuron_merging.core.errors import DatasetError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FMNIST_RAW = SHARED / "FashionMNIST" / "raw"

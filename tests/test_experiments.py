@@ -20,8 +20,8 @@ import torch
 import neuron_merging as nm
 from neuron_merging import models
 from neuron_merging.core.config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD
-from neuron_merging.data import ArrayDataset, dataset_info
 from neuron_merging.core.errors import ConfigError, OutputError
+from neuron_merging.data import ArrayDataset, dataset_info
 from neuron_merging.experiments import (
     EXPERIMENTS,
     NO_THRESHOLD,

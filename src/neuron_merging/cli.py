@@ -217,8 +217,8 @@ def _default_dataset(arch: str) -> str:
 def _load(args: argparse.Namespace) -> tuple[Any, str, str, dict[str, Any]]:
     """Load the checkpoint; return (model, arch, dataset, metadata)."""
     from .checkpoint import load_model
-    from .data import dataset_info
     from .core.errors import ConfigError
+    from .data import dataset_info
 
     model, meta = load_model(args.checkpoint, arch=args.arch)
     arch = meta["arch"]
@@ -307,8 +307,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from .core.api import compress, count_parameters
     from .checkpoint import save_checkpoint
+    from .core.api import compress, count_parameters
     from .data import load_dataset
     from .experiments import compression_config, current_cfg, example_input
     from .metrics import count_macs

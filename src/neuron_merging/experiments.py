@@ -22,9 +22,9 @@ from ._io import atomic_write_text, ensure_writable_dir
 from ._progress import progress
 from .core.api import compress, count_parameters
 from .core.config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
+from .core.errors import ConfigError, OutputError
 from .core.select import available_criteria
 from .data import ArrayDataset
-from .core.errors import ConfigError, OutputError
 from .metrics import count_macs
 from .training import EvalResult, evaluate
 

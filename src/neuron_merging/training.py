@@ -14,8 +14,8 @@ from torch import nn
 
 from ._progress import progress
 from .checkpoint import save_checkpoint
-from .data import ArrayDataset, iterate_batches, num_batches
 from .core.errors import ConfigError
+from .data import ArrayDataset, iterate_batches, num_batches
 
 
 @dataclass(frozen=True)

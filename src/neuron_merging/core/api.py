@@ -18,13 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from ._copy import ModelTensors, aliasing_copy, check_finite, unshare
+from .assign import BNStats, Workspace, assign_bn, assign_plain
+from .build import GroupPlan, apply_plans
 from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
-from .select import CriterionFn, select_kept
 from .errors import ConfigError, ModelError
 from .groups import MergeGroup, SkippedLayer, _find_groups, resolve_groups
-from .assign import BNStats, Workspace, assign_bn, assign_plain
 from .report import GroupReport, MergeReport
-from .build import GroupPlan, apply_plans
+from .select import CriterionFn, select_kept
 
 ExampleInputs = Tensor | Sequence[Tensor] | None
 GroupSpec = MergeGroup | tuple[str, str | None, str]
