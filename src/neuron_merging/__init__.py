@@ -17,7 +17,7 @@ from .core.errors import (
     NeuronMergingError,
     OutputError,
 )
-from .core.groups import MergeGroup, SkippedLayer, find_groups
+from .core.groups import ChannelGroup, MergeGroup, SkippedLayer, find_groups
 from .core.report import GroupReport, MergeReport
 from .core.select import available_criteria, register_criterion
 
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_LAMBDA",
     "DEFAULT_THRESHOLD",
+    "ChannelGroup",
     "CheckpointError",
     "ConfigError",
     "DatasetError",

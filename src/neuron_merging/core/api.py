@@ -1,9 +1,10 @@
 """The public verbs: :func:`compress`, :func:`merge` and :func:`prune`.
 
-The pipeline is discover (:mod:`.groups`) → select (:mod:`.criteria`) →
-assign (:mod:`.partners`) → apply (:mod:`.surgery`). Every plan is computed
-from the original weights before the copy is modified; the input model is
-never touched.
+One straight way through the pipeline: copy the model, record one forward pass
+(:mod:`.record`), find its channel groups (:mod:`.groups`), select the kept channels
+(:mod:`.select`), assign partners and scales (:mod:`.assign`), then build the smaller
+model once (:mod:`.build`). Every plan is computed from the original weights before
+the copy is modified; the input model is never touched.
 """
 
 from __future__ import annotations
@@ -22,11 +23,23 @@ from .assign import BNStats, Workspace, assign_bn, assign_plain
 from .build import GroupPlan, apply_plans
 from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
 from .errors import ConfigError, ModelError
-from .groups import MergeGroup, SkippedLayer, _find_groups, resolve_groups
+from .groups import (
+    ChannelGroup,
+    MergeGroup,
+    SkippedLayer,
+    groups_from_recording,
+    resolve_groups,
+)
+from .record import (
+    check_recordable,
+    is_conv1d_transposed,
+    materialise_reparametrisations,
+    record,
+)
 from .report import GroupReport, MergeReport
 from .select import CriterionFn, select_kept
 
-ExampleInputs = Tensor | Sequence[Tensor] | None
+ExampleInputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None
 GroupSpec = MergeGroup | tuple[str, str | None, str]
 
 
@@ -50,8 +63,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _weight_rows(layer: nn.Module) -> Tensor:
+    """The layer's weight as ``(out channels, inputs)`` (GPT-2's ``Conv1D`` stores it transposed)."""
+    w = layer.weight.detach()
+    if is_conv1d_transposed(layer):
+        return w.t()
+    return w.reshape(w.shape[0], -1)
+
+
 def _rows(layer: nn.Module, with_bias: bool) -> Tensor:
-    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    w = _weight_rows(layer)
     if with_bias and layer.bias is not None:
         w = torch.cat([w, layer.bias.detach().reshape(-1, 1)], dim=1)
     return w
@@ -69,38 +90,82 @@ def _bn_stats(bn: nn.Module, producer: nn.Module) -> BNStats:
     return BNStats(gamma, beta, mean, bn.running_var.detach(), float(bn.eps))
 
 
+def _effective_rows(group: ChannelGroup, modules: dict[str, nn.Module], rule: str) -> Tensor:
+    """All producers' affine maps, batch norm folded in, side by side: ``(n, Σ width + 1)``.
+
+    For producer ``F`` with batch norm, channel ``c`` computes
+    ``(γ_c/σ_c)·(F_c·x − μ_c) + β_c``, i.e. the row ``[(γ_c/σ_c)·F_c | β_c − γ_c·μ_c/σ_c]``
+    (``σ`` as the BN rule defines it: ``running_var`` for ``paper``, ``sqrt(var + eps)``
+    for ``exact``); without batch norm it is ``[F_c | b_c]``. When every producer's
+    row for ``n`` is ``s`` times its row for ``m``, so is this concatenation, and the
+    plain rule (cosine similarity, norm ratio) recovers ``s`` exactly.
+    """
+    parts = []
+    for name, bn_name in zip(group.producers, group.bns, strict=True):
+        layer = modules[name]
+        w = _weight_rows(layer).to(torch.float64)
+        if bn_name is None:
+            bias = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0])
+            parts += [w, bias.to(torch.float64).reshape(-1, 1)]
+            continue
+        stats = _bn_stats(modules[bn_name], layer)
+        var = stats.var.to(torch.float64)
+        sigma = var if rule == "paper" else torch.sqrt(var + stats.eps)
+        a = stats.gamma.to(torch.float64) / sigma
+        parts += [
+            w * a.unsqueeze(1),
+            (stats.beta - a * stats.mean).to(torch.float64).reshape(-1, 1),
+        ]
+    rows = torch.cat(parts, dim=1)
+    return rows.to(modules[group.producers[0]].weight.dtype)
+
+
+def _selection_rows(group: ChannelGroup, modules: dict[str, nn.Module]) -> Tensor:
+    """Rows the criterion scores: ``[w | b]`` of every producer (no bias when BN follows)."""
+    parts = [
+        _rows(modules[name], with_bias=bn is None)
+        for name, bn in zip(group.producers, group.bns, strict=True)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def _targets(
     config: MergeConfig,
-    groups: list[MergeGroup],
+    groups: list[ChannelGroup],
     skipped: list[SkippedLayer],
     modules: dict[str, nn.Module],
-) -> list[tuple[MergeGroup, int, int]]:
-    """(group, neurons, kept count) for every group that is compressed."""
-    producers = {g.producer: g for g in groups}
+) -> list[tuple[ChannelGroup, int, int]]:
+    """(group, channels, kept count) for every group that is compressed."""
+    names = {g.name: g for g in groups}
+    members = {p: g.name for g in groups for p in g.producers}
     reasons = {s.name: s.reason for s in skipped}
     for name in list(config.keep) + list(config.exclude):
-        if name not in producers:
+        if name not in names:
+            if name in members:
+                raise ConfigError(
+                    f"layer {name!r} belongs to the channel group named {members[name]!r}; "
+                    "use that name"
+                )
             why = f" ({reasons[name]})" if name in reasons else ""
             if name in reasons or name in modules:
                 raise ConfigError(f"layer {name!r} is not a mergeable producer{why}")
             raise ConfigError(
-                f"unknown layer {name!r}; mergeable producers: {', '.join(producers) or 'none'}"
+                f"unknown layer {name!r}; mergeable producers: {', '.join(names) or 'none'}"
             )
     out = []
     for group in groups:
-        if group.producer in config.exclude:
+        if group.name in config.exclude:
             continue
-        layer = modules[group.producer]
-        n = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        if group.producer in config.keep:
-            k = config.keep[group.producer]
+        n = group.channels
+        if group.name in config.keep:
+            k = config.keep[group.name]
             if k > n:
-                raise ConfigError(f"keep[{group.producer!r}] = {k} exceeds its {n} neurons")
+                raise ConfigError(f"keep[{group.name!r}] = {k} exceeds its {n} neurons")
         else:
             k = config.kept_count(n)
             if k < 1:
                 raise ConfigError(
-                    f"ratio {config.ratio} leaves layer {group.producer!r} with 0 of {n} neurons"
+                    f"ratio {config.ratio} leaves layer {group.name!r} with 0 of {n} neurons"
                 )
         out.append((group, n, k))
     return out
@@ -114,17 +179,19 @@ _BATCH_ELEMENTS = 1 << 20
 
 
 def _plan(
-    targets: list[tuple[MergeGroup, int, int]],
+    targets: list[tuple[ChannelGroup, int, int]],
     modules: dict[str, nn.Module],
     config: MergeConfig,
     criterion_fn: CriterionFn | None,
     timings: dict[str, float],
 ) -> list[GroupPlan]:
-    """Select the kept neurons of every target group and assign partners to the rest.
+    """Select the kept channels of every target group and assign partners to the rest.
 
     Groups with the same shape (``n``, ``k``, row width, batch norm or not) are
     processed as one batch; the result is the same, group by group, as planning
-    each alone.
+    each alone. A group with one producer uses the paper's rules (no batch norm, or
+    Algorithm 3 with ``bn_rule``); a group with several producers is assigned on
+    their batch-norm-folded rows side by side (:func:`_effective_rows`).
     """
     buckets: dict[tuple[object, ...], list[int]] = {}
     for i, (group, n, k) in enumerate(targets):
@@ -134,17 +201,17 @@ def _plan(
         width = producer.weight[0].numel() + int(with_bias)
         dtypes = (producer.weight.dtype, producer.bias.dtype if with_bias else None)
         eps = float(bn.eps) if bn is not None else None
-        key = (n, k, width, dtypes, bn is None, eps) if n * width <= _BATCH_ELEMENTS else (i,)
+        batchable = len(group.producers) == 1 and n * width <= _BATCH_ELEMENTS
+        merges = config.mode == "merge" and group.mergeable
+        key = (n, k, width, dtypes, bn is None, eps, merges) if batchable else (i,)
         buckets.setdefault(key, []).append(i)
     plans: list[GroupPlan | None] = [None] * len(targets)
     workspace = Workspace()
     for members in buckets.values():
-        _, n, k = targets[members[0]]
-        # [w | b] rows (a copy when a bias is appended) only for this bucket, so the
-        # copies of every producer are never held at once.
-        producers = [modules[targets[i][0].producer] for i in members]
-        bns = [modules[name] if (name := targets[i][0].bn) else None for i in members]
-        batch = [_rows(prod, with_bias=bn is None) for prod, bn in zip(producers, bns, strict=True)]
+        first, n, k = targets[members[0]]
+        # Rows (a copy when a bias is appended) only for this bucket, so the copies of
+        # every producer are never held at once.
+        batch = [_selection_rows(targets[i][0], modules) for i in members]
         rows = batch[0].unsqueeze(0) if len(batch) == 1 else torch.stack(batch)
         del batch
         b = len(members)
@@ -159,15 +226,21 @@ def _plan(
             pruned = mask.nonzero()[:, 1].view(b, n - k)
         timings["select"] += time.perf_counter() - t0
         p = n - k
-        if config.mode == "prune" or p == 0:
+        if config.mode == "prune" or p == 0 or not first.mergeable:
             partner = torch.full((b, p), -1, dtype=torch.long)
             scale, similarity = torch.zeros(b, p), torch.zeros(b, p)
         else:
-            if bns[0] is None:
+            if len(first.producers) > 1:
+                effective = _effective_rows(first, modules, config.bn_rule).unsqueeze(0)
+                assignment = assign_plain(effective, kept, pruned, config.threshold, workspace)
+            elif first.bn is None:
                 assignment = assign_plain(rows, kept, pruned, config.threshold, workspace)
             else:
                 stats = _stack_stats(
-                    [_bn_stats(bn, prod) for prod, bn in zip(producers, bns, strict=True)]  # type: ignore[arg-type]
+                    [
+                        _bn_stats(modules[targets[i][0].bn], modules[targets[i][0].producer])  # type: ignore[index]
+                        for i in members
+                    ]
                 )
                 assignment = assign_bn(
                     rows,
@@ -215,12 +288,14 @@ def compress(
     """Prune (``config.mode="prune"``) or merge (``"merge"``) ``model`` without data.
 
     Args:
-        model: any module built from ``nn.Linear``/``nn.Conv2d`` producers whose
-            groups can be found by :func:`~neuron_merging.core.groups.find_groups`.
-        example_inputs: a tensor or tuple of tensors ``model`` accepts (batch 1 is
-            enough); used only for tracing. May be ``None`` when ``groups`` is given.
+        model: any module that runs on ``example_inputs``; its channel groups are
+            found by :func:`~neuron_merging.core.groups.find_groups`.
+        example_inputs: a tensor, a tuple of tensors or a mapping of keyword inputs
+            that ``model`` accepts (batch 1 is enough); the model runs once on them.
+            May be ``None`` when ``groups`` is given: those are then unchecked.
         config: the compression settings.
-        groups: explicit merge groups, for models ``torch.fx`` cannot trace.
+        groups: explicit simple groups; validated against the recorded forward pass
+            when ``example_inputs`` are given.
         criterion_fn: a custom criterion overriding ``config.criterion``.
 
     Returns:
@@ -236,10 +311,12 @@ def compress(
     }
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_recordable(model)
     tensors = ModelTensors.of(model)
     check_finite(model, tensors)
     t0 = time.perf_counter()
     work = aliasing_copy(model, tensors)
+    notes = materialise_reparametrisations(work)
     modules = dict(work.named_modules())
     training = [m for m in modules.values() if m.training]
     if training:
@@ -247,12 +324,17 @@ def compress(
     timings["rebuild"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if groups is not None:
+    if example_inputs is None:
+        if groups is None:
+            raise ConfigError("example_inputs are required to analyse the model (or pass groups=)")
         found, skipped = resolve_groups(work, groups), []
     else:
-        if example_inputs is None:
-            raise ConfigError("example_inputs are required to trace the model (or pass groups=)")
-        found, skipped = _find_groups(work, example_inputs, modules)
+        recording = record(work, example_inputs, modules)
+        found, skipped = groups_from_recording(recording, config.coupled)
+        if groups is not None:
+            simple = found if not config.coupled else groups_from_recording(recording, False)[0]
+            found = resolve_groups(work, groups, (simple, skipped))
+            skipped = []
     timings["trace"] = time.perf_counter() - t0
     targets = _targets(config, found, skipped, modules)
 
@@ -273,31 +355,18 @@ def compress(
     timings["rebuild"] += time.perf_counter() - t0
     timings["total"] = sum(timings.values())
 
-    group_reports = [
-        GroupReport(
-            p.group.producer,
-            p.group.bn,
-            p.group.consumer,
-            p.kept.numel() + p.pruned.numel(),
-            p.kept.numel(),
-            p.pruned.numel(),
-            p.merged,
-        )
-        for p in plans
-    ]
     excluded = [
-        SkippedLayer(g.producer, "excluded by the user")
-        for g in found
-        if g.producer in config.exclude
+        SkippedLayer(g.name, "excluded by the user") for g in found if g.name in config.exclude
     ]
     report = MergeReport(
         mode=config.mode,
         config=config.to_dict(),
-        groups=group_reports,
+        groups=[GroupReport.of(p, config.mode) for p in plans],
         skipped=skipped + excluded,
         params_before=tensors.parameter_count(),
         params_after=result_tensors.parameter_count(),
         timings=timings,
+        notes=notes,
     )
     return MergeResult(work, report, plans)
 
@@ -324,6 +393,7 @@ def merge(
     rounding: str = "round",
     keep: Mapping[str, int] | None = None,
     exclude: Sequence[str] | None = None,
+    coupled: bool = False,
     groups: Sequence[GroupSpec] | None = None,
     config: MergeConfig | None = None,
 ) -> MergeResult:
@@ -355,7 +425,8 @@ def merge(
         bn_rule=bn_rule,
         rounding=rounding,
         keep=dict(keep or {}),
-        exclude=tuple(exclude or ()),
+        exclude=_names(exclude),
+        coupled=coupled,
     )
     return compress(model, example_inputs, cfg, groups=groups, criterion_fn=fn)
 
@@ -369,6 +440,7 @@ def prune(
     rounding: str = "round",
     keep: Mapping[str, int] | None = None,
     exclude: Sequence[str] | None = None,
+    coupled: bool = False,
     groups: Sequence[GroupSpec] | None = None,
     config: MergeConfig | None = None,
 ) -> MergeResult:
@@ -392,6 +464,14 @@ def prune(
         ratio=ratio,
         rounding=rounding,
         keep=dict(keep or {}),
-        exclude=tuple(exclude or ()),
+        exclude=_names(exclude),
+        coupled=coupled,
     )
     return compress(model, example_inputs, cfg, groups=groups, criterion_fn=fn)
+
+
+def _names(exclude: Sequence[str] | None) -> Sequence[str]:
+    """``exclude`` as given; a single string is left for :class:`MergeConfig` to refuse."""
+    if exclude is None:
+        return ()
+    return exclude if isinstance(exclude, str) else tuple(exclude)

@@ -1,8 +1,10 @@
-"""Surgery: turn plans into a physically smaller model.
+"""Build: turn plans into a physically smaller model.
 
-Given, for every merge group, the kept neurons and the (partner, scale) of every
-pruned one, this module slices the producer and its batch norm and folds the
-pruned neurons into the consumer's input dimension::
+Given, for every channel group, the kept channels and the (partner, scale) of every
+pruned one, this module slices every producer and its batch norm (and the layers
+in between with per-channel weights: depthwise convolutions, batch norms) and
+folds the pruned channels into every consumer's input dimension, at the group's
+offset in that consumer's input::
 
     W_next'[:, m] = W_next[:, m] + Σ_{n → m} s_n · W_next[:, n]
 
@@ -10,8 +12,8 @@ Every plan is computed from the original weights before any module changes, so
 a layer that consumes one group and produces the next is sliced on both axes
 from its unmodified weight. Modules are shrunk in place on the caller's copy:
 they keep their type (and any subclass behaviour), and ``in_features``,
-``out_features``, ``in_channels``, ``out_channels`` and ``num_features`` are
-updated.
+``out_features``, ``in_channels``, ``out_channels``, ``groups``, ``nf`` and
+``num_features`` are updated.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_impl
 
-from .groups import MergeGroup
+from .groups import ChannelGroup
+from .record import is_conv1d_transposed
 
 #: Consumer weights are folded in blocks of rows of at most this many elements
 #: (small enough to stay in cache; also bounds the temporary scaled copies).
@@ -38,10 +41,10 @@ _FLAT_GATHER_ELEMENTS = 1 << 17
 
 @dataclass
 class GroupPlan:
-    """What happens to one merge group.
+    """What happens to one channel group.
 
     Attributes:
-        group: the producer → consumer chain.
+        group: the channel group.
         kept: ascending indices of the producer's kept neurons.
         pruned: ascending indices of its removed neurons.
         partner: for each pruned neuron, its partner's position in ``kept``
@@ -51,7 +54,7 @@ class GroupPlan:
         similarity: cosine similarity of each pruned neuron to its candidate.
     """
 
-    group: MergeGroup
+    group: ChannelGroup
     kept: Tensor
     pruned: Tensor
     partner: Tensor
@@ -185,6 +188,121 @@ def _replace(module: nn.Module, name: str, value: Tensor | None, direct: bool) -
         setattr(module, name, value.contiguous())
 
 
+def _fold_segment(blocks: Tensor, plan: GroupPlan) -> Tensor:
+    """``(out, n, K)`` consumer columns of one group → ``(out, k, K)``, pruned ones folded in."""
+    folded = blocks.index_select(1, plan.kept)
+    merged = plan.partner >= 0
+    if bool(merged.any()):
+        scales = plan.scale[merged].to(blocks.dtype).view(1, -1, 1)
+        moved = blocks.index_select(1, plan.pruned[merged]) * scales
+        folded.index_add_(1, plan.partner[merged], moved)
+    return folded
+
+
+def _drop_overflowing(folded: Tensor, plan: GroupPlan) -> bool:
+    """Mark merges into partners whose folded columns are not finite as dropped."""
+    if _all_finite(folded):
+        return False
+    bad = ~torch.isfinite(folded).reshape(folded.shape[0], folded.shape[1], -1).all(dim=2).all(
+        dim=0
+    )
+    drop = (plan.partner >= 0) & bad[plan.partner.clamp_min(0)]
+    plan.partner[drop] = -1
+    plan.scale[drop] = 0.0
+    return bool(drop.any())
+
+
+def fold_segments(
+    weight: Tensor,
+    segments: list[tuple[int, GroupPlan, int]],
+    rows: Tensor | None = None,
+) -> Tensor:
+    """The consumer weight with each group's columns folded at its offset.
+
+    ``weight`` is ``(out, C·f)`` for a linear layer or ``(out, C, *kernel)`` for a
+    convolution; ``segments`` are ``(channel offset, plan, features per channel)``;
+    channels outside every segment are kept as they are. ``rows`` selects output
+    rows first (the layer also produces a group). A group whose folded columns
+    would overflow to Inf/NaN drops the merges concerned (``plan`` is updated).
+    """
+    linear = weight.dim() == 2
+    f = segments[0][2] if linear else 1
+    source = weight.detach() if rows is None else torch.index_select(weight.detach(), 0, rows)
+    channels = source.shape[1] // f if linear else source.shape[1]
+    blocks = source.reshape(source.shape[0], channels, -1)
+    pieces: list[Tensor] = []
+    cursor = 0
+    for offset, plan, _ in sorted(segments, key=lambda item: item[0]):
+        n = plan.kept.numel() + plan.pruned.numel()
+        if offset > cursor:
+            pieces.append(blocks[:, cursor:offset])
+        part = _fold_segment(blocks[:, offset : offset + n], plan)
+        if _drop_overflowing(part, plan):
+            part = _fold_segment(blocks[:, offset : offset + n], plan)
+        pieces.append(part)
+        cursor = offset + n
+    if cursor < channels:
+        pieces.append(blocks[:, cursor:])
+    folded = torch.cat(pieces, dim=1)
+    if linear:
+        return folded.reshape(folded.shape[0], -1)
+    return folded.reshape(folded.shape[0], folded.shape[1], *weight.shape[2:])
+
+
+def _full_index(channels: int, segments: list[tuple[int, Tensor, int]]) -> Tensor:
+    """Kept channel indices of a layer sliced by several groups at their offsets."""
+    keep = torch.ones(channels, dtype=torch.bool)
+    for offset, kept, n in segments:
+        part = torch.zeros(n, dtype=torch.bool)
+        part[kept] = True
+        keep[offset : offset + n] = part
+    return keep.nonzero().flatten()
+
+
+def _slice_bn(bn: nn.Module, index: Tensor, direct: bool) -> None:
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        if attr in bn._parameters:
+            value = bn._parameters[attr]
+        elif attr in bn._buffers:
+            value = bn._buffers[attr]
+        else:
+            value = getattr(bn, attr, None)
+        if value is not None:
+            _replace(bn, attr, torch.index_select(value.detach(), 0, index), direct)
+    bn.num_features = index.numel()
+
+
+def _new_weights(
+    modules: dict[str, nn.Module],
+    rows: dict[str, Tensor],
+    cols: dict[str, list[tuple[int, GroupPlan, int]]],
+) -> dict[str, Tensor]:
+    """The new weight of every producer and consumer."""
+    new_weights: dict[str, Tensor] = {}
+    for name in set(rows) | set(cols):
+        layer = modules[name]
+        transposed = is_conv1d_transposed(layer)
+        weight = layer.weight.detach()
+        if transposed:
+            weight = weight.t()
+        segments = cols.get(name)
+        if segments is None:
+            weight = torch.index_select(weight, 0, rows[name])
+        elif (
+            len(segments) == 1
+            and segments[0][0] == 0
+            and (segments[0][1].kept.numel() + segments[0][1].pruned.numel())
+            * (segments[0][2] if weight.dim() == 2 else 1)
+            == weight.shape[1]
+        ):
+            _, plan, f = segments[0]
+            weight = fold_columns(weight, plan, f, rows.get(name))
+        else:
+            weight = fold_segments(weight, segments, rows.get(name))
+        new_weights[name] = weight.t() if transposed else weight
+    return new_weights
+
+
 def apply_plans(
     model: nn.Module,
     plans: Sequence[GroupPlan],
@@ -198,22 +316,26 @@ def apply_plans(
         modules = dict(model.named_modules())
     plans = [plan for plan in plans if plan.pruned.numel() > 0]  # the rest change nothing
     rows: dict[str, Tensor] = {}
-    cols: dict[str, GroupPlan] = {}
+    cols: dict[str, list[tuple[int, GroupPlan, int]]] = {}
+    slices: dict[str, list[tuple[int, Tensor, int]]] = {}
+    bns: dict[str, Tensor] = {}
     for plan in plans:
-        rows[plan.group.producer] = plan.kept
-        cols[plan.group.consumer] = plan
+        group = plan.group
+        for producer, bn in zip(group.producers, group.bns, strict=True):
+            rows[producer] = plan.kept
+            if bn is not None:
+                bns[bn] = plan.kept
+        for name, offset in zip(group.passthrough, group.passthrough_offsets, strict=True):
+            slices.setdefault(name, []).append((offset, plan.kept, group.channels))
+        for name, offset, f in zip(
+            group.consumers, group.consumer_offsets, group.features, strict=True
+        ):
+            cols.setdefault(name, []).append((offset, plan, f))
     with torch.no_grad():
-        new_weights: dict[str, Tensor] = {}
-        for name in set(rows) | set(cols):
-            weight = modules[name].weight.detach()
-            if name in cols:
-                group = cols[name].group
-                weight = fold_columns(
-                    weight, cols[name], group.features_per_channel or 1, rows.get(name)
-                )
-            else:
-                weight = torch.index_select(weight, 0, rows[name])
-            new_weights[name] = weight
+        before = [plan.merged for plan in plans]
+        new_weights = _new_weights(modules, rows, cols)
+        if [plan.merged for plan in plans] != before:  # overflow dropped merges: fold again
+            new_weights = _new_weights(modules, rows, cols)
         direct = not _registration_hooks()
         for name, weight in new_weights.items():
             layer = modules[name]
@@ -224,19 +346,23 @@ def apply_plans(
                 )
             if isinstance(layer, nn.Linear):
                 layer.out_features, layer.in_features = weight.shape[0], weight.shape[1]
+            elif is_conv1d_transposed(layer):
+                layer.nf = weight.shape[1]
             else:
                 layer.out_channels, layer.in_channels = weight.shape[0], weight.shape[1]
-        for plan in plans:
-            if plan.group.bn is None:
-                continue
-            bn = modules[plan.group.bn]
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                if attr in bn._parameters:
-                    value = bn._parameters[attr]
-                elif attr in bn._buffers:
-                    value = bn._buffers[attr]
-                else:
-                    value = getattr(bn, attr, None)
-                if value is not None:
-                    _replace(bn, attr, torch.index_select(value.detach(), 0, plan.kept), direct)
-            bn.num_features = plan.kept.numel()
+        for name, kept in bns.items():
+            _slice_bn(modules[name], kept, direct)
+        for name, segments in slices.items():
+            layer = modules[name]
+            if isinstance(layer, (nn.Conv1d, nn.Conv2d)):  # depthwise: one filter per channel
+                index = _full_index(layer.out_channels, segments)
+                _replace(
+                    layer, "weight", torch.index_select(layer.weight.detach(), 0, index), direct
+                )
+                if layer.bias is not None:
+                    _replace(
+                        layer, "bias", torch.index_select(layer.bias.detach(), 0, index), direct
+                    )
+                layer.in_channels = layer.out_channels = layer.groups = index.numel()
+            else:
+                _slice_bn(layer, _full_index(layer.num_features, segments), direct)

@@ -49,6 +49,8 @@ class MergeConfig:
         keep: per-layer neuron counts that override ``ratio`` (producer names).
         exclude: producer names left untouched.
         mode: ``"merge"`` compensates pruned neurons, ``"prune"`` only drops them.
+        coupled: also compress coupled channel groups (residual streams, concats,
+            channels read by several layers), each with one plan for all its layers.
     """
 
     ratio: float = 0.5
@@ -60,6 +62,7 @@ class MergeConfig:
     keep: Mapping[str, int] = field(default_factory=dict)
     exclude: Sequence[str] = ()
     mode: str = "merge"
+    coupled: bool = False
 
     def __post_init__(self) -> None:
         from .select import available_criteria
@@ -92,6 +95,8 @@ class MergeConfig:
         for name, count in self.keep.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ConfigError(f"keep[{name!r}] must be a positive integer, got {count!r}")
+        if not isinstance(self.coupled, bool):
+            raise ConfigError(f"coupled must be True or False, got {self.coupled!r}")
         if isinstance(self.exclude, str):
             raise ConfigError("exclude must be a list of layer names, not a single string")
         object.__setattr__(self, "keep", dict(self.keep))

@@ -1,85 +1,140 @@
-"""Discovery: find every merge group in a model.
+"""Channel groups: the sets of channels that must be removed together.
 
-A *merge group* is a producer (``nn.Linear`` or ``nn.Conv2d``, optionally
-followed by batch norm), then only channel-wise, positively homogeneous
-operations, then exactly one consumer (``nn.Linear`` or ``nn.Conv2d``). Merging
-pruned neurons of the producer into kept ones and folding the scales into the
-consumer is exact for positive multiples because ``f(s·z) = s·f(z)`` for every
-operation in between.
+A *channel group* is made of one or more **producers** (``nn.Linear``, ``nn.Conv1d``,
+``nn.Conv2d``, GPT-2's ``Conv1D``), each optionally followed by batch norm, then only
+channel-wise operations (each output channel depends on the same input channel
+only), then one or more **consumers** whose input channels are those channels. It is
+found in the dataflow of one real forward pass (:mod:`.record`) by propagating, for
+every value, which group each of its channels belongs to:
 
-Groups are found in the dataflow graph of the model's ``forward``, recorded by
-the light tracer of :mod:`._trace` (or by :mod:`torch.fx` when that tracer
-cannot follow the code). Example inputs give the tensor shapes needed to check
-that a flatten keeps each channel's features contiguous; they are computed on
-the ``meta`` device, without arithmetic, and only when a decision needs them. A
-producer whose output reaches anything else (a residual add, a concat, a second
-consumer, the model output) is left intact and reported. Models that cannot be
-traced can name their groups explicitly.
+* a producer starts a group of its output channels;
+* element-wise activations, per-channel batch norm, depthwise convolution (its filters
+  are sliced too), pooling, dropout, flatten and permutations carry channels through;
+* a residual add (or an element-wise product, as in gated units) joins the groups of
+  its operands into one, and a concat lays its inputs' groups side by side, so that
+  consumers of the result absorb each group at its own offset;
+* anything else — an operation not on the allow-list, the model output, hook code,
+  a parameter read outside its layer, a layer called twice — ends the group, with a
+  reason that names the operation.
+
+**Pruning** a group needs only channel-wise operations. **Merging** (the paper's
+compensation) also needs every operation after the producers' batch norms to be
+positively homogeneous and the same on every channel, ``f(s·z) = s·f(z)`` for
+``s > 0``: ReLU, LeakyReLU, max/avg pooling, dropout in eval mode, identity, flatten,
+residual adds, concats and scalar multiples. Groups through GELU, SiLU, ReLU6,
+sigmoid, depthwise convolutions or a batch norm that does not directly follow a
+producer are pruned but not merged, and say why.
+
+Groups that join a residual add, a concat, or feed several consumers are *coupled*;
+they are used only with ``coupled=True``. A group is named by its first producer in
+execution order; ``keep=`` and ``exclude=`` use that name.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from . import _trace
 from .errors import ModelError
+from .record import Op, Recording, Value, func_name, is_conv1d_transposed, record
 
-_PRODUCERS = (nn.Linear, nn.Conv2d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
-_POOL_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-)
-_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.dropout, torch.nn.functional.relu_}
-_POOL_FUNCTIONS = {
-    F.max_pool1d,
-    F.max_pool2d,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "contiguous", "clone"}
-_RESHAPE_METHODS = {"view", "reshape", "flatten"}
-_METADATA_METHODS = {"size", "dim"}
 
 
 @dataclass(frozen=True)
 class MergeGroup:
-    """One producer → (batch norm) → channel-wise ops → consumer chain.
+    """An explicitly named simple group: one producer → (batch norm) → one consumer.
 
     Attributes:
-        producer: qualified name of the ``nn.Linear``/``nn.Conv2d`` whose output
-            neurons are pruned and merged.
+        producer: qualified name of the layer whose output neurons are pruned.
         consumer: qualified name of the layer whose input dimension absorbs them.
         bn: qualified name of the batch norm right after the producer, if any.
         features_per_channel: how many consecutive consumer input features each
-            producer channel owns (``H·W`` when a flatten sits between a conv and
-            a Linear, otherwise 1). ``None`` lets :func:`resolve_groups` infer it.
+            producer channel owns (``H·W`` after a flatten); ``None`` infers it.
     """
 
     producer: str
     consumer: str
     bn: str | None = None
     features_per_channel: int | None = None
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One channel group, as found by :func:`find_groups`.
+
+    Attributes:
+        producers: qualified names of the layers writing these channels.
+        bns: for each producer, the batch norm directly after it (or ``None``).
+        consumers: qualified names of the layers reading these channels.
+        channels: number of channels ``n``.
+        mergeable: whether pruned channels can be merged (compensated) exactly
+            when they are positive multiples of kept ones; else they are only pruned.
+        reason: why the group is not mergeable (``None`` when it is).
+        passthrough: layers in between whose per-channel weights are sliced too
+            (depthwise convolutions, batch norms that do not follow a producer).
+        coupled: whether the group joins a residual add, a concat or several consumers.
+        consumer_offsets: for each consumer, the offset of these channels in its input.
+        features: for each consumer, its input features per channel (``H·W`` after
+            a flatten, else 1).
+        passthrough_offsets: for each pass-through layer, the offset of these channels.
+        checked: ``False`` for explicit groups accepted without example inputs.
+    """
+
+    producers: tuple[str, ...]
+    bns: tuple[str | None, ...]
+    consumers: tuple[str, ...]
+    channels: int
+    mergeable: bool = True
+    reason: str | None = None
+    passthrough: tuple[str, ...] = ()
+    coupled: bool = False
+    consumer_offsets: tuple[int, ...] = ()
+    features: tuple[int, ...] = ()
+    passthrough_offsets: tuple[int, ...] = ()
+    checked: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.consumer_offsets:
+            object.__setattr__(self, "consumer_offsets", (0,) * len(self.consumers))
+        if not self.features:
+            object.__setattr__(self, "features", (1,) * len(self.consumers))
+        if not self.passthrough_offsets:
+            object.__setattr__(self, "passthrough_offsets", (0,) * len(self.passthrough))
+
+    @property
+    def name(self) -> str:
+        """The group's name: its first producer."""
+        return self.producers[0]
+
+    @property
+    def producer(self) -> str:
+        """The first producer (the only one in a simple group)."""
+        return self.producers[0]
+
+    @property
+    def bn(self) -> str | None:
+        """The first producer's batch norm."""
+        return self.bns[0]
+
+    @property
+    def consumer(self) -> str:
+        """The first consumer (the only one in a simple group)."""
+        return self.consumers[0]
+
+    @property
+    def simple(self) -> bool:
+        """One producer and one consumer at offset 0, nothing sliced in between."""
+        return (
+            len(self.producers) == 1
+            and len(self.consumers) == 1
+            and not self.passthrough
+            and self.consumer_offsets == (0,)
+        )
 
 
 @dataclass(frozen=True)
@@ -90,294 +145,879 @@ class SkippedLayer:
     reason: str
 
 
-class _FxTracer(fx.Tracer):
-    """An fx tracer that also traces through modules created inside ``forward``."""
+# ---------------------------------------------------------------- operation tables
 
-    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        try:
-            self.path_of_module(m)
-        except NameError:
-            return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+#: Element-wise operations that commute with positive scaling and act alike on every channel.
+_HOMOGENEOUS = frozenset(
+    {
+        "relu",
+        "relu_",
+        "leaky_relu",
+        "leaky_relu_",
+        "rrelu",
+        "dropout",
+        "dropout_",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "feature_dropout",
+        "alpha_dropout",
+        "contiguous",
+        "clone",
+        "detach",
+        "neg",
+        "negative",
+        "__neg__",
+        "positive",
+        "__pos__",
+        "to",
+        "float",
+        "double",
+        "half",
+        "bfloat16",
+        "type_as",
+    }
+)
+#: Element-wise operations that act on each channel alone but do not commute with scaling.
+_CHANNELWISE = {
+    "gelu": "GELU",
+    "silu": "SiLU",
+    "silu_": "SiLU",
+    "mish": "Mish",
+    "sigmoid": "Sigmoid",
+    "sigmoid_": "Sigmoid",
+    "tanh": "Tanh",
+    "tanh_": "Tanh",
+    "hardtanh": "Hardtanh",
+    "hardtanh_": "Hardtanh",
+    "relu6": "ReLU6",
+    "hardswish": "Hardswish",
+    "hardswish_": "Hardswish",
+    "hardsigmoid": "Hardsigmoid",
+    "hardsigmoid_": "Hardsigmoid",
+    "elu": "ELU",
+    "elu_": "ELU",
+    "selu": "SELU",
+    "celu": "CELU",
+    "softplus": "Softplus",
+    "softsign": "Softsign",
+    "logsigmoid": "LogSigmoid",
+    "tanhshrink": "Tanhshrink",
+    "softshrink": "Softshrink",
+    "hardshrink": "Hardshrink",
+    "threshold": "Threshold",
+    "exp": "exp",
+    "log": "log",
+    "sqrt": "sqrt",
+    "rsqrt": "rsqrt",
+    "abs": "abs",
+    "square": "square",
+    "erf": "erf",
+    "sin": "sin",
+    "cos": "cos",
+    "reciprocal": "reciprocal",
+    "clamp": "clamp",
+    "clamp_": "clamp",
+    "clip": "clamp",
+    "clamp_min": "clamp",
+    "clamp_max": "clamp",
+    "pow": "pow",
+    "__pow__": "pow",
+}
+_ADD = frozenset(
+    {
+        "add",
+        "__add__",
+        "__radd__",
+        "add_",
+        "__iadd__",
+        "sub",
+        "__sub__",
+        "sub_",
+        "__isub__",
+        "subtract",
+    }
+)
+_MUL = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__", "multiply"})
+_DIV = frozenset({"div", "__truediv__", "div_", "__itruediv__", "true_divide", "divide"})
+_RDIV_RSUB = frozenset({"__rtruediv__", "__rsub__", "rsub", "__rdiv__"})
+_POOLS = {
+    "max_pool1d": 1,
+    "max_pool2d": 2,
+    "max_pool3d": 3,
+    "max_pool1d_with_indices": 1,
+    "max_pool2d_with_indices": 2,
+    "avg_pool1d": 1,
+    "avg_pool2d": 2,
+    "avg_pool3d": 3,
+    "adaptive_avg_pool1d": 1,
+    "adaptive_avg_pool2d": 2,
+    "adaptive_avg_pool3d": 3,
+    "adaptive_max_pool1d": 1,
+    "adaptive_max_pool2d": 2,
+    "adaptive_max_pool3d": 3,
+    "adaptive_max_pool1d_with_indices": 1,
+    "adaptive_max_pool2d_with_indices": 2,
+}
+_REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "nanmean", "nansum"})
+_RESHAPES = frozenset(
+    {
+        "view",
+        "reshape",
+        "flatten",
+        "squeeze",
+        "unsqueeze",
+        "unflatten",
+        "view_as",
+        "reshape_as",
+        "squeeze_",
+        "unsqueeze_",
+    }
+)
+_PERMUTES = frozenset(
+    {"permute", "transpose", "swapaxes", "swapdims", "t", ".T", ".mT", "transpose_", "t_"}
+)
 
 
-def _symbolic_trace(
-    model: nn.Module, num_inputs: int, modules: dict[str, nn.Module]
-) -> _trace.Graph:
-    """The dataflow graph of ``model``: the light tracer, else ``torch.fx``."""
-    try:
-        return _trace.trace(model, num_inputs, modules)
-    except Exception:  # anything the light tracer cannot follow: torch.fx may
-        pass
-    try:
-        return _trace.from_fx(_FxTracer().trace(model))
-    except Exception as exc:  # fx raises many unrelated exception types
-        raise ModelError(
-            f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else exc!r}); pass the merge groups "
-            "explicitly, e.g. groups=[nm.MergeGroup(producer='fc1', bn=None, consumer='fc2')]"
-        ) from exc
+def _display(op: Op, fallback: str) -> str:
+    """The operation's type as a user knows it: its activation module's class, else ``fallback``.
+
+    An operation run directly by a module without submodules (``nn.ReLU6``,
+    ``GELUActivation``) is named by that module's class.
+    """
+    return op.owner_type if getattr(op, "small_owner", False) else fallback
 
 
-def _run_failed(model: nn.Module, exc: Exception) -> ModelError:
-    return ModelError(
-        f"running {type(model).__name__} on the example inputs failed "
-        f"({type(exc).__name__}: {exc}); check their shapes and dtypes"
-    )
+# ---------------------------------------------------------------- channel spaces
 
 
-def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """Symbolically trace ``model`` with ``torch.fx`` and annotate every node with its shape."""
-    graph = _FxTracer().trace(model)
-    gm = fx.GraphModule(model, graph)
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as exc:  # the user's forward may raise anything
-        raise _run_failed(model, exc) from exc
-    return gm
+@dataclass(eq=False)
+class _Space:
+    """Union-find node: a set of ``n`` channels that are pruned together."""
+
+    n: int
+    order: int
+    parent: _Space | None = None
+    producers: list[str] = field(default_factory=list)
+    bns: dict[str, str] = field(default_factory=dict)
+    consumers: list[tuple[str, int, int]] = field(default_factory=list)  # name, offset, features
+    passthrough: list[tuple[str, int]] = field(default_factory=list)
+    broken: str | None = None
+    nonhomogeneous: str | None = None
+    coupled: list[str] = field(default_factory=list)
+    modules_seen: set[str] = field(default_factory=set)
+
+    def root(self) -> _Space:
+        node = self
+        while node.parent is not None:
+            node = node.parent
+        if node is not self:
+            self.parent = node
+        return node
 
 
-class _Shapes:
-    """Tensor shapes of graph nodes, computed on first request by one run of the graph.
+def _union(a: _Space, b: _Space, why: str | None) -> _Space:
+    ra, rb = a.root(), b.root()
+    if ra is rb:
+        return ra
+    if rb.order < ra.order:
+        ra, rb = rb, ra
+    rb.parent = ra
+    ra.producers += rb.producers
+    ra.bns.update(rb.bns)
+    ra.consumers += rb.consumers
+    ra.passthrough += rb.passthrough
+    ra.broken = ra.broken or rb.broken
+    ra.nonhomogeneous = ra.nonhomogeneous or rb.nonhomogeneous
+    ra.coupled += rb.coupled
+    ra.modules_seen |= rb.modules_seen
+    if why and why not in ra.coupled:
+        ra.coupled.append(why)
+    return ra
 
-    Most merge groups (conv → conv, linear → linear) are decided from module
-    types alone; shapes are computed only when a reshape or a conv → linear
-    boundary needs them. The graph is first run on ``meta`` tensors (shapes
-    only, no arithmetic); if some operation has no meta implementation, it is
-    run once on the real example inputs.
+
+@dataclass(frozen=True)
+class _Info:
+    """Which groups a value's channels belong to.
+
+    ``segments`` lay the channel axis out as consecutive blocks, each a whole group
+    (``_Space``) or ``None`` for channels that cannot be pruned; ``axis`` is the
+    channel dimension and ``block`` how many consecutive elements of it each channel
+    owns (``H·W`` after a channel-major flatten).
     """
 
-    def __init__(self, model: nn.Module, graph: _trace.Graph, inputs: Sequence[Any]) -> None:
-        self._model, self._graph, self._inputs = model, graph, inputs
-        self._shapes: dict[_trace.Node, tuple[int, ...]] | None = None
+    segments: tuple[tuple[_Space | None, int], ...]
+    axis: int
+    block: int = 1
 
-    def __call__(self, node: _trace.Node) -> tuple[int, ...] | None:
-        if self._shapes is None:
-            with torch.no_grad():
-                try:
-                    self._shapes = _trace.run(self._model, self._graph, self._inputs, meta=True)
-                except Exception:  # no meta kernel, data-dependent code, ...: run for real
-                    try:
-                        self._shapes = _trace.run(
-                            self._model, self._graph, self._inputs, meta=False
-                        )
-                    except Exception as exc:  # the user's forward may raise anything
-                        raise _run_failed(self._model, exc) from exc
-        return self._shapes.get(node)
+    @property
+    def width(self) -> int:
+        return sum(length for _, length in self.segments)
+
+    def spaces(self) -> list[_Space]:
+        return [s.root() for s, _ in self.segments if s is not None]
+
+    def single(self) -> bool:
+        return len(self.segments) == 1
 
 
-def _is_metadata_use(user: _trace.Node) -> bool:
-    if user.op == "call_method" and user.target in _METADATA_METHODS:
-        return True
-    return user.op == "call_function" and user.target is getattr
+class _Analysis:
+    """Propagates channel groups through a :class:`Recording`."""
 
+    def __init__(self, rec: Recording) -> None:
+        self.rec = rec
+        self.info: dict[int, _Info] = {}  # id(Value) -> info
+        self.spaces: list[_Space] = []
+        self.space_of_output: dict[int, _Space] = {}  # id(Value) of a producer output
+        self.producer_of_value: dict[int, str] = {}
 
-def _describe(node: _trace.Node) -> str:
-    if node.op == "call_module":
-        return f"module {node.target!r}"
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", str(node.target))
-        return {"add": "a residual add", "cat": "a concat"}.get(name, f"function {name!r}")
-    if node.op == "call_method":
-        return f"method .{node.target}()"
-    return node.op
+    # -- helpers
+    def get(self, value: Any) -> _Info | None:
+        return self.info.get(id(value)) if isinstance(value, Value) else None
 
+    def set(self, value: Value, info: _Info | None) -> None:
+        if info is not None:
+            self.info[id(value)] = info
 
-def find_groups(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor
-) -> tuple[list[MergeGroup], list[SkippedLayer]]:
-    """Find every merge group of ``model`` by tracing it with ``example_inputs``.
+    def break_info(self, info: _Info | None, reason: str) -> None:
+        if info is None:
+            return
+        for space in info.spaces():
+            if space.broken is None:
+                space.broken = reason
 
-    Returns the groups (in graph order) and the candidate producers that were
-    left intact, each with the reason. ``model`` should be in eval mode.
+    def break_all(self, op: Op, reason: str) -> None:
+        for value in op.inputs():
+            self.break_info(self.get(value), reason)
 
-    The graph comes from symbolic tracing; ``example_inputs`` are run through it
-    (once, on the ``meta`` device, so only shapes are computed) only when a
-    decision needs tensor shapes, i.e. a reshape or a convolution feeding a
-    linear layer. Models made of convolution → convolution and linear → linear
-    chains are never executed.
-    """
-    return _find_groups(model, example_inputs, dict(model.named_modules()))
+    def nonhomogeneous(self, info: _Info, reason: str) -> None:
+        for space in info.spaces():
+            if space.nonhomogeneous is None:
+                space.nonhomogeneous = reason
 
+    def touch(self, info: _Info | None, module: str) -> None:
+        if info is not None and module:
+            for space in info.spaces():
+                space.modules_seen.add(module)
 
-def _find_groups(
-    model: nn.Module,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
-    modules: dict[str, nn.Module],
-) -> tuple[list[MergeGroup], list[SkippedLayer]]:
-    """:func:`find_groups` with ``dict(model.named_modules())`` already at hand."""
-    inputs = (
-        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    )
-    graph = _symbolic_trace(model, len(inputs), modules)
-    shape = _Shapes(model, graph, inputs)
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    groups: list[MergeGroup] = []
-    skipped: list[SkippedLayer] = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _PRODUCERS):
-            continue
-        outcome = _follow(node, modules, calls, shape)
-        if isinstance(outcome, MergeGroup):
-            groups.append(outcome)
+    # -- the walk
+    def run(self) -> None:
+        modules = self.rec.modules
+        for op in self.rec.ops:
+            infos = [self.get(v) for v in op.inputs()]
+            if not any(i is not None for i in infos) and op.kind != "module":
+                continue
+            if op.owner and any(i is not None for i in infos):
+                owner = modules.get(op.owner)
+                op.small_owner = owner is not None and not any(True for _ in owner.children())
+                if op.owner in self.rec.hooked:
+                    for info in infos:
+                        self.break_info(info, self.rec.hooked[op.owner])
+            if op.kind == "module":
+                self.module_op(op, modules[op.target])
+            else:
+                self.function_op(op)
+        for value in self.rec.outputs:
+            self.break_info(self.get(value), "its output reaches the model output")
+        # values written in place through an alias
+        for op in self.rec.ops:
+            for value in (*op.inputs(), *op.outputs):
+                if value.clobbered:
+                    self.break_info(
+                        self.get(value), "its output is written in place through a view or alias"
+                    )
+
+    # -- leaf layers
+    def module_op(self, op: Op, module: nn.Module) -> None:
+        name = op.target
+        data = op.args[0] if op.args else None
+        info = self.get(data)
+        extra = [v for v in op.inputs() if v is not data]
+        for value in extra:
+            self.break_info(
+                self.get(value), f"it is passed to {op.describe()} as a non-data argument"
+            )
+        calls = self.rec.calls.get(name, 1)
+        taint = self.rec.taints.get(name) or self.rec.hooked.get(name)
+        if calls > 1:
+            taint = (
+                taint
+                or f"{type(module).__name__} {name!r} is called {calls} times (shared weights)"
+            )
+        out = op.outputs[0] if op.outputs else None
+        if isinstance(module, _BATCHNORMS):
+            self.batch_norm(op, module, info, out, taint)
+            return
+        is_conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
+        groups = module.groups if is_conv else 1
+        if is_conv and groups > 1:
+            if groups == module.in_channels == module.out_channels and info is not None:
+                self.depthwise(op, module, info, out, taint)
+                return
+            why = f"{type(module).__name__} {name!r} is a grouped convolution (groups={groups})"
+            self.break_info(info, why)
+            if out is not None:
+                space = self.new_space(out, module, name, is_conv)
+                space.broken = why
+            return
+        if info is not None:
+            self.consume(op, module, name, info, is_conv, taint)
+        if out is not None:
+            space = self.new_space(out, module, name, is_conv)
+            if taint:
+                space.broken = taint
+
+    def new_space(self, out: Value, module: nn.Module, name: str, is_conv: bool) -> _Space:
+        if isinstance(module, nn.Linear):
+            n = module.out_features
+        elif is_conv1d_transposed(module):
+            n = module.weight.shape[1]
         else:
-            skipped.append(SkippedLayer(str(node.target), outcome))
+            n = module.out_channels
+        space = _Space(n, len(self.spaces), producers=[name])
+        space.modules_seen.add(name)
+        self.spaces.append(space)
+        axis = 1 if is_conv else len(out.shape) - 1
+        if len(out.shape) <= axis or out.shape[axis] != n:
+            space.broken = f"{name!r} has an output of unexpected shape {list(out.shape)}"
+        self.set(out, _Info(((space, n),), axis))
+        self.space_of_output[id(out)] = space
+        self.producer_of_value[id(out)] = name
+        return space
+
+    def consume(
+        self, op: Op, module: nn.Module, name: str, info: _Info, is_conv: bool, taint: str | None
+    ) -> None:
+        ndim = len(op.args[0].shape)
+        if is_conv:
+            fits = info.axis == 1 and info.block == 1 and info.width == module.in_channels
+        else:
+            inputs = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+            fits = info.axis == ndim - 1 and info.width * info.block == inputs
+        if not fits:
+            self.break_info(info, f"{op.describe()} reads a dimension other than its channels")
+            return
+        if taint:
+            self.break_info(info, taint)
+        offset = 0
+        for space, length in info.segments:
+            if space is not None:
+                root = space.root()
+                root.consumers.append((name, offset, info.block))
+                root.modules_seen.add(name)
+            offset += length
+
+    def batch_norm(
+        self, op: Op, module: nn.Module, info: _Info | None, out: Value | None, taint: str | None
+    ) -> None:
+        if info is None or out is None:
+            return
+        name = op.target
+        if info.axis != 1 or info.block != 1 or info.width != module.num_features:
+            self.break_info(
+                info, f"batch norm {name!r} normalises a dimension other than the channels"
+            )
+            return
+        if taint:
+            self.break_info(info, taint)
+        data = op.args[0]
+        producer = self.producer_of_value.get(id(data))
+        space = self.space_of_output.get(id(data))
+        stats = module.running_mean is not None and module.running_var is not None
+        if (
+            producer is not None
+            and space is not None
+            and len(data.users) == 1
+            and producer not in space.root().bns
+            and stats
+        ):
+            root = space.root()
+            root.bns[producer] = name
+            root.modules_seen.add(name)
+            self.set(out, info)
+            return
+        self.slice_through(info, name)
+        why = (
+            f"batch norm {name!r} uses batch statistics"
+            if not stats
+            else f"batch norm {name!r} does not directly follow a producer (per-channel affine)"
+        )
+        self.nonhomogeneous(info, why)
+        self.set(out, info)
+
+    def depthwise(
+        self, op: Op, module: nn.Module, info: _Info, out: Value | None, taint: str | None
+    ) -> None:
+        name = op.target
+        if info.axis != 1 or info.block != 1:
+            self.break_info(
+                info, f"depthwise convolution {name!r} reads a dimension other than its channels"
+            )
+            return
+        if taint:
+            self.break_info(info, taint)
+        self.slice_through(info, name)
+        self.nonhomogeneous(info, f"depthwise convolution {name!r} has per-channel filters")
+        if out is not None:
+            self.set(out, info)
+
+    def slice_through(self, info: _Info, name: str) -> None:
+        offset = 0
+        for space, length in info.segments:
+            if space is not None:
+                root = space.root()
+                root.passthrough.append((name, offset))
+                root.modules_seen.add(name)
+            offset += length
+
+    # -- torch functions
+    def function_op(self, op: Op) -> None:
+        key = func_name(op.target)
+        out = op.outputs[0] if op.outputs else None
+        data = op.args[0] if op.args else None
+        info = self.get(data)
+        others = [v for v in op.inputs() if v is not data]
+        try:
+            if key in _HOMOGENEOUS or key in _CHANNELWISE:
+                self.elementwise(op, key, info, others, out)
+            elif key in _ADD or key in _MUL or key in _DIV or key in _RDIV_RSUB:
+                self.binary(op, key)
+            elif key in _POOLS:
+                self.pool(op, _POOLS[key], info, others)
+            elif key in _REDUCTIONS:
+                self.reduction(op, key, info, others, out)
+            elif key in _RESHAPES:
+                self.reshape(op, info, others, out)
+            elif key in _PERMUTES:
+                self.permute(op, key, info, others, out)
+            elif key == "cat" or key == "concat" or key == "concatenate":
+                self.cat(op, out)
+            elif key == "pad":
+                self.pad(op, info, others, out)
+            elif key == "__getitem__":
+                self.getitem(op, info, out)
+            else:
+                self.break_all(op, self.not_channelwise(op))
+        except _Break as exc:
+            self.break_all(op, str(exc))
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, StopIteration):
+            self.break_all(op, self.not_channelwise(op))  # arguments of an unexpected form
+
+    def not_channelwise(self, op: Op) -> str:
+        raw = func_name(op.target)
+        what = _display(op, raw)
+        if raw == ".data":
+            return "its output is read through .data (an untracked alias)"
+        if raw == "item" or raw == "tolist":
+            return f"its output is read by .{raw}()"
+        if raw in ("linear", "conv1d", "conv2d", "matmul", "bmm", "mm", "einsum", "__matmul__"):
+            return f"its output is read by {what} in forward, not by a layer"
+        if raw == "layer_norm":
+            return (
+                f"its output reaches {_display(op, 'LayerNorm')}, which normalises across channels"
+            )
+        if raw in ("chunk", "split", "unbind", "tensor_split"):
+            return f"its output is split ({raw}), so only part of the channels reach each use"
+        return f"its output passes through {what}, which is not a channel-wise operation"
+
+    def elementwise(
+        self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None
+    ) -> None:
+        if info is None:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        for value in others:  # e.g. pow(x, tensor), clamp(x, tensor)
+            if self.get(value) is not None or math.prod(value.shape) != 1:
+                raise _Break(
+                    f"its output passes through {func_name(op.target)} with a tensor argument"
+                )
+        if key in _CHANNELWISE:
+            shown = _display(op, _CHANNELWISE[key])
+            if key == "hardtanh" and shown == "Hardtanh":
+                shown = "Hardtanh (ReLU6)"
+            self.nonhomogeneous(info, f"{shown} is not positively homogeneous")
+        if out is not None:
+            self.set(out, info)
+
+    def binary(self, op: Op, key: str) -> None:
+        """``x ± y``, ``x · y``, ``x / y`` with tensors, scalars or broadcast constants."""
+        out = op.outputs[0] if op.outputs else None
+        if out is None:
+            return
+        operands = list(op.args[:2])
+        tensors = [a for a in operands if isinstance(a, Value)]
+        if [v for v in op.inputs() if not any(v is t for t in tensors)]:
+            raise _Break(
+                f"its output passes through {func_name(op.target)} with extra tensor arguments"
+            )
+        out_ndim = len(out.shape)
+        infos = [
+            self.aligned(info, len(v.shape), out_ndim)
+            for v in tensors
+            if (info := self.get(v)) is not None
+        ]
+        constants = [v for v in tensors if self.get(v) is None]
+        numbers = [a for a in operands if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        is_add = key in _ADD
+        result = infos[0]
+        for other in infos[1:]:
+            result = self.join(result, other, "a residual add" if is_add else None, op)
+        for value in constants:
+            self.against_constant(result, value, out_ndim, op)
+        name = func_name(op.target)
+        if key in _RDIV_RSUB:
+            why = f"{name} is not positively homogeneous"
+        elif is_add:
+            shifted = constants or any(n != 0 for n in numbers)
+            why = "adding a constant is not positively homogeneous" if shifted else None
+        elif len(infos) > 1:
+            why = "an element-wise product of two layers' outputs is not positively homogeneous"
+        elif key in _DIV and self.get(operands[0]) is None:
+            why = "division by a layer's output is not positively homogeneous"
+        else:
+            why = None  # scaling by a constant is linear
+        if why is not None:
+            self.nonhomogeneous(result, why)
+        self.set(out, result)
+
+    def aligned(self, info: _Info, ndim: int, out_ndim: int) -> _Info:
+        return _Info(info.segments, info.axis + (out_ndim - ndim), info.block)
+
+    def against_constant(self, info: _Info, value: Value, out_ndim: int, op: Op) -> None:
+        """A tensor not made of prunable channels, broadcast against ``info``'s channels."""
+        shape = value.shape
+        offset = out_ndim - len(shape)
+        dim = info.axis - offset
+        if dim < 0 or shape[dim] == 1:
+            return  # the same value for every channel
+        what = f"a tensor of shape {list(shape)}"
+        if value.param:
+            what = f"parameter {value.param}"
+        raise _Break(
+            f"its output is combined ({func_name(op.target)}) with {what}, channel by channel"
+        )
+
+    def join(self, a: _Info, b: _Info, why: str | None, op: Op) -> _Info:
+        if a.axis != b.axis or a.block != b.block:
+            raise _Break(f"{func_name(op.target)} combines channels along different dimensions")
+        if [length for _, length in a.segments] != [length for _, length in b.segments]:
+            raise _Break(f"{func_name(op.target)} combines differently laid out channels")
+        for (sa, _), (sb, _) in zip(a.segments, b.segments, strict=True):
+            if sa is not None and sb is not None:
+                _union(sa, sb, why if sa.root() is not sb.root() else None)
+            elif sa is not None or sb is not None:
+                raise _Break(
+                    f"its output is combined ({func_name(op.target)}) with channels that cannot be pruned"
+                )
+        return a
+
+    def pool(self, op: Op, dims: int, info: _Info | None, others: list[Value]) -> None:
+        out = op.outputs[0] if op.outputs else None
+        if info is None or out is None:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        ndim = len(op.args[0].shape)
+        if info.axis >= ndim - dims or info.block != 1 or others:
+            raise _Break(f"{_display(op, func_name(op.target))} pools over the channel dimension")
+        self.set(out, info)
+
+    def reduction(
+        self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None
+    ) -> None:
+        if info is None or out is None or others:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        ndim = len(op.args[0].shape)
+        dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
+        keepdim = op.args[2] if len(op.args) > 2 else op.kwargs.get("keepdim", False)
+        if dim is None or isinstance(dim, Value):
+            raise _Break(f"its output is reduced over every dimension ({key})")
+        dims = {d % ndim for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+        if info.axis in dims or info.block != 1:
+            raise _Break(f"its output is reduced over the channels ({key})")
+        axis = info.axis if keepdim else info.axis - sum(1 for d in dims if d < info.axis)
+        if key in ("max", "min") and len(op.outputs) > 1:
+            pass  # (values, indices): only the values carry channels
+        self.set(out, _Info(info.segments, axis, info.block))
+
+    def reshape(self, op: Op, info: _Info | None, others: list[Value], out: Value | None) -> None:
+        if info is None or out is None:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        before, after = op.args[0].shape, out.shape
+        new = _reshaped(before, after, info)
+        if new is None:
+            raise _Break(
+                f"{func_name(op.target)} reshapes {list(before)} to {list(after)}, mixing channels"
+            )
+        self.set(out, new)
+
+    def permute(
+        self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None
+    ) -> None:
+        if info is None or out is None:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        ndim = len(op.args[0].shape)
+        a = info.axis
+        if key in ("t", "t_", ".T"):
+            axis = ndim - 1 - a
+        elif key == ".mT":
+            axis = a if a < ndim - 2 else (2 * ndim - 3 - a)
+        elif key == "permute":
+            dims = (
+                op.args[1:]
+                if len(op.args) > 2 or not isinstance(op.args[1], (list, tuple))
+                else op.args[1]
+            )
+            dims = [d % ndim for d in dims]
+            axis = dims.index(a)
+        else:
+            d0, d1 = (
+                (op.args[1] % ndim, op.args[2] % ndim)
+                if len(op.args) > 2
+                else (op.kwargs["dim0"] % ndim, op.kwargs["dim1"] % ndim)
+            )
+            axis = d1 if a == d0 else d0 if a == d1 else a
+        if info.block != 1 and axis != a:
+            raise _Break(f"{key} moves flattened channels")
+        self.set(out, _Info(info.segments, axis, info.block))
+
+    def cat(self, op: Op, out: Value | None) -> None:
+        tensors = op.args[0] if op.args else op.kwargs.get("tensors")
+        dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", 0)
+        if out is None or not isinstance(tensors, (list, tuple)):
+            self.break_all(op, self.not_channelwise(op))
+            return
+        ndim = len(out.shape)
+        dim %= ndim
+        infos = [self.get(t) for t in tensors]
+        axis = next(i.axis for i in infos if i is not None)
+        if dim == axis:
+            segments: list[tuple[_Space | None, int]] = []
+            for t, i in zip(tensors, infos, strict=True):
+                if i is not None and (i.axis != axis or i.block != 1):
+                    raise _Break("a concat mixes channels along different dimensions")
+                segments += list(i.segments) if i is not None else [(None, t.shape[dim])]
+            result = _Info(tuple(segments), axis)
+            for space in result.spaces():
+                if "a concat" not in space.coupled:
+                    space.coupled.append("a concat")
+            self.set(out, result)
+            return
+        result = None
+        for t, i in zip(tensors, infos, strict=True):
+            if i is None:
+                raise _Break(
+                    f"its output is concatenated (along dim {dim}) with a tensor that cannot be pruned"
+                )
+            result = i if result is None else self.join(result, i, "a concat", op)
+        self.set(out, result)
+
+    def pad(self, op: Op, info: _Info | None, others: list[Value], out: Value | None) -> None:
+        if info is None or out is None or others:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        ndim = len(op.args[0].shape)
+        pad = op.args[1] if len(op.args) > 1 else op.kwargs.get("pad")
+        padded = {ndim - 1 - i // 2 for i, p in enumerate(pad) if p}
+        owner = f" in {op.owner_type}" if op.owner_type else ""
+        if info.axis in padded:
+            raise _Break(
+                f"its output is zero-padded along the channels (F.pad{owner}, an option-A shortcut); the stream is left intact"
+            )
+        mode = op.args[2] if len(op.args) > 2 else op.kwargs.get("mode", "constant")
+        value = op.args[3] if len(op.args) > 3 else op.kwargs.get("value", None)
+        if mode == "constant" and value not in (None, 0, 0.0):
+            self.nonhomogeneous(
+                info, "padding with a non-zero constant is not positively homogeneous"
+            )
+        self.set(out, info)
+
+    def getitem(self, op: Op, info: _Info | None, out: Value | None) -> None:
+        if info is None or out is None:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        index = op.args[1] if len(op.args) > 1 else None
+        items = index if isinstance(index, tuple) else (index,)
+        ndim = len(op.args[0].shape)
+        if any(i is Ellipsis for i in items):
+            at = items.index(Ellipsis)
+            items = items[:at] + (slice(None),) * (ndim - len(items) + 1) + items[at + 1 :]
+        if not all(isinstance(i, slice) for i in items) or len(items) > ndim:
+            raise _Break("its output is indexed (x[...]) in a way that selects channels")
+        if info.axis < len(items) and items[info.axis] != slice(None):
+            raise _Break("its output is sliced along the channels")
+        self.set(out, info)
+
+
+class _Break(Exception):
+    """An operation ends the groups of its inputs (the message says why)."""
+
+
+def _reshaped(before: Sequence[int], after: Sequence[int], info: _Info) -> _Info | None:
+    """``info`` after a reshape from ``before`` to ``after``, or ``None`` if channels are mixed."""
+    a = info.axis
+    prefix = math.prod(before[:a])
+    running = 1
+    for a2, size in enumerate(after):
+        if running == prefix:
+            break
+        running *= size
+    else:
+        return None
+    if running != prefix or a2 >= len(after):
+        # the channel dimension may be preceded by size-1 dims in ``after``
+        return None
+    while a2 < len(after) and after[a2] == 1 and before[a] != 1:
+        a2 += 1
+    if a2 >= len(after):
+        return None
+    if after[a2] == before[a]:
+        return _Info(info.segments, a2, info.block)
+    merged = before[a]
+    for j in range(a + 1, len(before)):
+        merged *= before[j]
+        if merged == after[a2]:
+            return _Info(info.segments, a2, info.block * (merged // before[a]))
+        if merged > after[a2]:
+            break
+    return None
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def _needs_coupled(space: _Space) -> str | None:
+    if space.coupled:
+        return space.coupled[0]
+    if len({c[0] for c in space.consumers}) > 1:
+        return f"{len({c[0] for c in space.consumers})} layers"
+    return None
+
+
+def groups_from_recording(
+    rec: Recording, coupled: bool = False
+) -> tuple[list[ChannelGroup], list[SkippedLayer]]:
+    """The channel groups of a recorded forward pass, and the producers left intact."""
+    analysis = _Analysis(rec)
+    analysis.run()
+    groups: list[ChannelGroup] = []
+    skipped: list[SkippedLayer] = []
+    seen: set[int] = set()
+    for space in analysis.spaces:
+        root = space.root()
+        if id(root) in seen:
+            continue
+        seen.add(id(root))
+        for name in root.modules_seen:
+            if name in rec.hooked and root.broken is None:
+                root.broken = rec.hooked[name]
+        if "*" in rec.hooked and root.broken is None:
+            root.broken = rec.hooked["*"]
+        reason = root.broken
+        if reason is None and not root.consumers:
+            reason = "its output is not read by any prunable layer"
+        if reason is None and not coupled:
+            why = _needs_coupled(root)
+            if why is not None:
+                reason = (
+                    f"its output reaches {why}"
+                    if why.startswith("a ")
+                    else f"its output is read by {why}"
+                ) + " (coupled channels: pass coupled=True to prune them jointly)"
+        if reason is not None:
+            for name in root.producers:
+                skipped.append(SkippedLayer(name, reason))
+            continue
+        consumers = root.consumers
+        groups.append(
+            ChannelGroup(
+                producers=tuple(root.producers),
+                bns=tuple(root.bns.get(p) for p in root.producers),
+                consumers=tuple(c[0] for c in consumers),
+                channels=root.n,
+                mergeable=root.nonhomogeneous is None,
+                reason=root.nonhomogeneous,
+                passthrough=tuple(p[0] for p in root.passthrough),
+                coupled=bool(_needs_coupled(root)),
+                consumer_offsets=tuple(c[1] for c in consumers),
+                features=tuple(c[2] for c in consumers),
+                passthrough_offsets=tuple(p[1] for p in root.passthrough),
+            )
+        )
+    order = {name: i for i, name in enumerate(rec.modules)}
+    skipped.sort(key=lambda s: order.get(s.name, 0))
     return groups, skipped
 
 
-ShapeFn = Callable[[_trace.Node], tuple[int, ...] | None]
+def find_groups(
+    model: nn.Module, example_inputs: Any, coupled: bool = False
+) -> tuple[list[ChannelGroup], list[SkippedLayer]]:
+    """Find every channel group of ``model`` from one forward pass on ``example_inputs``.
 
+    Returns the groups (in execution order of their first producer) and the
+    producers left intact, each with the reason. ``model`` should be in eval mode;
+    it runs once under ``torch.no_grad()``. ``example_inputs`` is a tensor, a tuple of
+    tensors, or a mapping of keyword inputs (e.g. ``{"input_ids": ids}``).
 
-def _follow(
-    start: _trace.Node, modules: dict[str, nn.Module], calls: Counter[Any], shape: ShapeFn
-) -> MergeGroup | str:
-    """Walk from a producer to its consumer; return the group or the reason it is not one."""
-    name = str(start.target)
-    producer = modules[name]
-    if calls[name] > 1:
-        return "module is called more than once"
-    if isinstance(producer, nn.Conv2d) and producer.groups != 1:
-        return "grouped or depthwise convolution is not supported as a producer"
-    channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-    is_conv = isinstance(producer, nn.Conv2d)
-    bn: str | None = None
-    flattened_spatial: int | None = None
-    cur = start
-    while True:
-        users = [u for u in cur.users if not _is_metadata_use(u)]
-        if any(u.op == "output" for u in users):
-            return "its output reaches the model output"
-        if len(users) != 1:
-            used_by = ", ".join(_describe(u) for u in users)
-            return f"its output is used by {len(users)} operations ({used_by})"
-        user = users[0]
-        if user.args[:1] != (cur,) or any(
-            a is cur for a in list(user.args[1:]) + list(user.kwargs.values())
-        ):
-            what = _describe(user)
-            if what.startswith("a "):  # a residual add or a concat
-                return f"its output reaches {what}"
-            return f"its output feeds {what} in a position other than the data input"
-        mod = modules.get(str(user.target)) if user.op == "call_module" else None
-        stateful = isinstance(mod, (*_PRODUCERS, *_BATCHNORMS))
-        if stateful and calls[str(user.target)] > 1:
-            return f"{_describe(user)} is called more than once"
-        if isinstance(mod, _BATCHNORMS):
-            if cur is not start or bn is not None:
-                return f"batch norm {user.target!r} does not directly follow the producer"
-            if mod.num_features != channels:
-                return f"batch norm {user.target!r} has {mod.num_features} features, not {channels}"
-            bn = str(user.target)
-        elif isinstance(mod, _PRODUCERS):
-            return _consumer_group(
-                name, bn, str(user.target), mod, channels, is_conv, cur, flattened_spatial, shape
-            )
-        elif _is_elementwise(user, mod):
-            pass
-        elif _is_pool(user, mod):
-            if not is_conv or flattened_spatial is not None:
-                return f"{_describe(user)} pools over a non-spatial dimension"
-        elif _is_reshape(user, mod):
-            verdict = _check_reshape(cur, user, channels, is_conv, shape)
-            if isinstance(verdict, str):
-                return verdict
-            if verdict is not None:
-                flattened_spatial = verdict
-        else:
-            return f"its output passes through {_describe(user)}, which is not a channel-wise positively homogeneous operation"
-        cur = user
+    Example::
 
-
-def _is_elementwise(node: _trace.Node, mod: nn.Module | None) -> bool:
-    if mod is not None:
-        return isinstance(mod, _ELEMENTWISE_MODULES)
-    if node.op == "call_function":
-        return node.target in _ELEMENTWISE_FUNCTIONS
-    return node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
-
-
-def _is_pool(node: _trace.Node, mod: nn.Module | None) -> bool:
-    if mod is not None:
-        return isinstance(mod, _POOL_MODULES)
-    return node.op == "call_function" and node.target in _POOL_FUNCTIONS
-
-
-def _is_reshape(node: _trace.Node, mod: nn.Module | None) -> bool:
-    if mod is not None:
-        return isinstance(mod, nn.Flatten)
-    if node.op == "call_method":
-        return node.target in _RESHAPE_METHODS
-    if node.op == "call_function":
-        return node.target in (torch.flatten, torch.reshape)
-    return False
-
-
-def _check_reshape(
-    src: _trace.Node, node: _trace.Node, channels: int, is_conv: bool, shape: ShapeFn
-) -> int | str | None:
-    """Accept a reshape that keeps channels contiguous; return the features per channel.
-
-    Returns ``None`` for a shape-preserving reshape, an ``int`` for a channel-major
-    flatten ``(N, C, *S) → (N, C·prod(S))``, or a reason string otherwise.
+        >>> import torch, neuron_merging as nm
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+        >>> groups, skipped = nm.find_groups(net, torch.randn(1, 8))
+        >>> groups[0].producers, groups[0].consumers, groups[0].mergeable
+        (('0',), ('2',), False)
+        >>> groups[0].reason
+        'GELU is not positively homogeneous'
+        >>> skipped[0].reason
+        'its output reaches the model output'
     """
-    before, after = shape(src), shape(node)
-    if before is None or after is None:
-        return f"{_describe(node)} has unknown shapes"
-    if before == after:
-        return None
-    if is_conv and len(before) >= 3 and before[1] == channels and len(after) == 2:
-        spatial = 1
-        for d in before[2:]:
-            spatial *= d
-        if after == (before[0], channels * spatial):
-            return spatial
-    return f"{_describe(node)} reshapes {list(before)} to {list(after)}, mixing channels"
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return groups_from_recording(record(model, example_inputs), coupled)
 
 
-def _consumer_group(
-    producer: str,
-    bn: str | None,
-    consumer: str,
-    mod: nn.Module,
-    channels: int,
-    is_conv: bool,
-    cur: _trace.Node,
-    flattened_spatial: int | None,
-    shape: ShapeFn,
-) -> MergeGroup | str:
-    if isinstance(mod, nn.Conv2d):
-        if mod.groups != 1:
-            return f"consumer {consumer!r} is a grouped convolution"
-        if not is_conv or flattened_spatial is not None or mod.in_channels != channels:
-            return f"consumer {consumer!r} does not take the producer's channels as input channels"
-        return MergeGroup(producer, consumer, bn, 1)
-    assert isinstance(mod, nn.Linear)
-    spatial = 1
-    if is_conv:
-        if flattened_spatial is None:
-            dims = shape(cur)
-            if not (dims is not None and len(dims) == 2):
-                return f"consumer {consumer!r} is applied to a non-channel dimension"
-        spatial = flattened_spatial or 1
-    if mod.in_features != channels * spatial:
-        return f"consumer {consumer!r} has {mod.in_features} inputs, expected {channels * spatial}"
-    return MergeGroup(producer, consumer, bn, spatial)
+def _out_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if is_conv1d_transposed(module):
+        return module.weight.shape[1]
+    return module.out_channels
+
+
+def _in_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if is_conv1d_transposed(module):
+        return module.weight.shape[0]
+    return module.in_channels
+
+
+def _is_producer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_conv1d_transposed(module)
 
 
 def resolve_groups(
-    model: nn.Module, groups: Sequence[MergeGroup | tuple[str, str | None, str]]
-) -> list[MergeGroup]:
-    """Validate explicitly named groups against ``model`` and infer their layout.
+    model: nn.Module,
+    groups: Sequence[MergeGroup | tuple[str, str | None, str]],
+    found: tuple[list[ChannelGroup], list[SkippedLayer]] | None = None,
+) -> list[ChannelGroup]:
+    """Validate explicitly named groups and turn them into :class:`ChannelGroup`\\ s.
 
-    Each entry is a :class:`MergeGroup` or a ``(producer, bn, consumer)`` tuple.
-    The caller asserts that only channel-wise positively homogeneous operations
-    sit between producer and consumer; shapes and types are checked here.
+    Each entry is a :class:`MergeGroup` or a ``(producer, bn, consumer)`` tuple. With
+    ``found`` (the groups discovered from a recording, coupled or not) every entry
+    must match a discovered simple group, and takes its mergeability; otherwise the
+    reason discovery gave is raised. Without it (no example inputs) the caller
+    asserts that only channel-wise positively homogeneous operations sit between
+    producer and consumer: shapes and types are checked, the rest is unchecked.
     """
     named = dict(model.named_modules())
-    resolved: list[MergeGroup] = []
-    seen_producers: set[str] = set()
-    seen_consumers: set[str] = set()
+    resolved: list[ChannelGroup] = []
+    seen: set[str] = set()
+    discovered = {g.producer: g for g in found[0]} if found else {}
+    reasons = {s.name: s.reason for s in found[1]} if found else {}
     for entry in groups:
         if isinstance(entry, MergeGroup):
             group = entry
@@ -397,43 +1037,70 @@ def resolve_groups(
             if qual is not None and qual not in named:
                 raise ModelError(f"group {role} {qual!r} is not a submodule of the model")
         prod, cons = named[group.producer], named[group.consumer]
-        if not isinstance(prod, _PRODUCERS):
-            raise ModelError(
-                f"producer {group.producer!r} is a {type(prod).__name__}, not Linear/Conv2d"
-            )
-        if not isinstance(cons, _PRODUCERS):
-            raise ModelError(
-                f"consumer {group.consumer!r} is a {type(cons).__name__}, not Linear/Conv2d"
-            )
-        for conv, role in ((prod, "producer"), (cons, "consumer")):
-            if isinstance(conv, nn.Conv2d) and conv.groups != 1:
+        for role, module in (("producer", prod), ("consumer", cons)):
+            if not _is_producer(module):
+                raise ModelError(
+                    f"{role} {getattr(group, role)!r} is a {type(module).__name__}, not Linear/Conv"
+                )
+            if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
                 raise ModelError(f"{role} {getattr(group, role)!r} is a grouped convolution")
-        if group.producer in seen_producers or group.consumer in seen_consumers:
+        if group.producer in seen or group.consumer in seen - {group.producer}:
             raise ModelError(
                 f"layer {group.producer!r} or {group.consumer!r} appears in two groups"
             )
-        seen_producers.add(group.producer)
-        seen_consumers.add(group.consumer)
-        channels = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
+        seen.add(group.producer)
+        channels = _out_channels(prod)
         if group.bn is not None:
             bn = named[group.bn]
             if not isinstance(bn, _BATCHNORMS) or bn.num_features != channels:
                 raise ModelError(f"bn {group.bn!r} is not a batch norm over {channels} features")
-        inputs = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
+        inputs = _in_channels(cons)
         spatial = group.features_per_channel
         if spatial is None:
             spatial = inputs // channels if inputs % channels == 0 else 0
-        if (
-            spatial < 1
-            or inputs != channels * spatial
-            or (isinstance(cons, nn.Conv2d) and spatial != 1)
-        ):
+        is_conv = isinstance(cons, (nn.Conv1d, nn.Conv2d))
+        if spatial < 1 or inputs != channels * spatial or (is_conv and spatial != 1):
             raise ModelError(
                 f"consumer {group.consumer!r} has {inputs} inputs, which does not fit "
                 f"producer {group.producer!r} with {channels} channels"
             )
-        resolved.append(MergeGroup(group.producer, group.consumer, group.bn, spatial))
+        if found is not None:
+            match = discovered.get(group.producer)
+            if match is None:
+                why = reasons.get(
+                    group.producer, "it is not a producer in the recorded forward pass"
+                )
+                raise ModelError(
+                    f"explicit group {group.producer!r} → {group.consumer!r} is unsound: {why}"
+                )
+            if not match.simple or match.consumer != group.consumer or match.bn != group.bn:
+                raise ModelError(
+                    f"explicit group {group.producer!r} → {group.consumer!r} (bn {group.bn!r}) does "
+                    f"not match the recorded forward pass: {group.producer!r} feeds "
+                    f"{', '.join(match.consumers)} (bn {match.bn!r})"
+                    + (", through other layers" if match.passthrough else "")
+                )
+            resolved.append(match)
+            continue
+        resolved.append(
+            ChannelGroup(
+                (group.producer,),
+                (group.bn,),
+                (group.consumer,),
+                channels,
+                consumer_offsets=(0,),
+                features=(spatial,),
+                checked=False,
+            )
+        )
     return resolved
 
 
-__all__ = ["MergeGroup", "SkippedLayer", "find_groups", "resolve_groups", "trace"]
+__all__ = [
+    "ChannelGroup",
+    "MergeGroup",
+    "SkippedLayer",
+    "find_groups",
+    "groups_from_recording",
+    "resolve_groups",
+]

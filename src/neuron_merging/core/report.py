@@ -3,22 +3,77 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .groups import SkippedLayer
+
+if TYPE_CHECKING:
+    from .build import GroupPlan
 
 
 @dataclass(frozen=True)
 class GroupReport:
-    """The outcome for one merge group."""
+    """The outcome for one channel group.
 
-    producer: str
-    bn: str | None
-    consumer: str
+    Attributes:
+        producers, bns, consumers: the group's layers (``bns`` aligned with ``producers``).
+        passthrough: layers in between whose per-channel weights were sliced.
+        neurons, kept, pruned, merged: channel counts.
+        mergeable: whether the group could be merged; ``reason`` says why not.
+        method: ``"merged"`` or ``"pruned"`` (what was done to its pruned channels).
+        coupled: whether the group joins a residual add, a concat or several consumers.
+    """
+
+    producers: tuple[str, ...]
+    bns: tuple[str | None, ...]
+    consumers: tuple[str, ...]
     neurons: int
     kept: int
     pruned: int
     merged: int
+    passthrough: tuple[str, ...] = ()
+    mergeable: bool = True
+    reason: str | None = None
+    method: str = "merged"
+    coupled: bool = False
+
+    @classmethod
+    def of(cls, plan: GroupPlan, mode: str) -> GroupReport:
+        """The report of one executed plan under ``mode``."""
+        g = plan.group
+        merges = mode == "merge" and g.mergeable
+        reason = g.reason if mode == "merge" and not g.mergeable else None
+        if mode == "merge" and not g.checked:
+            reason = "explicit group, not checked against a forward pass"
+        return cls(
+            g.producers,
+            g.bns,
+            g.consumers,
+            g.channels,
+            plan.kept.numel(),
+            plan.pruned.numel(),
+            plan.merged,
+            g.passthrough,
+            g.mergeable,
+            reason,
+            "merged" if merges else "pruned",
+            g.coupled,
+        )
+
+    @property
+    def producer(self) -> str:
+        """The group's name: its first producer."""
+        return self.producers[0]
+
+    @property
+    def bn(self) -> str | None:
+        """The first producer's batch norm."""
+        return self.bns[0]
+
+    @property
+    def consumer(self) -> str:
+        """The first consumer."""
+        return self.consumers[0]
 
 
 @dataclass
@@ -32,6 +87,7 @@ class MergeReport:
     params_before: int
     params_after: int
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def compression(self) -> float:
@@ -48,6 +104,7 @@ class MergeReport:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "timings": dict(self.timings),
+            "notes": list(self.notes),
         }
 
     def to_markdown(self) -> str:
@@ -56,17 +113,21 @@ class MergeReport:
             f"**{self.mode}**: {self.params_before:,} → {self.params_after:,} parameters "
             f"({100 * self.compression:.1f}% removed)",
             "",
-            "| producer | bn | consumer | neurons | kept | pruned | merged |",
-            "|---|---|---|---:|---:|---:|---:|",
+            "| producers | bn | consumers | neurons | kept | pruned | merged | how |",
+            "|---|---|---|---:|---:|---:|---:|---|",
         ]
         for g in self.groups:
+            bns = ", ".join(b or "—" for b in g.bns)
+            how = g.method + (f" ({g.reason})" if g.reason else "")
             lines.append(
-                f"| {g.producer} | {g.bn or '—'} | {g.consumer} | {g.neurons} | {g.kept} "
-                f"| {g.pruned} | {g.merged} |"
+                f"| {', '.join(g.producers)} | {bns} | {', '.join(g.consumers)} | {g.neurons} "
+                f"| {g.kept} | {g.pruned} | {g.merged} | {how} |"
             )
         if self.skipped:
             lines += ["", "| left intact | reason |", "|---|---|"]
             lines += [f"| {s.name} | {s.reason} |" for s in self.skipped]
+        if self.notes:
+            lines += ["", *(f"- {note}" for note in self.notes)]
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -1,0 +1,604 @@
+"""Record: the dataflow of one real forward pass on the example inputs.
+
+Discovery runs the model once, for real, under a :class:`torch.overrides.TorchFunctionMode`
+that sees every torch function, tensor method, operator and tensor attribute
+(``.T``, ``.data``, ...) called on the way, and with forward hooks on the layers
+whose channels can be pruned (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, batch norm and
+GPT-2's ``Conv1D``), which are recorded as single operations. Because the code runs
+for real, data-dependent control flow, ``transformers`` models, ``nn.DataParallel``,
+``torch.compile`` wrappers and ``torch.fx.GraphModule``\\ s all work; symbolic tracing
+(``torch.fx``, a proxy tracer) fails on the first of them and was replaced by this
+recorder. ``torch.export`` was the alternative: it lowers the model to ATen
+operations, loses the module structure this package edits, and refuses much ordinary
+Python code, so it analyses fewer models, at several times the cost of a forward pass.
+
+Values are identified by tensor object and version counter, so an in-place operation
+(``relu_``, ``+=``) creates a new value, and a write into a tensor whose storage is
+shared with another recorded value (a view, ``.data``) is flagged. Everything the
+recording cannot prove harmless is reported, never ignored: parameters read outside
+their own layer's call (tied or functional weights), hooks, and layers called more
+than once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import ConfigError, ModelError
+
+
+def is_conv1d_transposed(module: nn.Module) -> bool:
+    """Whether ``module`` is GPT-2's ``Conv1D`` (a linear layer storing ``(in, out)`` weights).
+
+    ``transformers`` is not imported: its class is recognised by name, module and layout.
+    """
+    cls = type(module)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers")
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and module.weight.dim() == 2
+        and getattr(module, "nf", None) == module.weight.shape[1]
+    )
+
+
+#: Layers recorded as one operation each: their parameters are what compression edits.
+LEAF_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+)
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` is recorded as a single operation."""
+    return type(module) in LEAF_TYPES or is_conv1d_transposed(module)
+
+
+#: Tensor methods and attributes that read metadata only; they are not data uses.
+_METADATA = frozenset(
+    {
+        "size",
+        "dim",
+        "ndimension",
+        "numel",
+        "nelement",
+        "shape",
+        "ndim",
+        "dtype",
+        "device",
+        "is_cuda",
+        "is_floating_point",
+        "is_complex",
+        "is_contiguous",
+        "stride",
+        "layout",
+        "requires_grad",
+        "is_leaf",
+        "grad_fn",
+        "element_size",
+        "is_sparse",
+        "is_quantized",
+        "is_meta",
+        "names",
+        "__len__",
+        "__format__",
+        "__repr__",
+        "get_device",
+        "data_ptr",
+        "storage_offset",
+        "untyped_storage",
+        "_version",
+        "__hash__",
+    }
+)
+
+
+def func_name(func: Any) -> str:
+    """A short readable name of a recorded function: ``"relu"``, ``".T"``, ``"add"``."""
+    name = getattr(func, "__name__", None)
+    if name == "__get__":  # a tensor attribute such as .T or .data
+        owner = getattr(func, "__self__", None)
+        return "." + str(getattr(owner, "__name__", "attribute"))
+    if name is None:
+        return type(func).__name__
+    return name
+
+
+@dataclass(eq=False)
+class Value:
+    """One tensor value of the recorded forward pass (a tensor object at one version).
+
+    Attributes:
+        shape: its shape.
+        producer: the operation that created it (``None`` for inputs, parameters and
+            tensors made outside the recording).
+        users: operations that read it, in order.
+        param: ``"module.attr"`` when it is a parameter or buffer of the model.
+        is_input: whether it is one of the example inputs.
+    """
+
+    shape: tuple[int, ...]
+    producer: Op | None = None
+    users: list[Op] = field(default_factory=list)
+    param: str | None = None
+    is_input: bool = False
+    clobbered: bool = False
+    tensor_id: int = 0
+
+    def __repr__(self) -> str:
+        origin = self.producer.describe() if self.producer else (self.param or "external")
+        return f"Value({list(self.shape)} from {origin})"
+
+
+@dataclass(eq=False)
+class Op:
+    """One recorded operation: a leaf layer's call or a torch function call.
+
+    ``args``/``kwargs`` are the call's arguments with every tensor replaced by its
+    :class:`Value`; ``outputs`` are the values it returned (in flattening order).
+    """
+
+    index: int
+    kind: str  # "module" or "function"
+    target: Any  # the module's qualified name, or the function
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outputs: list[Value]
+    owner: str  # qualified name of the innermost module running this op ("" = the model)
+    owner_type: str
+    inplace: bool = False
+    small_owner: bool = False  # the owner is a module without submodules (an activation)
+
+    @property
+    def name(self) -> str:
+        """The function's name (``"relu"``) or the module's qualified name."""
+        return self.target if self.kind == "module" else func_name(self.target)
+
+    def inputs(self) -> list[Value]:
+        """Every :class:`Value` among the arguments, in order."""
+        found: list[Value] = []
+        _collect(self.args, found)
+        _collect(self.kwargs, found)
+        return found
+
+    def describe(self) -> str:
+        """How a user would name this operation in a message."""
+        if self.kind == "module":
+            return f"{self.owner_type} {self.target!r}"
+        name = func_name(self.target)
+        if self.owner and self.owner_type and not self.owner_type[0].islower():
+            return f"{name} (in {self.owner_type} {self.owner!r})"
+        return name
+
+
+def _collect(value: Any, out: list[Value]) -> None:
+    if isinstance(value, Value):
+        out.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _collect(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect(item, out)
+
+
+def flatten_tensors(value: Any, out: list[Tensor], depth: int = 0) -> list[Tensor]:
+    """Every tensor in a nest of tuples, lists, mappings and dataclass-like outputs."""
+    if depth > 32:
+        return out
+    if isinstance(value, Tensor):
+        out.append(value)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            flatten_tensors(item, out, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            flatten_tensors(item, out, depth + 1)
+    return out
+
+
+@dataclass
+class Recording:
+    """The dataflow of one forward pass.
+
+    Attributes:
+        ops: every recorded operation, in execution order.
+        inputs: the example inputs' values.
+        outputs: the values of every tensor in the model's output.
+        calls: how many times each leaf layer was called.
+        taints: per leaf layer, why its parameters cannot be edited safely (a read
+            outside its own call, sharing with another layer, a hook).
+        modules: the model's modules by qualified name.
+        hooked: modules carrying user forward hooks or pre-hooks, with a description.
+    """
+
+    ops: list[Op]
+    inputs: list[Value]
+    outputs: list[Value]
+    calls: dict[str, int]
+    taints: dict[str, str]
+    modules: dict[str, nn.Module]
+    hooked: dict[str, str]
+
+
+class _Recorder(TorchFunctionMode):
+    """Builds a :class:`Recording` while the model runs."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.modules = modules
+        self.names = {id(m): name for name, m in modules.items()}
+        self.values: dict[tuple[int, int], Value] = {}
+        self.storage: dict[int, list[Value]] = {}
+        self.keep: list[Tensor] = []  # tensors stay alive so that ids are never reused
+        self.ops: list[Op] = []
+        self.stack: list[nn.Module] = []
+        self.depth = 0  # > 0 inside a leaf layer's call
+        self.calls: dict[str, int] = {}
+        self.taints: dict[str, str] = {}
+        self.pending: list[tuple[Any, Any]] = []
+        self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
+        self.leaf_names: dict[int, str] = {}
+        self.counter = itertools.count()
+        for name, module in modules.items():
+            if is_leaf(module):
+                self.leaf_names[id(module)] = name
+                for attr, tensor in itertools.chain(
+                    module.named_parameters(recurse=True), module.named_buffers(recurse=True)
+                ):
+                    previous = self.params.get(id(tensor))
+                    if previous is not None and previous[0] != name:
+                        why = f"{attr} of {name} is shared with {previous[0]} (tied weights)"
+                        self.taints.setdefault(name, why)
+                        self.taints.setdefault(
+                            previous[0],
+                            f"{previous[1]} of {previous[0]} is shared with {name} (tied weights)",
+                        )
+                    else:
+                        self.params[id(tensor)] = (name, attr)
+
+    # -- values
+    def value(self, tensor: Tensor) -> Value:
+        try:
+            version = tensor._version
+        except (RuntimeError, AttributeError):  # inference tensors have no version counter
+            version = 0
+        key = (id(tensor), version)
+        found = self.values.get(key)
+        if found is not None:
+            return found
+        owner = self.params.get(id(tensor))
+        found = Value(tuple(tensor.shape), param=f"{owner[0]}.{owner[1]}" if owner else None)
+        self._store(key, tensor, found)
+        return found
+
+    def _store(self, key: tuple[int, int], tensor: Tensor, value: Value) -> None:
+        value.tensor_id = id(tensor)
+        self.values[key] = value
+        self.keep.append(tensor)
+        try:
+            ptr = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return
+        if ptr:
+            self.storage.setdefault(ptr, []).append(value)
+
+    def wrap(self, obj: Any, depth: int = 0) -> Any:
+        """``obj`` with every tensor replaced by its value."""
+        if isinstance(obj, Tensor):
+            return self.value(obj)
+        if depth > 8:
+            return obj
+        if isinstance(obj, (list, tuple)):
+            return (
+                type(obj)(self.wrap(o, depth + 1) for o in obj)
+                if type(obj)
+                in (
+                    list,
+                    tuple,
+                )
+                else [self.wrap(o, depth + 1) for o in obj]
+            )
+        if isinstance(obj, dict):
+            return {k: self.wrap(v, depth + 1) for k, v in obj.items()}
+        return obj
+
+    def owner(self) -> tuple[str, str]:
+        if not self.stack:
+            return "", ""
+        module = self.stack[-1]
+        return self.names.get(id(module), ""), type(module).__name__
+
+    def add_op(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        inputs: list[Tensor],
+        result: Any,
+    ) -> None:
+        """Record one call whose (wrapped) arguments are ``args``/``kwargs``."""
+        outs = flatten_tensors(result, [])
+        in_ids = {id(t): t for t in inputs}
+        new: list[tuple[tuple[int, int], Tensor]] = []
+        inplace = False
+        for t in outs:
+            try:
+                version = t._version
+            except (RuntimeError, AttributeError):
+                version = 0
+            key = (id(t), version)
+            if key in self.values:
+                continue  # returned an input unchanged (dropout in eval, .to(same dtype))
+            if id(t) in in_ids:
+                inplace = True
+            new.append((key, t))
+        if not new and outs:
+            return  # nothing new was computed: the call is an identity
+        owner, owner_type = self.owner()
+        op = Op(next(self.counter), kind, target, args, kwargs, [], owner, owner_type, inplace)
+        for value in op.inputs():
+            value.users.append(op)
+        for key, t in new:
+            value = Value(tuple(t.shape), producer=op)
+            if inplace and id(t) in in_ids:
+                self._clobber(t)
+            self._store(key, t, value)
+            op.outputs.append(value)
+        self.ops.append(op)
+
+    def _clobber(self, tensor: Tensor) -> None:
+        """An in-place write into ``tensor``: every other value on its storage is stale."""
+        try:
+            ptr = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return
+        for value in self.storage.get(ptr, ()):
+            if value.tensor_id != id(tensor):  # earlier versions of the tensor itself are fine
+                value.clobbered = True
+
+    # -- torch functions
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if self.depth:
+            return func(*args, **kwargs)
+        name = func_name(func)
+        if name.lstrip(".") in _METADATA:
+            return func(*args, **kwargs)
+        tensors = flatten_tensors(list(args), [])
+        flatten_tensors(kwargs, tensors)
+        for t in tensors:
+            owner = self.params.get(id(t))
+            if owner is not None:
+                where = self.owner()
+                place = f"{where[1]}.forward" if where[0] else "forward"
+                self.taints.setdefault(
+                    owner[0], f"{owner[1]} of {owner[0]} also read by {name} in {place}"
+                )
+        wrapped_args, wrapped_kwargs = self.wrap(tuple(args)), self.wrap(kwargs)
+        result = func(*args, **kwargs)
+        self.add_op("function", func, wrapped_args, wrapped_kwargs, tensors, result)
+        return result
+
+    # -- module hooks
+    def pre_hook(self, module: nn.Module, args: Any) -> None:
+        self.stack.append(module)
+
+    def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
+    def leaf_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.depth == 0:
+            name = self.leaf_names[id(module)]
+            self.calls[name] = self.calls.get(name, 0) + 1
+            tensors = flatten_tensors(list(args), [])
+            flatten_tensors(kwargs, tensors)
+            self.pending.append((self.wrap(tuple(args)), self.wrap(dict(kwargs)), tensors))
+        self.depth += 1
+
+    def leaf_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.pending:
+            wrapped_args, wrapped_kwargs, tensors = self.pending.pop()
+            name = self.leaf_names[id(module)]
+            self.add_op("module", name, wrapped_args, wrapped_kwargs, tensors, output)
+
+
+#: Classes of PyTorch's own re-parametrisations that live in forward pre-hooks.
+def _known_reparam_hooks() -> tuple[type, ...]:
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return (BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+def materialise_reparametrisations(model: nn.Module) -> list[str]:
+    """Replace PyTorch re-parametrisations of leaf layers by their current plain weights.
+
+    ``torch.nn.utils.parametrize`` parametrisations (``parametrizations.weight_norm``,
+    ``spectral_norm``, ``orthogonal``, ...) and the legacy hook-based ones
+    (``torch.nn.utils.prune`` masks, ``weight_norm``, ``spectral_norm``) compute the
+    weight from other tensors on every call; compressing them means compressing the
+    weight they compute now. Runs on the caller's private copy; returns one line per
+    layer changed, for the report.
+    """
+    from torch.nn.utils import parametrize
+
+    known = _known_reparam_hooks()
+    notes: list[str] = []
+    for name, module in model.named_modules():
+        if not is_leaf(module):
+            continue
+        if parametrize.is_parametrized(module):
+            for attr in list(module.parametrizations.keys()):
+                kinds = ", ".join(type(p).__name__ for p in module.parametrizations[attr])
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+                notes.append(f"{name}: {attr} parametrization ({kinds}) materialised")
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if not isinstance(hook, known):
+                continue
+            attr = getattr(hook, "name", "weight")
+            with torch.no_grad():
+                value = getattr(module, attr).detach().clone()
+            if hasattr(hook, "remove"):
+                try:
+                    hook.remove(module)
+                except (AttributeError, RuntimeError, ValueError):
+                    pass
+            module._forward_pre_hooks.pop(key, None)
+            for extra in (f"{attr}_orig", f"{attr}_mask", f"{attr}_g", f"{attr}_v", f"{attr}_u"):
+                module._parameters.pop(extra, None)
+                module._buffers.pop(extra, None)
+            if attr in module.__dict__:
+                del module.__dict__[attr]
+            module._parameters.pop(attr, None)
+            module.register_parameter(attr, nn.Parameter(value))
+            notes.append(f"{name}: {attr} {type(hook).__name__} hook materialised")
+    return notes
+
+
+def _user_hooks(modules: dict[str, nn.Module]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name, module in modules.items():
+        kinds = []
+        if module._forward_pre_hooks:
+            kinds.append("forward pre-hook")
+        if module._forward_hooks:
+            kinds.append("forward hook")
+        if kinds:
+            found[name] = f"a {' and a '.join(kinds)} on {name or 'the model'}"
+    return found
+
+
+def check_recordable(model: nn.Module) -> None:
+    """Raise :class:`ModelError` for models the recorder cannot run soundly."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(
+            f"{type(model).__name__} is a TorchScript module; pass the original nn.Module"
+        )
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if isinstance(
+            tensor, nn.parameter.UninitializedParameter | nn.parameter.UninitializedBuffer
+        ):
+            raise ModelError(
+                f"{name} is an uninitialised lazy parameter; run the model once on real "
+                "inputs before compressing it"
+            )
+        if tensor.is_meta:
+            raise ModelError(
+                f"{name} is on the meta device (no data); load real weights before compressing"
+            )
+
+
+def as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` from a tensor, a sequence of them, or a mapping of keyword inputs."""
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs), {}
+    raise ConfigError(
+        "example_inputs must be a tensor, a tuple of tensors or a mapping of keyword inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose Python ``forward`` runs: ``torch.compile`` wrappers are unwrapped."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return inner
+    return model
+
+
+def record(
+    model: nn.Module,
+    example_inputs: Any,
+    modules: dict[str, nn.Module] | None = None,
+) -> Recording:
+    """Run ``model`` once on ``example_inputs`` (under ``no_grad``) and record its dataflow.
+
+    ``model`` should be in eval mode. ``modules`` is ``dict(model.named_modules())`` if
+    the caller has it. Errors raised by the model become :class:`ModelError`.
+    """
+    check_recordable(model)
+    modules = modules if modules is not None else dict(model.named_modules())
+    args, kwargs = as_inputs(example_inputs)
+    hooked = _user_hooks(modules)
+    from torch.nn.modules import module as module_impl
+
+    if getattr(module_impl, "_global_forward_hooks", None) or getattr(
+        module_impl, "_global_forward_pre_hooks", None
+    ):
+        hooked.setdefault("*", "a global forward hook")
+    recorder = _Recorder(modules)
+    handles = [
+        nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook),
+        nn.modules.module.register_module_forward_hook(recorder.post_hook, always_call=True),
+    ]
+    for name, module in modules.items():
+        if is_leaf(module):
+            handles.append(
+                module.register_forward_pre_hook(recorder.leaf_pre, with_kwargs=True, prepend=True)
+            )
+            handles.append(
+                module.register_forward_hook(recorder.leaf_post, with_kwargs=True, always_call=True)
+            )
+    runner = unwrap(model)
+    try:
+        with torch.no_grad():
+            inputs = [recorder.value(t) for t in flatten_tensors([args, kwargs], [])]
+            for value in inputs:
+                value.is_input = True
+            with recorder:
+                output = runner(*args, **kwargs)
+    except Exception as exc:  # the user's forward may raise anything
+        raise ModelError(
+            f"running {type(model).__name__} on the example inputs failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}); "
+            "check their shapes and dtypes"
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
+    return Recording(
+        recorder.ops, inputs, outputs, recorder.calls, recorder.taints, modules, hooked
+    )
+
+
+__all__ = [
+    "LEAF_TYPES",
+    "Op",
+    "Recording",
+    "Value",
+    "as_inputs",
+    "check_recordable",
+    "flatten_tensors",
+    "func_name",
+    "is_conv1d_transposed",
+    "is_leaf",
+    "materialise_reparametrisations",
+    "record",
+    "unwrap",
+]
