@@ -290,3 +290,10 @@ def params_linear(fin: int, fout: int, bias: bool = True) -> int:
 
 def params_conv(cin: int, cout: int, k: int, bias: bool) -> int:
     return cin * cout * k * k + (cout if bias else 0)
+
+
+def simple(groups: list) -> list:
+    r"""Channel groups as ``MergeGroup``\ s (producer, consumer, bn, features), for comparisons."""
+    import neuron_merging as nm
+
+    return [nm.MergeGroup(g.producer, g.consumer, g.bn, g.features[0]) for g in groups]

@@ -449,7 +449,7 @@ def test_report_describes_the_run() -> None:
     )
     assert all(v >= 0 for v in report.timings.values())
     data = json.loads(json.dumps(report.to_dict()))
-    assert data["groups"][0]["producer"] == "conv"
+    assert data["groups"][0]["producers"] == ["conv"]
     assert data["config"]["ratio"] == 0.5
     md = report.to_markdown()
     assert "| conv | bn | fc | 8 | 4 | 4 |" in md and "model output" in md

@@ -2,7 +2,8 @@
 
 Hypothesis draws random MLPs and CNNs (widths 1–64, with or without bias and
 batch norm, max/avg/adaptive pooling, flatten into a Linear head, depthwise
-convolutions that must be skipped) and random or adversarial weights: duplicated
+convolutions that are sliced with the group they carry, or skipped when they read
+the input) and random or adversarial weights: duplicated
 rows (positive and negative multiples), zero rows, huge (up to 3e38) and tiny
 (down to 1e-45) magnitudes, γ = 0, negative γ, zero or tiny running variances,
 and now and then a NaN or Inf planted in a parameter or buffer.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -156,7 +157,7 @@ class Producer:
     bn: str | None
     consumer: str
     grouped: bool
-    consumer_grouped: bool
+    through: list[Producer] = field(default_factory=list)  # depthwise layers up to the consumer
 
 
 def _adversarial_rows(
@@ -242,7 +243,7 @@ def build(spec: Spec) -> tuple[nn.Sequential, torch.Tensor, list[Producer]]:
             bn_name = add(bn)
             bn_inits.append((bn, layer.bn_stats))
         add(nn.ReLU())
-        producers.append(Producer(name, bn_name, "", grouped, False))
+        producers.append(Producer(name, bn_name, "", grouped))
 
     if spec.kind == "mlp":
         x = torch.randn(2, spec.in_channels, generator=g)
@@ -289,11 +290,14 @@ def build(spec: Spec) -> tuple[nn.Sequential, torch.Tensor, list[Producer]]:
             flat[int(torch.randint(flat.numel(), (1,), generator=g))] = (
                 float("nan") if spec.poison == "nan" else float("-inf")
             )
-    # Link every producer to the next one (its consumer).
+    # Link every producer to the next one that is not depthwise (its consumer).
     names = [p.name for p in producers] + [head_name]
     grouped = [p.grouped for p in producers] + [False]
     for i, p in enumerate(producers):
-        p.consumer, p.consumer_grouped = names[i + 1], grouped[i + 1]
+        j = i + 1
+        while grouped[j]:
+            j += 1
+        p.consumer, p.through = names[j], producers[i + 1 : j]
     return model, x, producers
 
 
@@ -350,7 +354,8 @@ def check_case(spec: Spec, call: Call) -> None:
         rounding=call.rounding,
         mode=call.op,
     )
-    compressed = [p for p in producers if not p.grouped and not p.consumer_grouped]
+    compressed = [p for p in producers if not p.grouped]
+    carried = {t.name for p in compressed for t in p.through}
     expected = {
         p.name: config.kept_count(_width(model.get_submodule(p.name))[1]) for p in compressed
     }
@@ -408,6 +413,12 @@ def check_case(spec: Spec, call: Call) -> None:
             assert _width(consumer)[0] == n * per_channel
             if p.bn is not None:
                 assert out.get_submodule(p.bn).num_features == n
+            for t in p.through:  # depthwise layers carry the group's channels
+                assert _width(out.get_submodule(t.name)) == (n, n)
+                if t.bn is not None:
+                    assert out.get_submodule(t.bn).num_features == n
+        elif p.name in carried:
+            continue
         else:
             assert n == _width(original)[1]
             assert p.name in {s.name for s in result.report.skipped}

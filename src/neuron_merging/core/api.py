@@ -198,7 +198,7 @@ def _plan(
         producer = modules[group.producer]
         bn = modules[group.bn] if group.bn is not None else None
         with_bias = bn is None and producer.bias is not None
-        width = producer.weight[0].numel() + int(with_bias)
+        width = _weight_rows(producer).shape[1] + int(with_bias)
         dtypes = (producer.weight.dtype, producer.bias.dtype if with_bias else None)
         eps = float(bn.eps) if bn is not None else None
         batchable = len(group.producers) == 1 and n * width <= _BATCH_ELEMENTS
@@ -332,8 +332,8 @@ def compress(
         recording = record(work, example_inputs, modules)
         found, skipped = groups_from_recording(recording, config.coupled)
         if groups is not None:
-            simple = found if not config.coupled else groups_from_recording(recording, False)[0]
-            found = resolve_groups(work, groups, (simple, skipped))
+            simple = (found, skipped) if not config.coupled else groups_from_recording(recording)
+            found = resolve_groups(work, groups, simple)
             skipped = []
     timings["trace"] = time.perf_counter() - t0
     targets = _targets(config, found, skipped, modules)

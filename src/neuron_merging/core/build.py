@@ -339,6 +339,7 @@ def apply_plans(
         direct = not _registration_hooks()
         for name, weight in new_weights.items():
             layer = modules[name]
+            transposed = is_conv1d_transposed(layer)  # decided before the weight changes
             _replace(layer, "weight", weight, direct)
             if name in rows and layer.bias is not None:
                 _replace(
@@ -346,7 +347,7 @@ def apply_plans(
                 )
             if isinstance(layer, nn.Linear):
                 layer.out_features, layer.in_features = weight.shape[0], weight.shape[1]
-            elif is_conv1d_transposed(layer):
+            elif transposed:
                 layer.nf = weight.shape[1]
             else:
                 layer.out_channels, layer.in_channels = weight.shape[0], weight.shape[1]

@@ -419,6 +419,12 @@ class _Analysis:
                 self.function_op(op)
         for value in self.rec.outputs:
             self.break_info(self.get(value), "its output reaches the model output")
+        for value, dim, what in self.rec.size_uses:
+            info = self.get(value)
+            if info is not None and (dim is None or dim % max(len(value.shape), 1) == info.axis):
+                self.break_info(
+                    info, f"its channel count (.shape/.size()) is used as a number ({what})"
+                )
         # values written in place through an alias
         for op in self.rec.ops:
             for value in (*op.inputs(), *op.outputs):
@@ -806,7 +812,7 @@ class _Analysis:
             self.set(out, result)
             return
         result = None
-        for t, i in zip(tensors, infos, strict=True):
+        for i in infos:
             if i is None:
                 raise _Break(
                     f"its output is concatenated (along dim {dim}) with a tensor that cannot be pruned"
@@ -856,32 +862,37 @@ class _Break(Exception):
 
 
 def _reshaped(before: Sequence[int], after: Sequence[int], info: _Info) -> _Info | None:
-    """``info`` after a reshape from ``before`` to ``after``, or ``None`` if channels are mixed."""
+    """``info`` after a reshape from ``before`` to ``after``, or ``None`` if channels are mixed.
+
+    The channel dimension survives when some dimension of ``after`` holds exactly
+    the same elements: the product of the dimensions before it is unchanged, and it
+    is the channel dimension itself or the channel dimension merged with the
+    dimensions right after it (a channel-major flatten: each channel then owns a
+    block of consecutive features). Size-1 dimensions make several positions
+    equivalent; the channel's own position is preferred, else the last one.
+    """
     a = info.axis
-    prefix = math.prod(before[:a])
-    running = 1
-    for a2, size in enumerate(after):
-        if running == prefix:
-            break
-        running *= size
-    else:
-        return None
-    if running != prefix or a2 >= len(after):
-        # the channel dimension may be preceded by size-1 dims in ``after``
-        return None
-    while a2 < len(after) and after[a2] == 1 and before[a] != 1:
-        a2 += 1
-    if a2 >= len(after):
-        return None
-    if after[a2] == before[a]:
-        return _Info(info.segments, a2, info.block)
-    merged = before[a]
-    for j in range(a + 1, len(before)):
-        merged *= before[j]
-        if merged == after[a2]:
-            return _Info(info.segments, a2, info.block * (merged // before[a]))
-        if merged > after[a2]:
-            break
+    prefix, channel = math.prod(before[:a]), before[a]
+    options: list[tuple[int, int]] = []
+    # The channel dimension never moves to the front: with batch 1 that position
+    # would be accepted for a reshape that mixes channels across the batch.
+    for a2 in range(1 if a > 0 else 0, len(after)):
+        if math.prod(after[:a2]) != prefix:
+            continue
+        merged = channel
+        for j in range(a + 1, len(before) + 1):
+            if merged == after[a2] and math.prod(after[a2 + 1 :]) == math.prod(before[j:]):
+                options.append((a2, merged // channel if channel else 1))
+                break
+            if j == len(before) or merged > after[a2]:
+                break
+            merged *= before[j]
+    for a2, factor in options:
+        if a2 == a:
+            return _Info(info.segments, a2, info.block * factor)
+    if options:
+        a2, factor = options[-1]
+        return _Info(info.segments, a2, info.block * factor)
     return None
 
 
@@ -905,6 +916,7 @@ def groups_from_recording(
     groups: list[ChannelGroup] = []
     skipped: list[SkippedLayer] = []
     seen: set[int] = set()
+    reported: set[str] = set()
     for space in analysis.spaces:
         root = space.root()
         if id(root) in seen:
@@ -927,8 +939,10 @@ def groups_from_recording(
                     else f"its output is read by {why}"
                 ) + " (coupled channels: pass coupled=True to prune them jointly)"
         if reason is not None:
-            for name in root.producers:
-                skipped.append(SkippedLayer(name, reason))
+            for name in [*root.producers, *(p[0] for p in root.passthrough)]:
+                if name not in reported:
+                    reported.add(name)
+                    skipped.append(SkippedLayer(name, reason))
             continue
         consumers = root.consumers
         groups.append(

@@ -22,6 +22,7 @@ than once.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,8 +61,21 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
 
 
 def is_leaf(module: nn.Module) -> bool:
-    """Whether ``module`` is recorded as a single operation."""
-    return type(module) in LEAF_TYPES or is_conv1d_transposed(module)
+    """Whether ``module`` is recorded as a single operation.
+
+    Only layers that run their class's own ``forward`` qualify: a subclass that
+    overrides it, or an instance whose ``forward`` was replaced (monkeypatching,
+    adapter hooks), is code to record like any other.
+    """
+    if "forward" in module.__dict__:
+        return False
+    if is_conv1d_transposed(module):
+        return True
+    for base in LEAF_TYPES:
+        if isinstance(module, base) and type(module).forward is base.forward:
+            conv = getattr(base, "_conv_forward", None)
+            return conv is None or type(module)._conv_forward is conv
+    return False
 
 
 #: Tensor methods and attributes that read metadata only; they are not data uses.
@@ -112,6 +126,63 @@ def func_name(func: Any) -> str:
     if name is None:
         return type(func).__name__
     return name
+
+
+#: Functions that may take a recorded dimension size as an argument: they only shape
+#: tensors, so a size read from a value and passed on stays consistent after pruning.
+_SHAPE_ARGUMENTS = frozenset(
+    {
+        "view",
+        "reshape",
+        "expand",
+        "flatten",
+        "unflatten",
+        "broadcast_to",
+        "zeros",
+        "ones",
+        "empty",
+        "new_zeros",
+        "new_ones",
+        "new_empty",
+        "size",
+    }
+)
+
+
+class DimSize(int):
+    """A dimension's size read from a recorded value (``x.shape[1]``, ``x.size(1)``).
+
+    It behaves as the plain ``int``; arithmetic on it, or passing it to a torch
+    function other than a reshape, is noted, because a size that is a group's channel
+    count changes when the group is pruned (``y / h.shape[-1]`` would change value).
+    """
+
+    def __new__(cls, size: int, note: Callable[[str], None]) -> DimSize:
+        obj = super().__new__(cls, size)
+        obj._note = note  # type: ignore[attr-defined]
+        return obj
+
+    def _used(self, what: str) -> None:
+        self._note(what)  # type: ignore[attr-defined]
+
+
+def _arithmetic(name: str) -> Callable[..., Any]:
+    plain = getattr(int, name)
+
+    def method(self: DimSize, *args: Any) -> Any:
+        self._used(f"Python {name.strip('_')}")
+        return plain(int(self), *(int(a) if isinstance(a, DimSize) else a for a in args))
+
+    method.__name__ = name
+    return method
+
+
+for _name in (
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+    "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__",
+    "__rpow__", "__neg__", "__float__", "__lshift__", "__rshift__", "__divmod__",
+):  # fmt: skip
+    setattr(DimSize, _name, _arithmetic(_name))
 
 
 @dataclass(eq=False)
@@ -193,16 +264,22 @@ def _collect(value: Any, out: list[Value]) -> None:
 
 
 def flatten_tensors(value: Any, out: list[Tensor], depth: int = 0) -> list[Tensor]:
-    """Every tensor in a nest of tuples, lists, mappings and dataclass-like outputs."""
-    if depth > 32:
+    """Every tensor in a nest of tuples, lists, mappings, dataclasses and plain objects."""
+    if depth > 32 or isinstance(value, (str, bytes, int, float, bool, type(None), nn.Module)):
         return out
     if isinstance(value, Tensor):
         out.append(value)
     elif isinstance(value, Mapping):
         for item in value.values():
             flatten_tensors(item, out, depth + 1)
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple, set, frozenset)):
         for item in value:
+            flatten_tensors(item, out, depth + 1)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            flatten_tensors(getattr(value, item.name, None), out, depth + 1)
+    elif hasattr(value, "__dict__") and not callable(value):
+        for item in vars(value).values():
             flatten_tensors(item, out, depth + 1)
     return out
 
@@ -229,6 +306,7 @@ class Recording:
     taints: dict[str, str]
     modules: dict[str, nn.Module]
     hooked: dict[str, str]
+    size_uses: list[tuple[Value, int | None, str]] = field(default_factory=list)
 
 
 class _Recorder(TorchFunctionMode):
@@ -247,6 +325,7 @@ class _Recorder(TorchFunctionMode):
         self.calls: dict[str, int] = {}
         self.taints: dict[str, str] = {}
         self.pending: list[tuple[Any, Any]] = []
+        self.size_uses: list[tuple[Value, int | None, str]] = []
         self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
         self.leaf_names: dict[int, str] = {}
         self.counter = itertools.count()
@@ -381,7 +460,15 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         name = func_name(func)
         if name.lstrip(".") in _METADATA:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            if name in ("size", ".shape", "numel", "__len__") and args:
+                return self.sizes(args[0], result, args[1] if len(args) > 1 else kwargs.get("dim"))
+            return result
+        if name not in _SHAPE_ARGUMENTS:
+            for arg in (*args, *kwargs.values()):
+                for item in arg if isinstance(arg, (list, tuple)) else (arg,):
+                    if isinstance(item, DimSize):
+                        item._used(f"passed to {name}")
         tensors = flatten_tensors(list(args), [])
         flatten_tensors(kwargs, tensors)
         for t in tensors:
@@ -395,6 +482,30 @@ class _Recorder(TorchFunctionMode):
         wrapped_args, wrapped_kwargs = self.wrap(tuple(args)), self.wrap(kwargs)
         result = func(*args, **kwargs)
         self.add_op("function", func, wrapped_args, wrapped_kwargs, tensors, result)
+        return result
+
+    def sizes(self, tensor: Any, result: Any, dim: Any) -> Any:
+        """``result`` of a size query, with sizes that note their use (see :class:`DimSize`)."""
+        if not isinstance(tensor, Tensor):
+            return result
+        try:
+            key = (id(tensor), tensor._version)
+        except (RuntimeError, AttributeError):
+            return result
+        value = self.values.get(key)
+        if value is None or value.producer is None:
+            return result
+
+        def note(d: int | None) -> Callable[[str], None]:
+            return lambda what: self.size_uses.append((value, d, what))
+
+        if isinstance(result, torch.Size):
+            return torch.Size(DimSize(n, note(i)) for i, n in enumerate(result))
+        if isinstance(result, int) and not isinstance(result, bool):
+            d = dim if isinstance(dim, int) else (0 if dim is None and len(tensor.shape) else None)
+            if dim is None:  # numel() or len(): every dimension, or the first
+                d = None if result == tensor.numel() and tensor.dim() != 1 else 0
+            return DimSize(result, note(d))
         return result
 
     # -- module hooks
@@ -446,25 +557,38 @@ def materialise_reparametrisations(model: nn.Module) -> list[str]:
     known = _known_reparam_hooks()
     notes: list[str] = []
     for name, module in model.named_modules():
-        if not is_leaf(module):
+        if not isinstance(module, LEAF_TYPES) and not is_conv1d_transposed(module):
             continue
         if parametrize.is_parametrized(module):
-            for attr in list(module.parametrizations.keys()):
-                kinds = ", ".join(type(p).__name__ for p in module.parametrizations[attr])
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-                notes.append(f"{name}: {attr} parametrization ({kinds}) materialised")
+            # parametrize swaps the class for a generated subclass of the original one;
+            # that class is shared with the caller's model, so it is left as it is.
+            lists = module.parametrizations
+            with torch.no_grad():
+                values = {attr: getattr(module, attr).detach().clone() for attr in lists}
+            kinds = {attr: ", ".join(type(p).__name__ for p in lists[attr]) for attr in lists}
+            module.__class__ = type(module).__bases__[0]
+            del module._modules["parametrizations"]
+            for attr, value in values.items():
+                module._parameters[attr] = nn.Parameter(value)
+                notes.append(f"{name}: {attr} parametrization ({kinds[attr]}) materialised")
         for key, hook in list(module._forward_pre_hooks.items()):
             if not isinstance(hook, known):
                 continue
             attr = getattr(hook, "name", "weight")
-            with torch.no_grad():
-                value = getattr(module, attr).detach().clone()
-            if hasattr(hook, "remove"):
-                try:
-                    hook.remove(module)
-                except (AttributeError, RuntimeError, ValueError):
-                    pass
+            with torch.no_grad():  # the weight the hook would compute for the next call
+                if hasattr(hook, "apply_mask"):
+                    value = hook.apply_mask(module)
+                elif type(hook).__name__ == "SpectralNorm":
+                    value = hook.compute_weight(module, do_power_iteration=False)
+                else:
+                    value = hook.compute_weight(module)
+                value = value.detach().clone()
             module._forward_pre_hooks.pop(key, None)
+            for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+                for hook_key, other in list(hooks.items()):
+                    target = getattr(other, "hook", other)
+                    if "SpectralNorm" in type(target).__name__:
+                        hooks.pop(hook_key)
             for extra in (f"{attr}_orig", f"{attr}_mask", f"{attr}_g", f"{attr}_v", f"{attr}_u"):
                 module._parameters.pop(extra, None)
                 module._buffers.pop(extra, None)
@@ -556,13 +680,15 @@ def record(
         nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook),
         nn.modules.module.register_module_forward_hook(recorder.post_hook, always_call=True),
     ]
-    for name, module in modules.items():
+    for module in modules.values():
         if is_leaf(module):
+            # The user's pre-hooks run before ours and their forward hooks after ours,
+            # so that hook code is recorded like the rest of the model's code.
+            handles.append(module.register_forward_pre_hook(recorder.leaf_pre, with_kwargs=True))
             handles.append(
-                module.register_forward_pre_hook(recorder.leaf_pre, with_kwargs=True, prepend=True)
-            )
-            handles.append(
-                module.register_forward_hook(recorder.leaf_post, with_kwargs=True, always_call=True)
+                module.register_forward_hook(
+                    recorder.leaf_post, with_kwargs=True, always_call=True, prepend=True
+                )
             )
     runner = unwrap(model)
     try:
@@ -583,7 +709,14 @@ def record(
             handle.remove()
     outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
     return Recording(
-        recorder.ops, inputs, outputs, recorder.calls, recorder.taints, modules, hooked
+        recorder.ops,
+        inputs,
+        outputs,
+        recorder.calls,
+        recorder.taints,
+        modules,
+        hooked,
+        recorder.size_uses,
     )
 
 
