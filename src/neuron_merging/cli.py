@@ -116,6 +116,11 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bn-rule", choices=("paper", "exact"), default="paper", help="BN merge rule"
     )
+    parser.add_argument(
+        "--coupled",
+        action="store_true",
+        help="also compress coupled channels: residual streams, concats, shared inputs",
+    )
     parser.set_defaults(_criteria=available_criteria())
 
 
@@ -331,6 +336,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             lam=args.lam,
             bn_rule=args.bn_rule,
+            coupled=args.coupled,
         )
         result = compress(model, example_input(arch), config)
         model = result.model
@@ -385,6 +391,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         lam=args.lam,
         bn_rule=args.bn_rule,
+        coupled=args.coupled,
         output_dir=args.output,
         resume=args.resume,
         show_progress=not args.quiet,

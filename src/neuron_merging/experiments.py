@@ -105,6 +105,7 @@ def compression_config(
     threshold: float | str | None = None,
     lam: float | None = None,
     bn_rule: str = "paper",
+    coupled: bool = False,
 ) -> MergeConfig:
     """The :class:`MergeConfig` of one experiment.
 
@@ -112,7 +113,8 @@ def compression_config(
     explicit ``threshold``/``lam`` still wins, and ``threshold=NO_THRESHOLD``
     merges every pruned neuron); ``ratio=None`` selects the fixed VGG widths of the
     paper. With ``preset="none"`` the library defaults apply and ``ratio`` is used
-    uniformly.
+    uniformly. ``coupled`` adds the coupled channel groups (residual streams,
+    concats) and keeps the preset's threshold, λ and rounding.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -151,6 +153,7 @@ def compression_config(
         keep=keep,
         exclude=exclude,
         mode=mode,
+        coupled=coupled,
     )
 
 
@@ -263,6 +266,7 @@ def run_sweep(
     threshold: float | str | None = None,
     lam: float | None = None,
     bn_rule: str = "paper",
+    coupled: bool = False,
     output_dir: str | Path | None = None,
     resume: bool = False,
     show_progress: bool = True,
@@ -329,6 +333,7 @@ def run_sweep(
                 threshold=threshold,
                 lam=lam,
                 bn_rule=bn_rule,
+                coupled=coupled,
             )
             label = f"{mode} {criterion} r={ratio if ratio is not None else 'cfg'}"
         bar.set_postfix_str(label)
@@ -343,6 +348,7 @@ def run_sweep(
             "lam": None if config is None else config.lam,
             "bn_rule": None if config is None else config.bn_rule,
             "preset": preset,
+            "coupled": None if config is None else config.coupled,
             "accuracy": round(outcome.result.accuracy, 2),
             "correct": outcome.result.correct,
             "total": outcome.result.total,
