@@ -3,7 +3,8 @@
 The main entry points are :func:`merge` and :func:`prune` (and :func:`compress`
 with a :class:`MergeConfig`). They return a :class:`MergeResult` holding a new,
 physically smaller model and a report of what was done. The compression core
-lives in :mod:`neuron_merging.core`.
+lives in :mod:`neuron_merging.core`; :func:`save` and :func:`load` store a
+compressed model without pickle (:mod:`neuron_merging.serialize`).
 """
 
 from .core.api import MergeResult, compress, count_parameters, merge, prune
@@ -20,6 +21,7 @@ from .core.errors import (
 from .core.groups import MergeGroup, SkippedLayer, find_groups
 from .core.report import GroupReport, MergeReport
 from .core.select import available_criteria, register_criterion
+from .serialize import load, read_manifest, save
 
 __version__ = "0.1.0"
 
@@ -44,7 +46,10 @@ __all__ = [
     "compress",
     "count_parameters",
     "find_groups",
+    "load",
     "merge",
     "prune",
+    "read_manifest",
     "register_criterion",
+    "save",
 ]
