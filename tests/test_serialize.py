@@ -349,3 +349,19 @@ def test_module_doctest_runs() -> None:
 
     results = doctest.testmod(neuron_merging.serialize, verbose=False)
     assert results.attempted > 0 and results.failed == 0
+
+
+def test_serialize_benchmark_smoke() -> None:
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks import bench_serialize
+
+    rows = bench_serialize.run(smoke=True, repeats=1)
+    assert {r["model"].split()[0] for r in rows} >= {"lenet300", "resnet56", "OPT"}
+    for row in rows:
+        assert row["st_identical"] and row["pt_identical"], row["model"]
+        assert 0 < row["st_bytes"] < 1.1 * row["pickle_bytes"] + row["manifest_bytes"]
+    assert "| lenet300 r=0.5 |" in bench_serialize.table(rows)
