@@ -7,6 +7,7 @@ lives in :mod:`neuron_merging.core`; :func:`save` and :func:`load` store a
 compressed model without pickle (:mod:`neuron_merging.serialize`).
 """
 
+from . import export, hf
 from .core.api import MergeResult, compress, count_parameters, merge, prune
 from .core.build import GroupPlan
 from .core.config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
@@ -45,7 +46,9 @@ __all__ = [
     "available_criteria",
     "compress",
     "count_parameters",
+    "export",
     "find_groups",
+    "hf",
     "load",
     "merge",
     "prune",
