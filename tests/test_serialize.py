@@ -257,10 +257,19 @@ def test_wrong_architecture_is_a_checkpoint_error(tmp_path: Path) -> None:
     _lenet_save(tmp_path)
     other = models.create("resnet56")
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(nm.CheckpointError, match="does not fit the model"):
+    with pytest.raises(nm.CheckpointError, match="saved from a LeNet300, not a ResNet"):
         nm.load(other, tmp_path)
     after = other.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # untouched
+
+
+def test_same_class_other_structure_is_refused(tmp_path: Path) -> None:
+    _lenet_save(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["modules"]["extra"] = manifest["modules"]["ip3"]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(nm.CheckpointError, match="modules in the file but not the model: extra"):
+        nm.load(models.create("lenet300"), tmp_path)
 
 
 def test_changed_module_type_or_rank_is_refused(tmp_path: Path) -> None:

@@ -312,7 +312,7 @@ def save(
         "neuron_merging_version": __version__,
         "torch_version": torch.__version__,
         "model_type": _type_name(model),
-        "config": None if report_dict is None else _jsonable(report_dict["config"], "config"),
+        "config": None if report_dict is None else _jsonable(report_dict.get("config"), "config"),
         "report": None if report_dict is None else _jsonable(report_dict, "report"),
         "model_config": _model_config(model),
         "metadata": _jsonable(dict(metadata or {}), "metadata"),
@@ -623,12 +623,12 @@ def _read_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, Tensor
     return tensors
 
 
-def load(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.Module:
+def load(model: nn.Module, path: PathLike) -> nn.Module:
     """Load the save at ``path`` into ``model``, a fresh instance of the original architecture.
 
     Every module whose shapes the manifest changes is resized in place, then the
-    weights are loaded (``strict`` as in :meth:`nn.Module.load_state_dict`).
-    The model's train/eval mode is left as it is. Nothing from the file is
+    weights are loaded with ``strict=True``: the model must have exactly the
+    saved modules and tensors. The model's train/eval mode is left as it is. Nothing from the file is
     unpickled or executed.
 
     Returns:
@@ -636,15 +636,21 @@ def load(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.Module:
 
     Raises:
         CheckpointError: the save is missing, corrupt, of a newer format, or
-            does not fit ``model`` (other modules, types, tensor names or
-            ranks); ``model`` is not modified in that case unless the weights
-            themselves fail to load.
+            does not fit ``model`` (another class, other modules, types, tensor
+            names or ranks); ``model`` is not modified in that case unless the
+            weights themselves fail to load.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     file = _manifest_path(path)
     manifest = read_manifest(file)
     directory = file.parent
+    saved_type = manifest.get("model_type")
+    if saved_type is not None and saved_type != _type_name(model):
+        raise CheckpointError(
+            f"{directory}: was saved from a {saved_type}, not a {_type_name(model)}; pass a "
+            "fresh instance of the architecture that was compressed"
+        )
     weights = _read_weights(directory, manifest)
     for alias, source in manifest["aliases"].items():
         if not isinstance(source, str) or source not in weights:
@@ -653,8 +659,7 @@ def load(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.Module:
     changes = _plan_changes(model, manifest, directory)
     _apply_changes(changes, model, directory)
     try:
-        outcome = model.load_state_dict(weights, strict=strict)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{directory}: the weights do not fit the model: {exc}") from exc
-    del outcome
     return model
