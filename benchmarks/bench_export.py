@@ -227,9 +227,12 @@ def table(results: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]])
         cells = []
         for _, key in columns:
             original, compressed = r["checks"]["original"][key], r["checks"]["compressed"][key]
-            cells.append(
-                _cell(compressed) if original.ok else f"uncompressed fails: {original.error}"
-            )
+            if original.ok:
+                cells.append(_cell(compressed))
+            elif original.error:
+                cells.append(f"uncompressed fails: {original.error}")
+            else:
+                cells.append(f"uncompressed off by {original.max_abs_diff:.1e}")
         params = f"{r['params'][0]:,} → {r['params'][1]:,}"
         rows.append([r["case"].name, params, _scale(r["checks"]["compressed"]), *cells])
     return C.md_table(["model", "params", "max |y|", *(h for h, _ in columns)], rows)
