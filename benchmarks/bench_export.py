@@ -216,8 +216,8 @@ def _scale(checks: dict[str, ExportCheck]) -> str:
 def table(results: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """Markdown: one row per model, max |Δ| of the compressed model per format.
 
-    ``max |y|`` is the largest eager output; a difference passes when it is at
-    most ``1e-4 · max(1, max |y|)``.
+    ``max abs output`` is the largest eager output magnitude; a difference
+    passes when it is at most ``1e-4 · max(1, max abs output)``.
 
     ``columns`` are ``(heading, key)`` pairs, the key naming a format in the
     results (``"onnx@dynamo"`` for an extra ONNX exporter run).
@@ -235,7 +235,7 @@ def table(results: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]])
                 cells.append(f"uncompressed off by {original.max_abs_diff:.1e}")
         params = f"{r['params'][0]:,} → {r['params'][1]:,}"
         rows.append([r["case"].name, params, _scale(r["checks"]["compressed"]), *cells])
-    return C.md_table(["model", "params", "max |y|", *(h for h, _ in columns)], rows)
+    return C.md_table(["model", "params", "max abs output", *(h for h, _ in columns)], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
