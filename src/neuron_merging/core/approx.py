@@ -32,7 +32,10 @@ is ``E[(a_n − s·a_m − t)²]``. Minimising it gives
 
 Pruning is ``s = t = 0`` with error ``E[a_n²]``, so the merge is never worse
 than pruning under the model, and strictly better whenever the two
-activations are correlated. The partner is the candidate with the largest
+activations are correlated. The offset is only as good as the model's means:
+on a real network (all-MiniLM-L6-v2, ``docs/deployment.md``) the scale-only
+merge beats pruning while the offset does worse, so ``offset=False`` is the
+default. The partner is the candidate with the largest
 explained fraction ``ρ²``; the candidates are the ``candidates`` kept neurons
 whose weight rows are most cosine-similar (for a gated unit: the mean of the
 gate-row and up-row cosines, since an exact merge needs equal gate rows and
