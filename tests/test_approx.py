@@ -188,3 +188,20 @@ def test_threshold_edge_cases_and_errors() -> None:
     bias[0] = -50.0
     result = assign_approx(dead, bias, kept, pruned, "relu")
     assert not (result.partner == 0).any()
+
+
+def test_a_batch_of_groups_equals_each_group_alone() -> None:
+    g = torch.Generator().manual_seed(9)
+    rows = torch.randn(3, 10, 4, generator=g, dtype=torch.float64)
+    up = torch.randn(3, 10, 4, generator=g, dtype=torch.float64)
+    kept = torch.stack([torch.randperm(10, generator=g)[:6].sort().values for _ in range(3)])
+    pruned = torch.stack(
+        [torch.tensor([i for i in range(10) if i not in set(k.tolist())]) for k in kept]
+    )
+    batch = assign_approx(rows, None, kept, pruned, "swiglu", up_rows=up, offset=True)
+    assert batch.partner.shape == (3, 4) and batch.offset.shape == (3, 4)
+    for i in range(3):
+        one = assign_approx(rows[i], None, kept[i], pruned[i], "swiglu", up_rows=up[i], offset=True)
+        assert torch.equal(batch.partner[i], one.partner)
+        assert torch.equal(batch.scale[i], one.scale)
+        assert torch.equal(batch.offset[i], one.offset)

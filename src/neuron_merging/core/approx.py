@@ -225,7 +225,7 @@ def _up_factor(
     return resid[..., None, None] + u_m * u_n
 
 
-def assign_approx(
+def _assign_one(
     rows: Tensor,
     bias: Tensor | None,
     kept: Tensor,
@@ -241,33 +241,7 @@ def assign_approx(
     threshold: float | None = None,
     nodes: int = 40,
 ) -> ApproxAssignment:
-    """Partners and least-squares scales for merging through ``activation`` (see the module notes).
-
-    Args:
-        rows: ``(n, f)`` producer weight rows (a conv's kernels flattened); for
-            a gated unit, the gate projection's rows.
-        bias: ``(n,)`` producer bias, or ``None``.
-        kept: ``(k,)`` indices of the kept neurons.
-        pruned: ``(p,)`` indices of the pruned neurons.
-        activation: one of :data:`ACTIVATIONS`.
-        up_rows: ``(n, f)`` rows of the up projection (gated units only).
-        up_bias: ``(n,)`` its bias, or ``None``.
-        input_mean: ``(f,)`` mean of the producer's input (default 0).
-        input_var: ``(f,)`` per-feature variance of the input (default 1).
-        candidates: how many most cosine-similar kept neurons are scored per
-            pruned neuron (1: the cosine partner, as for exact merging).
-        offset: also fit a constant folded into the consumer's bias.
-        threshold: merge only when the explained fraction reaches it (default:
-            whenever it is positive, i.e. the merge beats pruning under the model).
-        nodes: Gauss–Hermite nodes per dimension.
-
-    Returns:
-        An :class:`ApproxAssignment`: ``partner`` (position in ``kept``, ``-1``
-        for dropped), ``scale``, ``offset``, ``similarity`` (cosine of the
-        chosen rows), ``explained``, and the expected errors of pruning and of
-        the merge. Tensors are float64 for the statistics, like the inputs'
-        dtype for ``scale``/``offset``/``similarity``.
-    """
+    """One group of :func:`assign_approx` (``rows`` ``(n, f)``, index vectors)."""
     t_start = time.perf_counter()
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
@@ -278,7 +252,7 @@ def assign_approx(
             f"({'a gated unit f(gate)·up' if gated else 'an elementwise unit'})"
         )
     if rows.dim() < 2 or kept.dim() != 1 or pruned.dim() != 1:
-        raise ValueError("rows must be (n, f) and kept/pruned index vectors")
+        raise ValueError("rows must be (n, f) with kept/pruned index vectors (or a batch)")
     f = activation_fn(activation)
     dtype = rows.dtype if rows.is_floating_point() else torch.float32
     k, p = kept.numel(), pruned.numel()
@@ -379,6 +353,98 @@ def assign_approx(
     timings = {"similarity": t_sim, "assign": time.perf_counter() - t_start - t_sim}
     return ApproxAssignment(
         partner, scale, similarity, timings, shift, explained, prune_error, merge_error
+    )
+
+
+def assign_approx(
+    rows: Tensor,
+    bias: Tensor | None,
+    kept: Tensor,
+    pruned: Tensor,
+    activation: str,
+    *,
+    up_rows: Tensor | None = None,
+    up_bias: Tensor | None = None,
+    input_mean: Tensor | None = None,
+    input_var: Tensor | None = None,
+    candidates: int = 8,
+    offset: bool = False,
+    threshold: float | None = None,
+    nodes: int = 40,
+) -> ApproxAssignment:
+    """Partners and least-squares scales for merging through ``activation`` (see the module notes).
+
+    Args:
+        rows: ``(n, f)`` producer weight rows (a conv's kernels, flattened); for
+            a gated unit, the gate projection's rows. For a producer followed by
+            batch norm, pass the BN-folded rows and bias (``w·γ/σ``,
+            ``(b − μ)·γ/σ + β``): the activation sees the normalised values.
+            A batch of same-shaped groups is ``(B, n, f)`` with ``(B, k)`` and
+            ``(B, p)`` indices (and ``(B, n)`` biases, ``(B, n, f)`` up rows);
+            each group is computed on its own, the results stacked.
+        bias: ``(n,)`` producer bias, or ``None``.
+        kept: ``(k,)`` indices of the kept neurons.
+        pruned: ``(p,)`` indices of the pruned neurons.
+        activation: one of :data:`ACTIVATIONS`.
+        up_rows: ``(n, f)`` rows of the up projection (gated units only).
+        up_bias: ``(n,)`` its bias, or ``None``.
+        input_mean: ``(f,)`` mean of the producer's input (default 0), one per
+            flattened input feature (for a conv, repeat a per-channel value
+            over the kernel positions); shared by a batch of groups.
+        input_var: ``(f,)`` per-feature variance of the input (default 1).
+        candidates: how many most cosine-similar kept neurons are scored per
+            pruned neuron (1: the cosine partner, as for exact merging).
+        offset: also fit a constant folded into the consumer's bias.
+        threshold: merge only when the explained fraction reaches it (default:
+            whenever it is positive, i.e. the merge beats pruning under the model).
+        nodes: Gauss–Hermite nodes per dimension.
+
+    Returns:
+        An :class:`ApproxAssignment`: ``partner`` (position in ``kept``, ``-1``
+        for dropped), ``scale``, ``offset``, ``similarity`` (cosine of the
+        chosen rows), ``explained``, and the expected errors of pruning and of
+        the merge. ``explained`` and the errors are float64; ``scale``,
+        ``offset`` and ``similarity`` have the rows' dtype.
+    """
+    options = {
+        "input_mean": input_mean,
+        "input_var": input_var,
+        "candidates": candidates,
+        "offset": offset,
+        "threshold": threshold,
+        "nodes": nodes,
+    }
+    if kept.dim() != 2:
+        return _assign_one(
+            rows, bias, kept, pruned, activation, up_rows=up_rows, up_bias=up_bias, **options
+        )
+    parts = [
+        _assign_one(
+            rows[i],
+            None if bias is None else bias[i],
+            kept[i],
+            pruned[i],
+            activation,
+            up_rows=None if up_rows is None else up_rows[i],
+            up_bias=None if up_bias is None else up_bias[i],
+            **options,
+        )
+        for i in range(kept.shape[0])
+    ]
+    timings = {key: sum(part.timings[key] for part in parts) for key in ("similarity", "assign")}
+
+    def stack(name: str) -> Tensor:
+        return torch.stack([getattr(part, name) for part in parts])
+
+    return ApproxAssignment(
+        stack("partner"),
+        stack("scale"),
+        stack("similarity"),
+        timings,
+        stack("offset"),
+        stack("explained"),
+        stack("prune_error"),
+        stack("merge_error"),
     )
 
 
