@@ -205,3 +205,12 @@ def test_a_batch_of_groups_equals_each_group_alone() -> None:
         assert torch.equal(batch.partner[i], one.partner)
         assert torch.equal(batch.scale[i], one.scale)
         assert torch.equal(batch.offset[i], one.offset)
+
+
+def test_module_doctest_runs() -> None:
+    import doctest
+
+    import neuron_merging.core.approx
+
+    results = doctest.testmod(neuron_merging.core.approx, verbose=False)
+    assert results.attempted > 0 and results.failed == 0

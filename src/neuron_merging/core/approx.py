@@ -62,8 +62,20 @@ about ``10⁻⁴`` of the explained error. Parallel rows through a homogeneous
 activation still give the exact scale (the quadrature error cancels in the
 ratio).
 
-Everything here is plain tensor code (torch only), for one group at a time;
-there is no loop over neurons.
+Everything here is plain tensor code (torch only); there is no loop over
+neurons.
+
+Example::
+
+    >>> import torch
+    >>> from neuron_merging.core.approx import assign_approx
+    >>> w = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    >>> w[5] = 0.5 * w[1]                        # neuron 5 is half of neuron 1
+    >>> a = assign_approx(w, None, torch.arange(4), torch.tensor([4, 5]), "gelu")
+    >>> int(a.partner[1])                        # merged into kept neuron 1
+    1
+    >>> bool(a.merge_error[1] < 0.05 * a.prune_error[1])   # nearly lossless through GELU
+    True
 """
 
 from __future__ import annotations
