@@ -374,3 +374,18 @@ def test_serialize_benchmark_smoke() -> None:
         assert row["st_identical"] and row["pt_identical"], row["model"]
         assert 0 < row["st_bytes"] < 1.1 * row["pickle_bytes"] + row["manifest_bytes"]
     assert "| lenet300 r=0.5 |" in bench_serialize.table(rows)
+
+
+@pytest.mark.parametrize("weights_format", FORMATS)
+def test_half_precision_round_trips_bit_for_bit(tmp_path: Path, weights_format: str) -> None:
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2)).to(torch.bfloat16)
+
+    result = nm.merge(net().float(), torch.randn(1, 6), ratio=0.5, threshold=None)
+    small = result.model.to(torch.bfloat16)
+    nm.save(small, tmp_path, weights_format=weights_format)
+    loaded = nm.load(net(), tmp_path)
+    assert loaded[0].weight.dtype == torch.bfloat16 and loaded[0].out_features == 6
+    for key, value in small.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
