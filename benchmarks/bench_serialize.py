@@ -13,7 +13,8 @@ groups) it measures, as medians over ``--repeats`` runs:
   pickle-free format avoids);
 * ``nm.save`` with safetensors weights, and with the ``torch`` weights-only
   fallback; ``nm.load`` into a fresh instance (its construction is timed
-  separately, since ``torch.load`` of a whole module needs none).
+  separately, since ``torch.load`` of a whole module needs none), and the
+  two together for an instance built on the meta device (no initialisation).
 
 Sizes are bytes on disk (the manifest included for ``nm.save``).
 """
@@ -138,6 +139,17 @@ def measure(
         row[f"{key}_identical"] = state.keys() == reference.keys() and all(
             torch.equal(state[k], v) for k, v in reference.items()
         )
+    construct, load = [], []
+    for _ in range(repeats + 1):  # a fresh instance on the meta device: nothing initialised
+        with torch.device("meta"):
+            t_fresh, fresh = C.timed(factory)
+        t_load, loaded = C.timed(lambda fresh=fresh: nm.load(fresh, work / "safetensors"))
+        construct.append(t_fresh)
+        load.append(t_load)
+    row["meta_construct_s"] = C.median(construct[1:])
+    row["meta_load_s"] = C.median(load[1:])
+    state = loaded.state_dict()
+    row["meta_identical"] = all(torch.equal(state[k], v) for k, v in reference.items())
     return row
 
 
@@ -162,13 +174,15 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             C.fmt_ms(r["st_load_s"]),
             C.fmt_ms(r["pt_load_s"]),
             C.fmt_ms(r["construct_s"]),
-            "yes" if r["st_identical"] and r["pt_identical"] else "**no**",
+            C.fmt_ms(r["meta_construct_s"] + r["meta_load_s"]),
+            "yes" if r["st_identical"] and r["pt_identical"] and r["meta_identical"] else "**no**",
         ]
         for r in rows
     ]
     headers = ["model", "params", "torch.save(model) MB", "nm.save st MB", "nm.save pt MB"]
     headers += ["manifest kB", "torch.save ms", "nm.save st ms", "nm.save pt ms"]
     headers += ["torch.load ms", "nm.load st ms", "nm.load pt ms", "fresh instance ms"]
+    headers += ["meta instance + nm.load st ms"]
     headers += ["reload identical"]
     return C.md_table(headers, body)
 

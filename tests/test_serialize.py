@@ -389,3 +389,44 @@ def test_half_precision_round_trips_bit_for_bit(tmp_path: Path, weights_format: 
     assert loaded[0].weight.dtype == torch.bfloat16 and loaded[0].out_features == 6
     for key, value in small.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    "factory", [lambda: models.create("resnet56"), tiny_opt], ids=["resnet56", "opt"]
+)
+def test_a_fresh_model_on_the_meta_device_loads_without_initialising(
+    tmp_path: Path, factory: Callable[[], nn.Module]
+) -> None:
+    original = _fresh(factory, seed=0)
+    groups = ffn_groups(original) or None
+    if groups is None:
+        result = nm.merge(original, example_input("resnet56"), ratio=0.5)
+    else:
+        result = nm.merge(original, groups=groups, ratio=0.5, threshold=None)
+    nm.save(result, tmp_path)
+    with torch.device("meta"):
+        fresh = factory().eval()
+    loaded = nm.load(fresh, tmp_path)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    if groups is None:
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), result.model(x))
+    else:
+        assert loaded.lm_head.weight is loaded.model.decoder.embed_tokens.weight
+        ids = torch.randint(0, 64, (2, 7))
+        assert torch.equal(_run(loaded, ids), _run(result.model, ids))
+
+
+def test_meta_model_with_unsaved_buffers_is_refused(tmp_path: Path) -> None:
+    class WithScratch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+    nm.save(WithScratch(), tmp_path)
+    with torch.device("meta"):
+        fresh = WithScratch()
+    with pytest.raises(nm.ConfigError, match="non-persistent buffers: scratch"):
+        nm.load(fresh, tmp_path)

@@ -628,8 +628,14 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
 
     Every module whose shapes the manifest changes is resized in place, then the
     weights are loaded with ``strict=True``: the model must have exactly the
-    saved modules and tensors. The model's train/eval mode is left as it is. Nothing from the file is
-    unpickled or executed.
+    saved modules and tensors. The model's train/eval mode is left as it is.
+    Nothing from the file is unpickled or executed.
+
+    A model built on the ``meta`` device (``with torch.device("meta"): ...``)
+    skips the cost of initialising weights that are overwritten anyway: the
+    loaded tensors are assigned in place of the meta ones (on the CPU) and tied
+    weights are tied again. Non-persistent buffers are not in the file, so a
+    model that has any must be built on a real device.
 
     Returns:
         ``model`` itself, now holding the compressed weights.
@@ -656,10 +662,43 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
         if not isinstance(source, str) or source not in weights:
             raise CheckpointError(f"{directory}: alias {alias!r} names a missing tensor {source!r}")
         weights[alias] = weights[source]
+    on_meta = _meta_tensors(model)
+    if on_meta:
+        unsaved = [name for name in on_meta if name not in weights]
+        if unsaved:
+            raise ConfigError(
+                f"{type(model).__name__} is on the meta device but {len(unsaved)} of its tensors "
+                f"are not saved (non-persistent buffers: {', '.join(unsaved[:6])}); build it on "
+                "a real device"
+            )
     changes = _plan_changes(model, manifest, directory)
     _apply_changes(changes, model, directory)
     try:
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(weights, strict=True, assign=bool(on_meta))
     except RuntimeError as exc:
         raise CheckpointError(f"{directory}: the weights do not fit the model: {exc}") from exc
+    if on_meta:
+        _retie(model, manifest["aliases"])
     return model
+
+
+def _meta_tensors(model: nn.Module) -> list[str]:
+    """Qualified names of the model's parameters and buffers on the meta device."""
+    found = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for bucket in (module._parameters, module._buffers):
+            for key, tensor in bucket.items():
+                if tensor is not None and tensor.is_meta:
+                    found.append(f"{prefix}.{key}" if prefix else key)
+    return found
+
+
+def _retie(model: nn.Module, aliases: Mapping[str, str]) -> None:
+    """Make every alias the very tensor of its source again (``assign=True`` loads copies)."""
+    for alias, source in aliases.items():
+        owner_name, _, key = alias.rpartition(".")
+        source_name, _, source_key = source.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        holder = model.get_submodule(source_name)
+        bucket = "_parameters" if key in owner._parameters else "_buffers"
+        getattr(owner, bucket)[key] = getattr(holder, bucket)[source_key]
