@@ -2,8 +2,12 @@
 
 Checkpoints are read with ``torch.load(..., weights_only=True)`` only, so a file
 can never run code while being loaded: anything that is not tensors and plain
-containers is refused. Two on-disk formats are understood:
+containers is refused. Three on-disk formats are understood:
 
+* a directory written by :func:`save_model`: :func:`neuron_merging.save`'s
+  pickle-free layout (``manifest.json`` + safetensors weights) with the
+  registry metadata (``arch``, ``num_classes``, ``cfg``, ``dataset``, ``acc``)
+  in the manifest;
 * the authors' release format ``{"acc": float, "state_dict": {...}}``, to which
   :func:`save_checkpoint` adds ``arch``, ``cfg``, ``num_classes`` and ``dataset``
   (plain Python values only, so the result still loads under ``weights_only``);
@@ -31,14 +35,18 @@ from torch import nn
 from . import models
 from ._io import atomic_save
 from .core.errors import CheckpointError, ConfigError
+from .serialize import is_saved_model, read_manifest
 
 __all__ = [
     "METADATA_KEYS",
     "infer_cfg",
     "infer_num_classes",
+    "is_legacy_path",
     "load_model",
+    "load_saved_model",
     "load_state_dict",
     "save_checkpoint",
+    "save_model",
 ]
 
 METADATA_KEYS = ("acc", "arch", "cfg", "num_classes", "dataset")
@@ -312,8 +320,12 @@ def load_model(
     ``arch``, ``num_classes`` and ``cfg`` actually used. A checkpoint of another
     architecture raises :class:`CheckpointError` listing missing/unexpected keys
     and shape mismatches.
+    A directory written by :func:`save_model` (``manifest.json`` + pickle-free
+    weights) is read with :func:`load_saved_model` instead.
     """
     file = Path(path)
+    if is_saved_model(file):
+        return load_saved_model(file, arch=arch, num_classes=num_classes, cfg=cfg)
     state_dict, metadata = load_state_dict(file)
 
     arch, arch_from_file = _resolve("arch", metadata.get("arch"), arch, file)
@@ -467,3 +479,96 @@ def save_checkpoint(
         payload[key] = _plain(value, f"extra[{key!r}]")
 
     atomic_save(path, lambda handle: torch.save(payload, handle))
+
+
+# --------------------------------------------------------------------------- pickle-free format
+
+#: Output names that keep the legacy ``torch.save`` checkpoint (the authors' format).
+LEGACY_SUFFIXES = (".pth", ".pt", ".tar")
+
+
+def is_legacy_path(path: PathLike) -> bool:
+    """Whether ``path`` names a legacy checkpoint file (``.pth``, ``.pth.tar``, ``.pt``)."""
+    return Path(path).suffix in LEGACY_SUFFIXES
+
+
+def save_model(
+    path: PathLike,
+    result_or_model: Any,
+    *,
+    acc: float | None,
+    arch: str,
+    num_classes: int,
+    cfg: Sequence[models.CfgItem] | None = None,
+    dataset: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Save a registry model with :func:`neuron_merging.save`, plus what rebuilding it needs.
+
+    ``result_or_model`` is a :class:`~neuron_merging.MergeResult` or a module.
+    The manifest's ``metadata`` records ``arch``, ``num_classes``, ``cfg``,
+    ``dataset``, ``acc`` and ``extra``; :func:`load_saved_model` reads it back.
+    """
+    from .serialize import save
+
+    models.model_spec(arch)  # an unknown arch is a ConfigError before anything is written
+    metadata: dict[str, Any] = {
+        "acc": None if acc is None else float(acc),
+        "arch": arch,
+        "num_classes": int(num_classes),
+        "cfg": None if cfg is None else list(cfg),
+        "dataset": dataset,
+    }
+    for key, value in (extra or {}).items():
+        if key in metadata:
+            raise ConfigError(f"extra key {key!r} clashes with a reserved metadata key")
+        metadata[key] = value
+    save(result_or_model, path, metadata=metadata)
+
+
+def load_saved_model(
+    path: PathLike,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    cfg: Sequence[models.CfgItem] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a registry model saved by :func:`save_model` (or :func:`neuron_merging.save`).
+
+    A fresh, uncompressed instance of the architecture is created and
+    :func:`neuron_merging.load` resizes it from the manifest; ``arch`` and
+    ``num_classes`` come from the manifest's metadata (an argument that
+    contradicts it is an error) or from the arguments. ``cfg`` is only checked
+    against the loaded widths. Returns the model in eval mode and the metadata.
+    """
+    from .serialize import load
+
+    file = Path(path)
+    manifest = read_manifest(file)
+    metadata = manifest.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{file}: the manifest's metadata is not a mapping")
+    arch, _ = _resolve("arch", metadata.get("arch"), arch, file)
+    if arch is None:
+        raise CheckpointError(
+            f"{file}: the save does not record its architecture; pass arch= (--arch on the "
+            f"command line) (one of: {', '.join(models.list_models())})"
+        )
+    try:
+        spec = models.model_spec(arch)
+    except ConfigError as exc:
+        raise CheckpointError(f"{file}: {exc}") from exc
+    n_classes, _ = _resolve("num_classes", metadata.get("num_classes"), num_classes, file)
+    if n_classes is None:
+        n_classes = spec.default_num_classes
+    model = models.create(arch, num_classes=n_classes)
+    load(model, file)
+    model.eval()
+    widths = spec.infer_cfg(model.state_dict())
+    if cfg is not None and list(cfg) != widths:
+        raise CheckpointError(
+            f"{file}: the saved widths are {widths}, not the requested {list(cfg)}"
+        )
+    model.cfg = widths
+    info = dict(metadata)
+    info.update(arch=arch, num_classes=n_classes, cfg=widths, format=manifest["weights"]["format"])
+    return model, info

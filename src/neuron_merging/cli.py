@@ -94,7 +94,8 @@ def _model_args(parser: argparse.ArgumentParser, checkpoint_required: bool) -> N
     parser.add_argument(
         "--checkpoint",
         required=checkpoint_required,
-        help="checkpoint file ({'acc', 'state_dict'} or a state_dict)",
+        help="checkpoint: a directory saved by compress --output, an {'acc', 'state_dict'} "
+        "file or a state_dict",
     )
 
 
@@ -169,7 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-r", "--ratio", type=_ratio, help="pruning ratio (VGG paper preset: fixed widths)"
     )
     _compression_args(p)
-    p.add_argument("--output", help="write the compressed checkpoint here")
+    p.add_argument(
+        "--output",
+        help="write the compressed model here: a directory (pickle-free: manifest.json and "
+        "safetensors weights); a name ending in .pth, .pth.tar or .pt writes the legacy "
+        "torch checkpoint instead",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
     _common(p)
 
@@ -312,7 +318,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint
+    from .checkpoint import is_legacy_path, save_checkpoint, save_model
     from .core.api import compress, count_parameters
     from .data import load_dataset
     from .experiments import compression_config, current_cfg, example_input
@@ -324,6 +330,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     model, arch, dataset, _ = _load(args)
     payload: dict[str, Any] = {"arch": arch, "dataset": dataset, "mode": args.mode}
     report_text = ""
+    result = None
     if args.mode != "original":
         config = compression_config(
             arch,
@@ -355,16 +362,18 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         payload.update(accuracy=round(score.accuracy, 2), correct=score.correct, total=score.total)
         lines.append(score.line())
     if args.output:
-        save_checkpoint(
-            args.output,
-            model,
-            acc=accuracy,
-            arch=arch,
-            cfg=payload["cfg"],
-            num_classes=getattr(model, "num_classes", None),
-            dataset=dataset,
-            extra={"compression": payload.get("report", {}).get("config", {"mode": "original"})},
-        )
+        meta = {
+            "acc": accuracy,
+            "arch": arch,
+            "cfg": payload["cfg"],
+            "num_classes": getattr(model, "num_classes", None),
+            "dataset": dataset,
+            "extra": {"compression": payload.get("report", {}).get("config", {"mode": "original"})},
+        }
+        if is_legacy_path(args.output):
+            save_checkpoint(args.output, model, **meta)
+        else:
+            save_model(args.output, result if result is not None else model, **meta)
         payload["output"] = args.output
         lines.append(f"saved {args.output}")
     _emit(args, payload, "\n".join(lines))
