@@ -113,6 +113,17 @@ _METADATA = frozenset(
         "untyped_storage",
         "_version",
         "__hash__",
+        "is_nested",
+        "is_cpu",
+        "is_mkldnn",
+        "is_xpu",
+        "is_mps",
+        "itemsize",
+        "is_inference",
+        "is_signed",
+        "nbytes",
+        "is_sparse_csr",
+        "dim_order",
     }
 )
 
@@ -152,9 +163,11 @@ _SHAPE_ARGUMENTS = frozenset(
 class DimSize(int):
     """A dimension's size read from a recorded value (``x.shape[1]``, ``x.size(1)``).
 
-    It behaves as the plain ``int``; arithmetic on it, or passing it to a torch
-    function other than a reshape, is noted, because a size that is a group's channel
-    count changes when the group is pruned (``y / h.shape[-1]`` would change value).
+    It behaves as the plain ``int``; arithmetic, comparisons and conversions on it,
+    or passing it to a torch function other than a reshape, are noted, because a
+    size that is a group's channel count changes when the group is pruned
+    (``y / h.shape[-1]`` would change value). Conversions done in C without Python's
+    number protocol (``numpy.sqrt(size)``) cannot be seen.
     """
 
     def __new__(cls, size: int, note: Callable[[str], None]) -> DimSize:
@@ -165,13 +178,15 @@ class DimSize(int):
     def _used(self, what: str) -> None:
         self._note(what)  # type: ignore[attr-defined]
 
+    __hash__ = int.__hash__
 
-def _arithmetic(name: str) -> Callable[..., Any]:
+
+def _noting(name: str) -> Callable[..., Any]:
     plain = getattr(int, name)
 
     def method(self: DimSize, *args: Any) -> Any:
         self._used(f"Python {name.strip('_')}")
-        return plain(int(self), *(int(a) if isinstance(a, DimSize) else a for a in args))
+        return plain(self, *args)
 
     method.__name__ = name
     return method
@@ -180,9 +195,11 @@ def _arithmetic(name: str) -> Callable[..., Any]:
 for _name in (
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
     "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__",
-    "__rpow__", "__neg__", "__float__", "__lshift__", "__rshift__", "__divmod__",
+    "__rpow__", "__neg__", "__float__", "__lshift__", "__rshift__", "__divmod__", "__int__",
+    "__index__", "__bool__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+    "__and__", "__or__", "__xor__", "__abs__", "__round__", "__trunc__",
 ):  # fmt: skip
-    setattr(DimSize, _name, _arithmetic(_name))
+    setattr(DimSize, _name, _noting(_name))
 
 
 @dataclass(eq=False)
@@ -278,9 +295,13 @@ def flatten_tensors(value: Any, out: list[Tensor], depth: int = 0) -> list[Tenso
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for item in dataclasses.fields(value):
             flatten_tensors(getattr(value, item.name, None), out, depth + 1)
-    elif hasattr(value, "__dict__") and not callable(value):
-        for item in vars(value).values():
+    elif not callable(value):
+        for item in getattr(value, "__dict__", {}).values():
             flatten_tensors(item, out, depth + 1)
+        for cls in type(value).__mro__:
+            for slot in getattr(cls, "__slots__", ()):
+                if isinstance(slot, str) and slot not in ("__dict__", "__weakref__"):
+                    flatten_tensors(getattr(value, slot, None), out, depth + 1)
     return out
 
 
@@ -326,6 +347,7 @@ class _Recorder(TorchFunctionMode):
         self.taints: dict[str, str] = {}
         self.pending: list[tuple[Any, Any]] = []
         self.size_uses: list[tuple[Value, int | None, str]] = []
+        self.shaping = 0
         self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
         self.leaf_names: dict[int, str] = {}
         self.counter = itertools.count()
@@ -469,6 +491,8 @@ class _Recorder(TorchFunctionMode):
                 for item in arg if isinstance(arg, (list, tuple)) else (arg,):
                     if isinstance(item, DimSize):
                         item._used(f"passed to {name}")
+        else:
+            self.shaping += 1  # sizes passed on to a reshape: their conversions are harmless
         tensors = flatten_tensors(list(args), [])
         flatten_tensors(kwargs, tensors)
         for t in tensors:
@@ -480,7 +504,11 @@ class _Recorder(TorchFunctionMode):
                     owner[0], f"{owner[1]} of {owner[0]} also read by {name} in {place}"
                 )
         wrapped_args, wrapped_kwargs = self.wrap(tuple(args)), self.wrap(kwargs)
-        result = func(*args, **kwargs)
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            if name in _SHAPE_ARGUMENTS:
+                self.shaping -= 1
         self.add_op("function", func, wrapped_args, wrapped_kwargs, tensors, result)
         return result
 
@@ -497,7 +525,11 @@ class _Recorder(TorchFunctionMode):
             return result
 
         def note(d: int | None) -> Callable[[str], None]:
-            return lambda what: self.size_uses.append((value, d, what))
+            def record_use(what: str) -> None:
+                if not self.shaping:
+                    self.size_uses.append((value, d, what))
+
+            return record_use
 
         if isinstance(result, torch.Size):
             return torch.Size(DimSize(n, note(i)) for i, n in enumerate(result))
