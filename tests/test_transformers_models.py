@@ -1,0 +1,120 @@
+"""``transformers`` models from tiny configs (no downloads): FFNs found automatically.
+
+OPT (``fc1 → fc2``) and T5 with ``feed_forward_proj="relu"`` (``wi → wo``) merge
+losslessly on planted duplicates; the GELU FFNs of BERT, GPT-2 (``Conv1D``) and ViT and
+LLaMA's SwiGLU are pruned (exactly: pruning equals masking) and never merged.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import neuron_merging as nm
+from _zoo import HF_ZOO, keep_first, masked_copy, planted, rel_error, run
+
+pytest.importorskip("transformers")
+
+NAMES = sorted(HF_ZOO)
+
+#: name → (producer suffixes, consumer suffix, mergeable, words in the reason)
+FFN = {
+    "hf_opt": ((".fc1",), ".fc2", True, ()),
+    "hf_t5": ((".wi",), ".wo", True, ()),
+    "hf_bert": ((".intermediate.dense",), ".output.dense", False, ("GELU",)),
+    "hf_gpt2": ((".mlp.c_fc",), ".mlp.c_proj", False, ("GELU",)),
+    "hf_vit": ((".fc1",), ".fc2", False, ("GELU",)),
+    "hf_llama": ((".gate_proj", ".up_proj"), ".down_proj", False, ("SiLU", "product")),
+}
+LAYERS = {"hf_opt": 2, "hf_t5": 4, "hf_bert": 2, "hf_gpt2": 2, "hf_vit": 2, "hf_llama": 2}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    return {name: factory() for name, (factory, _) in HF_ZOO.items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ffn_groups_found(name: str, models: dict) -> None:
+    _, x = HF_ZOO[name]
+    producers, consumer, mergeable, words = FFN[name]
+    for coupled in (False, True):
+        groups, _ = nm.find_groups(models[name], x, coupled=coupled)
+        ffn = [g for g in groups if g.consumer.endswith(consumer)]
+        assert len(ffn) == LAYERS[name], groups
+        for g in ffn:
+            assert len(g.producers) == len(producers)
+            assert all(p.endswith(s) for p, s in zip(g.producers, producers, strict=True))
+            assert g.consumers == (g.consumer,)
+            assert g.mergeable == mergeable
+            if not mergeable:
+                assert any(w in g.reason for w in words), g.reason
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pruning_equals_masking(name: str, models: dict) -> None:
+    _, x = HF_ZOO[name]
+    model = models[name]
+    result = nm.prune(model, x, ratio=0.5)
+    assert result.plans and all(p.pruned.numel() for p in result.plans)
+    out, expected = run(result.model, x), run(masked_copy(model, result.plans), x)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, atol=1e-5), (out - expected).abs().max()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merge_runs_and_never_merges_nonhomogeneous(name: str, models: dict) -> None:
+    _, x = HF_ZOO[name]
+    model = models[name]
+    result = nm.merge(model, x, ratio=0.5, threshold=None)
+    assert run(result.model, x).shape == run(model, x).shape
+    assert result.report.params_after < result.report.params_before
+    mergeable = FFN[name][2]
+    for g in result.report.groups:
+        if mergeable:
+            assert g.method == "merged" and g.merged == g.pruned
+        else:
+            assert g.method == "pruned" and g.merged == 0
+            assert any(w in g.reason for w in FFN[name][3]), g.reason
+
+
+@pytest.mark.parametrize("name", ["hf_opt", "hf_t5"])
+def test_relu_ffn_merges_losslessly(name: str, models: dict) -> None:
+    _, x = HF_ZOO[name]
+    model, keep, _ = planted(models[name], x, coupled=False)
+    assert len(keep) == LAYERS[name]
+    ref = run(model, x)
+    result = nm.merge(model, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
+    assert all(g.merged == g.pruned == 16 for g in result.report.groups)
+    assert rel_error(run(result.model, x), ref) < 1e-5
+    pruned = nm.prune(model, x, ratio=0.0, keep=keep, criterion=keep_first)
+    assert rel_error(run(pruned.model, x), ref) > 1e-4
+
+
+def test_gpt2_conv1d_shapes(models: dict) -> None:
+    _, x = HF_ZOO["hf_gpt2"]
+    result = nm.prune(models["hf_gpt2"], x, ratio=0.5)
+    mlp = result.model.transformer.h[0].mlp
+    assert mlp.c_fc.weight.shape == (16, 32) and mlp.c_fc.nf == 32  # 64 → 32
+    assert mlp.c_fc.bias.shape == (32,)
+    assert mlp.c_proj.weight.shape == (32, 16)
+
+
+def test_llama_swiglu_prunes_both_projections(models: dict) -> None:
+    _, x = HF_ZOO["hf_llama"]
+    result = nm.merge(models["hf_llama"], x, ratio=0.5, threshold=None)
+    mlp = result.model.model.layers[0].mlp
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == 16
+    assert mlp.down_proj.in_features == 16
