@@ -3,7 +3,6 @@ merging the model is still correct (lossless on planted duplicates elsewhere).""
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -84,10 +83,7 @@ class Chain(nn.Module):
             if h.sum() > 0:
                 h = h * 2.0
         elif mode == "branch_on_input":
-            if x.sum() > 0:
-                h = h * 2.0
-            else:
-                h = h * 3.0
+            h = h * 2.0 if x.sum() > 0 else h * 3.0
         elif mode == "list_args":
             b, c = x.shape
             h = torch.cat([h], 0)
@@ -95,10 +91,7 @@ class Chain(nn.Module):
         elif mode == "abs_sum":
             extra = self.fc1.weight.abs().sum()
         a = self.act(h)
-        if mode == "F.linear":
-            y = F.linear(a, self.fc2.weight, self.fc2.bias)
-        else:
-            y = self.fc2(a)
+        y = F.linear(a, self.fc2.weight, self.fc2.bias) if mode == "F.linear" else self.fc2(a)
         if mode == "F.linear also":
             y = y + F.linear(a, self.fc2.weight).mean(-1, keepdim=True)
         if mode == "shape":
@@ -356,7 +349,7 @@ def test_reparametrised_layers(kind: str, verb: str) -> None:
 
 def test_uninitialised_lazy_linear() -> None:
     net = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
-    with pytest.raises(nm.ModelError, match="lazy|uninitiali"):
+    with pytest.raises(nm.ModelError, match=r"lazy|uninitiali"):
         nm.merge(net, X)
     with pytest.raises(nm.ModelError):
         nm.find_groups(net, X)
@@ -507,7 +500,7 @@ def test_explicit_gelu_group_becomes_prune_only() -> None:
 
 
 def test_explicit_group_across_residual_add_refused() -> None:
-    with pytest.raises(nm.ModelError, match="fc_out|residual|LayerNorm|add"):
+    with pytest.raises(nm.ModelError, match=r"fc_out|residual|LayerNorm|add"):
         nm.merge(ResidualFFN(), X, groups=[nm.MergeGroup("fc_out", "head")])
 
 

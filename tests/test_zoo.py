@@ -62,7 +62,7 @@ def test_pruning_equals_masking(name: str, coupled: bool) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_merging_lossless_on_planted_duplicates(name: str, coupled: bool) -> None:
     factory, x = ZOO[name]
-    model, keep, groups = planted(factory(), x, coupled)
+    model, keep, _groups = planted(factory(), x, coupled)
     if not keep:
         pytest.skip(f"{name} has no mergeable group (coupled={coupled})")
     ref = run(model, x)
@@ -181,7 +181,7 @@ def test_mobilenet_v2_groups() -> None:
 
 def test_densenet_concat_offsets() -> None:
     factory, x = ZOO["densenet"]
-    groups, skipped = nm.find_groups(factory(), x)
+    _groups, skipped = nm.find_groups(factory(), x)
     assert "concat" in _skips(skipped)["dense1.0"]
     g = _by_name(nm.find_groups(factory(), x, coupled=True)[0])
     assert dict(zip(g["stem.0"].consumers, g["stem.0"].consumer_offsets, strict=True)) == {
