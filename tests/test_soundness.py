@@ -3,6 +3,7 @@ merging the model is still correct (lossless on planted duplicates elsewhere).""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -538,3 +539,65 @@ def _mask(net: nn.Module, plans: list) -> nn.Module:
     from _zoo import masked_copy
 
     return masked_copy(net, plans)
+
+
+# ----------------------------------------------------------------- outputs and patched leaves
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: Tensor
+    hidden: Tensor
+
+
+class DataclassOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> _Output:
+        h = self.fc1(x)
+        return _Output(self.fc2(F.relu(h)), h)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: dataclass outputs are not flattened")
+def test_dataclass_output_reaches_model_output() -> None:
+    """BUGS.md #5."""
+    net = DataclassOutput()
+    groups, skipped = nm.find_groups(net, X)
+    assert groups == []
+    assert "model output" in _skips(skipped)["fc1"]
+    with torch.no_grad():
+        assert nm.merge(net, X).model(X).hidden.shape == (2, 8)
+
+
+def test_tuple_and_dict_outputs_reach_model_output() -> None:
+    class Net(DataclassOutput):
+        def forward(self, x: Tensor):
+            h = self.fc1(x)
+            return {"logits": self.fc2(F.relu(h)), "extra": [(h,)]}
+
+    groups, skipped = nm.find_groups(Net(), X)
+    assert groups == []
+    assert "model output" in _skips(skipped)["fc1"]
+
+
+class PatchedForward(Chain):
+    def __init__(self) -> None:
+        super().__init__()
+        fc2 = self.fc2
+        mask = torch.linspace(0.5, 2.0, 8)
+        fc2.forward = lambda h: F.linear(h * mask, fc2.weight, fc2.bias)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: instance-level forward of a leaf is trusted")
+def test_leaf_forward_replaced_on_instance() -> None:
+    """BUGS.md #6 (accelerate/PEFT-style ``module.forward = ...``)."""
+    net = PatchedForward()
+    groups, _ = nm.find_groups(net, X)
+    assert "fc1" not in {g.name for g in groups}
+    result = nm.merge(net, X)
+    run(result.model, X)
