@@ -69,6 +69,7 @@ def dags(draw) -> Spec:
     layer(-1)  # the stem reads the input
     for _ in range(draw(st.integers(1, 7))):
         kinds = ["layer", "layer", "dw", "add", "add", "cat", "cat", "scale", "gate", "pool", "bn"]
+        kinds += ["bcast"]
         kind = draw(st.sampled_from(kinds))
         src = draw(st.integers(0, len(widths) - 1))
         if kind in ("dw", "pool") and mode == "linear":
@@ -89,10 +90,14 @@ def dags(draw) -> Spec:
             steps.append((kind, src))
             widths.append(widths[src])
         elif kind == "cat":
-            other = draw(st.integers(0, len(widths) - 1))
+            other = draw(st.integers(-1, len(widths) - 1))  # -1: the raw input (3 channels)
             steps.append(("cat", src, other))
-            widths.append(widths[src] + widths[other])
-        else:
+            widths.append(widths[src] + (3 if other < 0 else widths[other]))
+        elif kind == "bcast" and mode == "conv":  # h + pooled(other): broadcast over H, W
+            same = [i for i, w in enumerate(widths) if w == widths[src]]
+            steps.append(("bcast", src, draw(st.sampled_from(same))))
+            widths.append(widths[src])
+        elif kind == "scale":
             steps.append(("scale", src, draw(st.sampled_from(SCALES))))
             widths.append(widths[src])
     if draw(st.booleans()):  # the last value is read by one more layer before the head
@@ -143,7 +148,7 @@ class DagNet(nn.Module):
                     self.norms[str(i)] = nn.BatchNorm2d(cin)
                 widths.append(cin)
             elif kind == "cat":
-                widths.append(cin + widths[step[2]])
+                widths.append(cin + (3 if step[2] < 0 else widths[step[2]]))
             elif kind == "bn":
                 self.norms[str(i)] = nn.BatchNorm2d(cin) if conv else nn.BatchNorm1d(cin)
                 widths.append(cin)
@@ -180,7 +185,9 @@ class DagNet(nn.Module):
             elif kind == "bn":
                 h = self.norms[key](h)
             elif kind == "cat":
-                h = torch.cat([h, nodes[step[2]]], 1)
+                h = torch.cat([h, x if step[2] < 0 else nodes[step[2]]], 1)
+            elif kind == "bcast":
+                h = h + F.adaptive_avg_pool2d(nodes[step[2]], 1)
             else:
                 h = h * step[2]
             nodes.append(h)
