@@ -118,3 +118,31 @@ def test_llama_swiglu_prunes_both_projections(models: dict) -> None:
     mlp = result.model.model.layers[0].mlp
     assert mlp.gate_proj.out_features == mlp.up_proj.out_features == 16
     assert mlp.down_proj.in_features == 16
+
+
+class _Conv1DChain(torch.nn.Module):
+    """GPT-2 ``Conv1D`` layers: a (4→8), b (8→6), c (6→8), d (8→3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(10)
+        self.a, self.b, self.c, self.d = Conv1D(8, 4), Conv1D(6, 8), Conv1D(8, 6), Conv1D(3, 8)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = torch.nn.functional.relu
+        return self.d(relu(self.c(relu(self.b(relu(self.a(x)))))))
+
+
+def test_conv1d_producers_of_equal_width() -> None:
+    """BUGS.md #7: groups a and c have 8 channels each but 4 and 6 inputs."""
+    net, x = _Conv1DChain(), torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    result = nm.prune(net, x, ratio=0.5)
+    assert [g.producer for g in result.report.groups] == ["a", "b", "c"]
+    expected = run(masked_copy(net, result.plans), x)
+    assert torch.allclose(run(result.model, x), expected, atol=1e-5)
+    copy_, keep, _ = planted(net, x, coupled=False)
+    merged = nm.merge(copy_, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
+    assert rel_error(run(merged.model, x), run(copy_, x)) < 1e-5
