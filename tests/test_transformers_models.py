@@ -146,3 +146,35 @@ def test_conv1d_producers_of_equal_width() -> None:
     copy_, keep, _ = planted(net, x, coupled=False)
     merged = nm.merge(copy_, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
     assert rel_error(run(merged.model, x), run(copy_, x)) < 1e-5
+
+
+def _relu_variant(kind: str) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(11)
+    if kind == "bert":
+        cfg = BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            hidden_act="relu",
+        )
+        return BertModel(cfg).eval()
+    cfg = GPT2Config(
+        vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32, activation_function="relu"
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_relu_variants_merge_losslessly(kind: str) -> None:
+    """BERT / GPT-2 (Conv1D fold) with ``relu`` FFNs: mergeable, lossless on duplicates."""
+    x = HF_ZOO["hf_bert"][1]
+    model, keep, groups = planted(_relu_variant(kind), x, coupled=False)
+    assert len(keep) == 2 and all(g.mergeable for g in groups)
+    result = nm.merge(model, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
+    assert all(g.merged == g.pruned > 0 for g in result.report.groups)
+    assert rel_error(run(result.model, x), run(model, x)) < 1e-5
