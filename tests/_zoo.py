@@ -330,6 +330,82 @@ class ViT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
+class BasicBlockTV(nn.Module):
+    """torchvision's BasicBlock: in-place ReLU and ``out += identity``."""
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or cin != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNetTV(nn.Module):
+    """torchvision-style ResNet-10ish: stem, max pool, 2 stages of 2 basic blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(BasicBlockTV(6, 6), BasicBlockTV(6, 6))
+        self.layer2 = nn.Sequential(BasicBlockTV(6, 10, 2), BasicBlockTV(10, 10))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Fire(nn.Module):
+    def __init__(self, cin: int, squeeze: int, e1: int, e3: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, e1, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, e3, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.squeeze(x))
+        return torch.cat([self.act(self.expand1x1(x)), self.act(self.expand3x3(x))], 1)
+
+
+class SqueezeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            Fire(8, 4, 6, 6),
+            Fire(12, 4, 5, 5),
+        )
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.5), nn.Conv2d(10, 3, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
 def _make(cls: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module]:
     def factory() -> nn.Module:
         torch.manual_seed(seed)
@@ -355,6 +431,8 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Any]] = {
     "se": (_make(SEBlock, 7), _x(2, 3, 8, 8)),
     "convnext": (_make(ConvNeXt, 8), _x(2, 3, 8, 8)),
     "vit": (_make(ViT, 9), _x(2, 3, 8, 8)),
+    "resnet_torchvision": (_make(ResNetTV, 10), _x(2, 3, 8, 8)),
+    "squeezenet": (_make(SqueezeNet, 11), _x(2, 3, 8, 8)),
 }
 
 

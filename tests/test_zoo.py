@@ -248,3 +248,40 @@ def test_vit_attention_left_intact() -> None:
     groups, skipped = nm.find_groups(factory(), x, coupled=True)
     assert [g.name for g in groups] == ["mlp.fc1"]
     assert {"patch", "attn.qkv", "attn.proj", "mlp.fc2", "head"} == set(_skips(skipped))
+
+
+def test_torchvision_style_resnet_in_place_ops() -> None:
+    """In-place ReLU and ``out += identity`` (torchvision's BasicBlock) form the same streams."""
+    factory, x = ZOO["resnet_torchvision"]
+    groups, skipped = nm.find_groups(factory(), x, coupled=True)
+    streams = [g for g in groups if g.coupled]
+    assert [set(g.producers) for g in streams] == [
+        {"conv1", "layer1.0.conv2", "layer1.1.conv2"},
+        {"layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2"},
+    ]
+    assert set(streams[1].consumers) == {"layer2.1.conv1", "fc"}
+    assert all(g.mergeable for g in groups)
+    assert _skips(skipped) == {"fc": "its output reaches the model output"}
+
+
+def test_squeezenet_fire_concat() -> None:
+    factory, x = ZOO["squeezenet"]
+    g = _by_name(nm.find_groups(factory(), x, coupled=True)[0])
+    assert set(g["features.2.squeeze"].consumers) == {
+        "features.2.expand1x1",
+        "features.2.expand3x3",
+    }
+    assert g["features.2.expand3x3"].consumers == ("features.3.squeeze",)
+    assert g["features.2.expand3x3"].consumer_offsets == (6,)
+    assert g["features.3.expand3x3"].consumer_offsets == (5,)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_input_model_bitwise_untouched(name: str) -> None:
+    factory, x = ZOO[name]
+    model = factory()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nm.merge(model, x, coupled=True, bn_rule="exact")
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
