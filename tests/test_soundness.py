@@ -601,3 +601,14 @@ def test_leaf_forward_replaced_on_instance() -> None:
     assert "fc1" not in {g.name for g in groups}
     result = nm.merge(net, X)
     run(result.model, X)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: misleading reason with coupled=True")
+def test_explicit_coupled_group_reason_with_coupled_true() -> None:
+    """BUGS.md #8."""
+    from _zoo import ZOO
+
+    factory, x = ZOO["inception"]
+    for coupled in (False, True):
+        with pytest.raises(nm.ModelError, match="read by 3 layers"):
+            nm.merge(factory(), x, coupled=coupled, groups=[nm.MergeGroup("stem", "b1")])
