@@ -285,3 +285,34 @@ def test_input_model_bitwise_untouched(name: str) -> None:
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_one_finds_the_same_groups(name: str) -> None:
+    """Batch 1 must not create shape coincidences (e.g. a channel axis mistaken for the batch)."""
+    factory, x = ZOO[name]
+    model = factory()
+    for coupled in COUPLED:
+        one = nm.find_groups(model, x[:1], coupled=coupled)[0]
+        two = nm.find_groups(model, x, coupled=coupled)[0]
+        assert one == two
+    result = nm.prune(model, x[:1], ratio=0.5, coupled=True)
+    expected = run(masked_copy(model, result.plans), x)
+    assert torch.allclose(run(result.model, x), expected, atol=1e-5)
+
+
+def test_keep_and_exclude_address_coupled_groups_by_first_producer() -> None:
+    factory, x = ZOO["resnet_bottleneck"]
+    model = factory()
+    stream = "layer2.0.conv3"
+    result = nm.merge(model, x, coupled=True, keep={stream: 5}, exclude=["stem.0"])
+    report = {g.producer: g for g in result.report.groups}
+    assert report[stream].kept == 5 and set(report[stream].producers) >= {"layer2.1.conv3"}
+    assert "stem.0" not in report
+    assert "excluded" in _skips(result.report.skipped)["stem.0"]
+    assert result.model.layer2[1].conv3.out_channels == 5
+    assert result.model.layer2[0].shortcut[0].out_channels == 5
+    assert result.model.layer3[0].shortcut[0].in_channels == 5
+    assert result.model.stem[0].out_channels == 8
+    with pytest.raises(nm.ConfigError, match=stream):
+        nm.merge(model, x, coupled=True, keep={"layer2.1.conv3": 5})
