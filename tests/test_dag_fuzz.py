@@ -264,3 +264,59 @@ def test_dag_fuzz(spec: Spec, coupled: bool, ratio: float) -> None:
 @given(spec=dags(), coupled=st.booleans(), ratio=st.sampled_from([0.25, 0.5, 0.75]))
 def test_dag_fuzz_slow(spec: Spec, coupled: bool, ratio: float) -> None:
     check(spec, coupled, ratio)
+
+
+def _adversarial(model: nn.Module, kind: str, seed: int) -> None:
+    """Zero rows, negative/positive duplicates, γ = 0 or tiny variances, in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.shape[0] > 1:
+                rows = m.weight.view(m.weight.shape[0], -1)
+                n = rows.shape[0]
+                i, j = torch.randint(0, n, (2,), generator=g).tolist()
+                if kind == "zeros":
+                    rows[i] = 0
+                    if m.bias is not None:
+                        m.bias[i] = 0
+                elif kind == "dups":
+                    rows[i] = (-2.0 if j % 2 else 3.0) * rows[j]
+                elif kind == "tiny":
+                    rows[i] *= 1e-30
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = m.num_features
+                i = int(torch.randint(0, n, (1,), generator=g))
+                if kind == "zeros":
+                    m.weight[i] = 0.0
+                elif kind == "tiny":
+                    m.running_var[i] = 1e-12
+
+
+@settings(max_examples=FAST_EXAMPLES, **_SETTINGS)
+@given(
+    spec=dags(),
+    kind=st.sampled_from(["zeros", "dups", "tiny"]),
+    coupled=st.booleans(),
+    bn_rule=st.sampled_from(["paper", "exact"]),
+    ratio=st.sampled_from([0.25, 0.5, 0.75]),
+)
+def test_dag_fuzz_adversarial_weights(
+    spec: Spec, kind: str, coupled: bool, bn_rule: str, ratio: float
+) -> None:
+    """Degenerate weights: a NeuronMergingError or a model with finite, same-shaped outputs."""
+    model, x = DagNet(spec), _input(spec)
+    _adversarial(model, kind, spec.seed)
+    ref = run(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for threshold in (None, 0.1):
+            try:
+                result = nm.merge(
+                    model, x, ratio=ratio, coupled=coupled, bn_rule=bn_rule, threshold=threshold
+                )
+            except nm.NeuronMergingError:
+                continue
+            out = run(result.model, x)
+            assert out.shape == ref.shape
+            if bool(torch.isfinite(ref).all()):
+                assert bool(torch.isfinite(out).all())
