@@ -612,3 +612,42 @@ def test_explicit_coupled_group_reason_with_coupled_true() -> None:
     for coupled in (False, True):
         with pytest.raises(nm.ModelError, match="read by 3 layers"):
             nm.merge(factory(), x, coupled=coupled, groups=[nm.MergeGroup("stem", "b1")])
+
+
+class _Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc3 = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(x)
+
+
+class ContainerHook(nn.Module):
+    """A hook on a container (recorded) reads fc1's weight; or fc2 is called via .forward."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(12)
+        self.mode = mode
+        self.fc1, self.fc2, self.inner = nn.Linear(4, 8), nn.Linear(8, 6), _Inner()
+        if mode == "hook":
+            self.inner.register_forward_hook(self._hook)
+        self.eval()
+
+    def _hook(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return out + self.fc1.weight.sum()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.relu(self.fc1(x))
+        y = self.fc2.forward(a) if self.mode == "direct" else self.fc2(a)
+        return self.inner(F.relu(y))
+
+
+def test_hook_on_container_reading_a_weight() -> None:
+    reason = assert_excluded(ContainerHook("hook"), X, "fc1", "also read", "hook")
+    assert "fc1" in reason
+
+
+def test_layer_called_through_forward_bypassing_call() -> None:
+    assert_excluded(ContainerHook("direct"), X, "fc1", "linear")
