@@ -605,8 +605,10 @@ def plant_group(
 ) -> int:
     """Make channels ``k..n-1`` of ``group`` positive multiples of ``0..k-1`` in every producer.
 
-    Weights and bias scale by ``s``; a producer's batch norm gets ``γ_n = γ_m``,
-    ``var_n = var_m``, ``μ_n = s·μ_m``, ``β_n = s·β_m``, so ``BN_n = s·BN_m`` exactly.
+    Weights and bias scale by ``s``; a producer's batch norm gets another variance
+    ``var_n = 1.7·var_m + 0.1`` with ``γ_n/σ_n = γ_m/σ_m`` (``σ = sqrt(var + eps)``),
+    ``μ_n = s·μ_m`` and ``β_n = s·β_m``, so ``BN_n = s·BN_m`` (only the exact BN rule
+    recovers the scale: the paper's rule divides by ``var``).
     Returns ``k``, the number of channels to keep (with :func:`keep_first`).
     """
     modules = dict(model.named_modules())
@@ -623,8 +625,12 @@ def plant_group(
                     layer.bias[dst] = s * layer.bias[src]
                 if bn_name is not None:
                     bn = modules[bn_name]
-                    bn.weight[dst] = bn.weight[src]
-                    bn.running_var[dst] = bn.running_var[src]
+                    # a different variance, γ rescaled so that γ/σ is the same
+                    var = bn.running_var[src].double()
+                    new_var = 1.7 * var + 0.1
+                    ratio = torch.sqrt((new_var + bn.eps) / (var + bn.eps))
+                    bn.running_var[dst] = new_var.float()
+                    bn.weight[dst] = (bn.weight[src].double() * ratio).float()
                     bn.running_mean[dst] = s * bn.running_mean[src]
                     bn.bias[dst] = s * bn.bias[src]
     return k
