@@ -651,3 +651,17 @@ def test_hook_on_container_reading_a_weight() -> None:
 
 def test_layer_called_through_forward_bypassing_call() -> None:
     assert_excluded(ContainerHook("direct"), X, "fc1", "linear")
+
+
+@pytest.mark.slow
+def test_torch_compile_default_backend() -> None:
+    """``torch.compile`` with inductor (about a minute on a small CPU box, hence slow)."""
+    compiled = torch.compile(Chain())
+    try:
+        run(compiled, X)
+    except Exception as exc:  # pragma: no cover - no C++ compiler here
+        pytest.skip(f"torch.compile does not work on this machine: {type(exc).__name__}")
+    plain = nm.find_groups(Chain(), X)[0]
+    assert _signature(nm.find_groups(compiled, X)[0], "_orig_mod.") == _signature(plain)
+    result = nm.merge(compiled, X)
+    assert run(result.model, X).shape == (2, 3)
