@@ -180,7 +180,6 @@ def test_hooks_exclude_group(mode: str, layer: str) -> None:
     assert layer in reason
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: hook code on a leaf layer is not recorded")
 @pytest.mark.parametrize("mode", ["hook_other_reads_weight", "prehook_other_reads_value"])
 def test_hook_on_other_leaf_reads_fc1(mode: str) -> None:
     """BUGS.md #1: a hook on fc3 reads fc1's weight / fc1's stashed output."""
@@ -434,7 +433,6 @@ def test_torch_compile_wrapper_analyses_like_plain_model() -> None:
     assert_merge_correct(compiled, X)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a channel count read via .shape is unseen")
 def test_channel_count_read_through_shape() -> None:
     """BUGS.md #2: ``y / h.shape[-1]`` changes when h is pruned."""
     net = Chain("shape")
@@ -563,7 +561,6 @@ class DataclassOutput(nn.Module):
         return _Output(self.fc2(F.relu(h)), h)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: dataclass outputs are not flattened")
 def test_dataclass_output_reaches_model_output() -> None:
     """BUGS.md #5."""
     net = DataclassOutput()
@@ -593,7 +590,6 @@ class PatchedForward(Chain):
         fc2.forward = lambda h: F.linear(h * mask, fc2.weight, fc2.bias)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: instance-level forward of a leaf is trusted")
 def test_leaf_forward_replaced_on_instance() -> None:
     """BUGS.md #6 (accelerate/PEFT-style ``module.forward = ...``)."""
     net = PatchedForward()
@@ -603,7 +599,6 @@ def test_leaf_forward_replaced_on_instance() -> None:
     run(result.model, X)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: misleading reason with coupled=True")
 def test_explicit_coupled_group_reason_with_coupled_true() -> None:
     """BUGS.md #8."""
     from _zoo import ZOO
