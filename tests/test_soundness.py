@@ -4,8 +4,10 @@ merging the model is still correct (lossless on planted duplicates elsewhere).""
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -660,3 +662,72 @@ def test_torch_compile_default_backend() -> None:
     assert _signature(nm.find_groups(compiled, X)[0], "_orig_mod.") == _signature(plain)
     result = nm.merge(compiled, X)
     assert run(result.model, X).shape == (2, 3)
+
+
+class SizeAsNumber(nn.Module):
+    """fc1 → relu → fc2, the output scaled by a function of fc1's channel count."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.mode = mode
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        y = self.fc2(F.relu(h))
+        d = h.shape[-1]
+        mode = self.mode
+        if mode == "divide":
+            return y / d
+        if mode == "size()":
+            return y * h.size(1) ** -0.5
+        if mode == "math.sqrt":
+            return y / math.sqrt(d)
+        if mode == "int()":
+            return y / int(d)
+        if mode == "compare":
+            return y * (2.0 if d > 4 else 1.0)
+        if mode == "eq":
+            return y * float(d == 8)
+        if mode == "np.sqrt":
+            return y / float(np.sqrt(d))
+        if mode == "index":
+            return y * list(range(10))[d]
+        return y * len(range(d))  # "range"
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["divide", "size()", "math.sqrt", "int()", "compare", "eq", "np.sqrt", "index", "range"],
+)
+def test_channel_count_used_as_number(mode: str) -> None:
+    """BUGS.md #2 and #9: pruning fc1 changes ``h.shape[-1]``."""
+    net = SizeAsNumber(mode)
+    groups, skipped = nm.find_groups(net, X)
+    assert "fc1" not in {g.name for g in groups}
+    assert "channel count" in _skips(skipped)["fc1"]
+    assert_merge_correct(net, X)
+
+
+class _Slots:
+    __slots__ = ("hidden", "logits")
+
+    def __init__(self, logits: Tensor, hidden: Tensor) -> None:
+        self.logits, self.hidden = logits, hidden
+
+
+def test_slots_output_reaches_model_output() -> None:
+    """BUGS.md #10 (``attrs.define`` classes use ``__slots__``)."""
+
+    class Net(DataclassOutput):
+        def forward(self, x: Tensor) -> _Slots:
+            h = self.fc1(x)
+            return _Slots(self.fc2(F.relu(h)), h)
+
+    groups, skipped = nm.find_groups(Net(), X)
+    assert groups == []
+    assert "model output" in _skips(skipped)["fc1"]
+    with torch.no_grad():
+        assert nm.merge(Net(), X).model(X).hidden.shape == (2, 8)
