@@ -37,10 +37,12 @@ def _seed_bns(model: nn.Module, seed: int) -> nn.Module:
         for m in model.modules():
             if isinstance(m, BNS):
                 n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                    m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
     return model.eval()
 
 
@@ -627,12 +629,13 @@ def plant_group(
                     bn = modules[bn_name]
                     # a different variance, γ rescaled so that γ/σ is the same
                     var = bn.running_var[src].double()
-                    new_var = 1.7 * var + 0.1
+                    new_var = 1.7 * var + 0.1 if bn.weight is not None else var
                     ratio = torch.sqrt((new_var + bn.eps) / (var + bn.eps))
                     bn.running_var[dst] = new_var.float()
-                    bn.weight[dst] = (bn.weight[src].double() * ratio).float()
                     bn.running_mean[dst] = s * bn.running_mean[src]
-                    bn.bias[dst] = s * bn.bias[src]
+                    if bn.weight is not None:
+                        bn.weight[dst] = (bn.weight[src].double() * ratio).float()
+                        bn.bias[dst] = s * bn.bias[src]
     return k
 
 

@@ -731,3 +731,30 @@ def test_slots_output_reaches_model_output() -> None:
     assert "model output" in _skips(skipped)["fc1"]
     with torch.no_grad():
         assert nm.merge(Net(), X).model(X).hidden.shape == (2, 8)
+
+
+class MetadataRead(nn.Module):
+    def __init__(self, attr: str) -> None:
+        super().__init__()
+        torch.manual_seed(14)
+        self.attr = attr
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.fc1(x))
+        value = getattr(h, self.attr.rstrip("()"))
+        if self.attr.endswith("()"):
+            value()
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize(
+    "attr",
+    ["dtype", "device", "is_nested", "is_cpu", "is_mkldnn", "itemsize", "is_inference()"],
+)
+def test_metadata_reads_keep_the_group(attr: str) -> None:
+    """BUGS.md #11: reading metadata is not a use of the channels."""
+    groups, _ = nm.find_groups(MetadataRead(attr), X)
+    assert [g.name for g in groups] == ["fc1"]
+    assert_merge_correct(MetadataRead(attr), X)
