@@ -1,0 +1,322 @@
+"""Hypothesis: random DAGs of linear/conv blocks (ReLU/GELU/LeakyReLU/ReLU6/SiLU, BN,
+depthwise convs, residual adds, concats, scalar multiples, several consumers per value).
+
+Properties, for ``coupled`` off and on:
+
+* pruning equals the original with the removed channels' consumer columns zeroed;
+* merging is lossless on duplicates planted in every mergeable group;
+* nothing raises except a :class:`neuron_merging.NeuronMergingError`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import neuron_merging as nm
+from _zoo import keep_first, masked_copy, planted, run
+
+FAST_EXAMPLES = 30
+SLOW_EXAMPLES = 300
+ACTS = ("relu", "relu", "leaky", "none", "gelu", "relu6", "silu")
+SCALES = (0.5, 2.0, -1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@dataclass(frozen=True)
+class Spec:
+    mode: str  # "conv" (B, C, 5, 5) or "linear" (B, C)
+    steps: tuple[tuple, ...]
+    seed: int
+    flatten: bool = False
+
+
+@st.composite
+def dags(draw) -> Spec:
+    mode = draw(st.sampled_from(["conv", "linear"]))
+    widths: list[int] = []
+    steps: list[tuple] = []
+
+    def layer(src: int, out: int | None = None) -> None:
+        out = draw(st.integers(1, 6)) if out is None else out
+        steps.append(
+            (
+                "layer",
+                src,
+                out,
+                draw(st.booleans()),  # batch norm
+                draw(st.sampled_from(ACTS)),
+                draw(st.sampled_from([1, 3])),  # kernel (conv mode)
+                draw(st.booleans()),  # bias
+            )
+        )
+        widths.append(out)
+
+    layer(-1)  # the stem reads the input
+    for _ in range(draw(st.integers(1, 7))):
+        kinds = ["layer", "layer", "dw", "add", "add", "cat", "cat", "scale", "gate", "pool", "bn"]
+        kinds += ["bcast"]
+        kind = draw(st.sampled_from(kinds))
+        src = draw(st.integers(0, len(widths) - 1))
+        if kind in ("dw", "pool") and mode == "linear":
+            kind = "layer"
+        if kind == "layer":
+            layer(src)
+        elif kind == "dw":
+            steps.append(("dw", src, draw(st.booleans()), draw(st.sampled_from(ACTS))))
+            widths.append(widths[src])
+        elif kind in ("add", "gate"):
+            same = [i for i, w in enumerate(widths) if w == widths[src] and i != src]
+            if not same:  # a residual branch: a layer of the same width first
+                layer(draw(st.integers(0, len(widths) - 1)), widths[src])
+                same = [len(widths) - 1]
+            steps.append((kind, src, draw(st.sampled_from(same))))
+            widths.append(widths[src])
+        elif kind in ("pool", "bn"):
+            steps.append((kind, src))
+            widths.append(widths[src])
+        elif kind == "cat":
+            other = draw(st.integers(-1, len(widths) - 1))  # -1: the raw input (3 channels)
+            steps.append(("cat", src, other))
+            widths.append(widths[src] + (3 if other < 0 else widths[other]))
+        elif kind == "bcast" and mode == "conv":  # h + pooled(other): broadcast over H, W
+            same = [i for i, w in enumerate(widths) if w == widths[src]]
+            steps.append(("bcast", src, draw(st.sampled_from(same))))
+            widths.append(widths[src])
+        elif kind == "scale":
+            steps.append(("scale", src, draw(st.sampled_from(SCALES))))
+            widths.append(widths[src])
+    if draw(st.booleans()):  # the last value is read by one more layer before the head
+        layer(len(widths) - 1)
+    flatten = mode == "conv" and draw(st.booleans())  # flatten (25 features per channel)
+    return Spec(mode, tuple(steps), draw(st.integers(0, 2**16)), flatten)
+
+
+def _act(name: str, x: Tensor) -> Tensor:
+    if name == "relu":
+        return F.relu(x)
+    if name == "leaky":
+        return F.leaky_relu(x, 0.1)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "relu6":
+        return F.relu6(x)
+    if name == "silu":
+        return F.silu(x)
+    return x
+
+
+class DagNet(nn.Module):
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        torch.manual_seed(spec.seed)
+        self.spec = spec
+        conv = spec.mode == "conv"
+        widths: list[int] = []
+        self.layers = nn.ModuleDict()
+        self.norms = nn.ModuleDict()
+        for i, step in enumerate(spec.steps):
+            kind, src = step[0], step[1]
+            cin = 3 if src < 0 else widths[src]
+            if kind == "layer":
+                _, _, out, bn, _, k, bias = step
+                self.layers[str(i)] = (
+                    nn.Conv2d(cin, out, k, padding=k // 2, bias=bias)
+                    if conv
+                    else nn.Linear(cin, out, bias=bias)
+                )
+                if bn:
+                    self.norms[str(i)] = nn.BatchNorm2d(out) if conv else nn.BatchNorm1d(out)
+                widths.append(out)
+            elif kind == "dw":
+                self.layers[str(i)] = nn.Conv2d(cin, cin, 3, padding=1, groups=cin)
+                if step[2]:
+                    self.norms[str(i)] = nn.BatchNorm2d(cin)
+                widths.append(cin)
+            elif kind == "cat":
+                widths.append(cin + (3 if step[2] < 0 else widths[step[2]]))
+            elif kind == "bn":
+                self.norms[str(i)] = nn.BatchNorm2d(cin) if conv else nn.BatchNorm1d(cin)
+                widths.append(cin)
+            else:
+                widths.append(cin)
+        self.head = nn.Linear(widths[-1] * (25 if spec.flatten else 1), 3)
+        g = torch.Generator().manual_seed(spec.seed + 1)
+        with torch.no_grad():
+            for bn in self.norms.values():
+                n = bn.num_features
+                bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                bn.bias.copy_(torch.randn(n, generator=g) * 0.5)
+                bn.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        nodes: list[Tensor] = []
+        for i, step in enumerate(self.spec.steps):
+            kind, src = step[0], step[1]
+            h = x if src < 0 else nodes[src]
+            key = str(i)
+            if kind in ("layer", "dw"):
+                h = self.layers[key](h)
+                if key in self.norms:
+                    h = self.norms[key](h)
+                h = _act(step[4] if kind == "layer" else step[3], h)
+            elif kind == "add":
+                h = h + nodes[step[2]]
+            elif kind == "gate":
+                h = h * torch.sigmoid(nodes[step[2]])
+            elif kind == "pool":
+                h = F.max_pool2d(h, 3, 1, 1)
+            elif kind == "bn":
+                h = self.norms[key](h)
+            elif kind == "cat":
+                h = torch.cat([h, x if step[2] < 0 else nodes[step[2]]], 1)
+            elif kind == "bcast":
+                h = h + F.adaptive_avg_pool2d(nodes[step[2]], 1)
+            else:
+                h = h * step[2]
+            nodes.append(h)
+        h = nodes[-1]
+        if self.spec.flatten:
+            h = h.flatten(1)
+        elif self.spec.mode == "conv":
+            h = F.adaptive_avg_pool2d(h, 1).flatten(1)
+        return self.head(h)
+
+
+def _input(spec: Spec) -> Tensor:
+    shape = (2, 3, 5, 5) if spec.mode == "conv" else (2, 3)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(spec.seed + 2))
+
+
+def _close(out: Tensor, ref: Tensor, tol: float) -> bool:
+    scale = max(1.0, float(ref.abs().max()))
+    return bool((out - ref).abs().max() <= tol * scale)
+
+
+def check(spec: Spec, coupled: bool, ratio: float) -> None:
+    model, x = DagNet(spec), _input(spec)
+    ref = run(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            result = nm.prune(model, x, ratio=ratio, coupled=coupled)
+        except nm.NeuronMergingError:
+            result = None
+        if result is not None:
+            out = run(result.model, x)
+            want = run(masked_copy(model, result.plans), x)
+            assert out.shape == ref.shape
+            assert _close(out, want, 1e-5), ("prune != mask", (out - want).abs().max())
+        twin, keep, groups = planted(model, x, coupled)
+        if not keep:
+            return
+        planted_ref = run(twin, x)
+        result = nm.merge(
+            twin,
+            x,
+            ratio=0.0,
+            keep=keep,
+            criterion=keep_first,
+            threshold=None,
+            bn_rule="exact",
+            coupled=coupled,
+        )
+        merged = {g.producer: g.merged for g in result.report.groups}
+        assert all(merged[name] == groups_n - k for name, k, groups_n in _sizes(groups, keep))
+        out = run(result.model, x)
+        assert _close(out, planted_ref, 1e-5), ("merge lossy", (out - planted_ref).abs().max())
+
+
+def _sizes(groups: list, keep: dict[str, int]) -> list[tuple[str, int, int]]:
+    return [(g.name, keep[g.name], g.channels) for g in groups if g.name in keep]
+
+
+_SETTINGS = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+
+
+@settings(max_examples=FAST_EXAMPLES, **_SETTINGS)
+@given(spec=dags(), coupled=st.booleans(), ratio=st.sampled_from([0.25, 0.5, 0.75]))
+def test_dag_fuzz(spec: Spec, coupled: bool, ratio: float) -> None:
+    check(spec, coupled, ratio)
+
+
+@pytest.mark.slow
+@settings(max_examples=SLOW_EXAMPLES, **_SETTINGS)
+@given(spec=dags(), coupled=st.booleans(), ratio=st.sampled_from([0.25, 0.5, 0.75]))
+def test_dag_fuzz_slow(spec: Spec, coupled: bool, ratio: float) -> None:
+    check(spec, coupled, ratio)
+
+
+def _adversarial(model: nn.Module, kind: str, seed: int) -> None:
+    """Zero rows, negative/positive duplicates, γ = 0 or tiny variances, in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.shape[0] > 1:
+                rows = m.weight.view(m.weight.shape[0], -1)
+                n = rows.shape[0]
+                i, j = torch.randint(0, n, (2,), generator=g).tolist()
+                if kind == "zeros":
+                    rows[i] = 0
+                    if m.bias is not None:
+                        m.bias[i] = 0
+                elif kind == "dups":
+                    rows[i] = (-2.0 if j % 2 else 3.0) * rows[j]
+                elif kind == "tiny":
+                    rows[i] *= 1e-30
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = m.num_features
+                i = int(torch.randint(0, n, (1,), generator=g))
+                if kind == "zeros":
+                    m.weight[i] = 0.0
+                elif kind == "tiny":
+                    m.running_var[i] = 1e-12
+
+
+@settings(max_examples=FAST_EXAMPLES, **_SETTINGS)
+@given(
+    spec=dags(),
+    kind=st.sampled_from(["zeros", "dups", "tiny"]),
+    coupled=st.booleans(),
+    bn_rule=st.sampled_from(["paper", "exact"]),
+    ratio=st.sampled_from([0.25, 0.5, 0.75]),
+)
+def test_dag_fuzz_adversarial_weights(
+    spec: Spec, kind: str, coupled: bool, bn_rule: str, ratio: float
+) -> None:
+    """Degenerate weights: a NeuronMergingError or a model with finite, same-shaped outputs."""
+    model, x = DagNet(spec), _input(spec)
+    _adversarial(model, kind, spec.seed)
+    ref = run(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for threshold in (None, 0.1):
+            try:
+                result = nm.merge(
+                    model, x, ratio=ratio, coupled=coupled, bn_rule=bn_rule, threshold=threshold
+                )
+            except nm.NeuronMergingError:
+                continue
+            out = run(result.model, x)
+            assert out.shape == ref.shape
+            if bool(torch.isfinite(ref).all()):
+                assert bool(torch.isfinite(out).all())

@@ -1,0 +1,760 @@
+"""One test per unsound case of issue 9: the group is excluded with a readable reason, and
+merging the model is still correct (lossless on planted duplicates elsewhere)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import prune as torch_prune
+
+import neuron_merging as nm
+from _zoo import keep_first, planted, rel_error, run
+
+X = torch.randn(2, 4, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+    torch.set_num_threads(previous)
+
+
+class Chain(nn.Module):
+    """fc1 → act → fc2 → relu → fc3, with one unsound (or harmless) twist per ``mode``."""
+
+    def __init__(self, mode: str = "", seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.mode = mode
+        self.fc1 = nn.Linear(4, 8)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(8, 6)
+        self.fc3 = nn.Linear(6, 3)
+        self.register_buffer("mask", torch.linspace(0.5, 2.0, 8))
+        if mode == "hook_producer":
+            self.fc1.register_forward_hook(self._scale_output)
+        elif mode == "hook_act":
+            self.act.register_forward_hook(self._scale_output)
+        elif mode == "prehook_consumer":
+            self.fc2.register_forward_pre_hook(self._scale_input)
+        elif mode == "hook_other_reads_weight":
+            self.fc3.register_forward_hook(self._add_fc1_weight)
+        elif mode == "prehook_other_reads_value":
+            self.fc3.register_forward_pre_hook(self._add_stash)
+        self.eval()
+
+    def _scale_output(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return out * self.mask
+
+    def _scale_input(self, module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * self.mask,)
+
+    def _add_fc1_weight(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return out + self.fc1.weight.sum()
+
+    def _add_stash(self, module: nn.Module, args: tuple) -> tuple:
+        return (args[0] + self.stash[:, :6],)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mode = self.mode
+        h = self.fc1(x)
+        self.stash = h
+        extra: Tensor | float = 0.0
+        if mode == ".T":
+            extra = h.T.mean(0).unsqueeze(-1)
+        elif mode == ".mT":
+            extra = h.unsqueeze(1).mT.mean(1)
+        elif mode == ".data":
+            extra = h.data.mean(-1, keepdim=True)
+        elif mode == "item":
+            extra = h[0, 0].item()
+        elif mode == "setitem":
+            h[:, 0] = 0.0
+        elif mode == "branch_on_value":
+            if h.sum() > 0:
+                h = h * 2.0
+        elif mode == "branch_on_input":
+            h = h * 2.0 if x.sum() > 0 else h * 3.0
+        elif mode == "list_args":
+            b, c = x.shape
+            h = torch.cat([h], 0)
+            assert h.shape[0] == b and c == 4
+        elif mode == "abs_sum":
+            extra = self.fc1.weight.abs().sum()
+        a = self.act(h)
+        y = F.linear(a, self.fc2.weight, self.fc2.bias) if mode == "F.linear" else self.fc2(a)
+        if mode == "F.linear also":
+            y = y + F.linear(a, self.fc2.weight).mean(-1, keepdim=True)
+        if mode == "shape":
+            y = y / h.shape[-1]
+        return self.fc3(F.relu(y)) + extra
+
+
+def _skips(skipped: list) -> dict[str, str]:
+    return {s.name: s.reason for s in skipped}
+
+
+def assert_merge_correct(model: nn.Module, x, coupled: bool = False) -> None:
+    """Merging with duplicates planted in every mergeable group is lossless; plain merge runs."""
+    copy_, keep, _ = planted(model, x, coupled)
+    ref = run(copy_, x)
+    result = nm.merge(
+        copy_,
+        x,
+        ratio=0.0,
+        keep=keep,
+        criterion=keep_first,
+        threshold=None,
+        bn_rule="exact",
+        coupled=coupled,
+    )
+    assert rel_error(run(result.model, x), ref) < 1e-5
+    result = nm.merge(model, x, ratio=0.5, coupled=coupled)
+    assert run(result.model, x).shape == run(model, x).shape
+
+
+def assert_excluded(model: nn.Module, x, name: str, *words: str) -> str:
+    groups, skipped = nm.find_groups(model, x)
+    assert name not in {p for g in groups for p in g.producers}, groups
+    reason = _skips(skipped)[name]
+    assert any(w.lower() in reason.lower() for w in words), reason
+    assert_merge_correct(model, x)
+    return reason
+
+
+# ------------------------------------------------------------------ second uses of a value
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        (".T", (".T", "mean", "reduced")),
+        (".mT", (".mT", "mean", "reduced")),
+        (".data", (".data",)),
+        ("item", ("item", "index")),
+        ("branch_on_value", ("sum", "reduced")),
+    ],
+)
+def test_second_use_of_producer_output(mode: str, words: tuple[str, ...]) -> None:
+    assert_excluded(Chain(mode), X, "fc1", *words)
+
+
+def test_in_place_channel_write_excludes_group() -> None:
+    groups, skipped = nm.find_groups(Chain("setitem"), X)
+    assert "fc1" not in {g.name for g in groups}
+    assert "fc1" in _skips(skipped)
+    assert_merge_correct(Chain("setitem"), X)
+
+
+def test_write_through_view_excludes_group() -> None:
+    class Net(Chain):
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc1(x)
+            v = h.view(2, 8)
+            out = self.fc3(F.relu(self.fc2(F.relu(h))))
+            v.mul_(self.mask)  # h changes after fc2 read it; v is returned below
+            return out + v.mean(-1, keepdim=True)
+
+    assert_excluded(Net(), X, "fc1", "written", "alias", "mul", "combined", "mean", "reduced")
+
+
+# ------------------------------------------------------------------------------ hooks
+
+
+@pytest.mark.parametrize(
+    "mode, layer",
+    [("hook_producer", "fc1"), ("hook_act", "act"), ("prehook_consumer", "fc2")],
+)
+def test_hooks_exclude_group(mode: str, layer: str) -> None:
+    reason = assert_excluded(Chain(mode), X, "fc1", "hook")
+    assert layer in reason
+
+
+@pytest.mark.parametrize("mode", ["hook_other_reads_weight", "prehook_other_reads_value"])
+def test_hook_on_other_leaf_reads_fc1(mode: str) -> None:
+    """BUGS.md #1: a hook on fc3 reads fc1's weight / fc1's stashed output."""
+    assert_excluded(Chain(mode), X, "fc1", "hook", "also read", "weight")
+
+
+def test_global_forward_hook_excludes_everything() -> None:
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        groups, skipped = nm.find_groups(Chain(), X)
+    finally:
+        handle.remove()
+    assert groups == []
+    assert "global" in _skips(skipped)["fc1"]
+
+
+# ------------------------------------------------------------------ parameters read in forward
+
+
+def test_functional_linear_with_layer_weight() -> None:
+    reason = assert_excluded(Chain("F.linear"), X, "fc1", "linear")
+    assert "linear" in reason
+
+
+def test_layer_weight_also_read_by_functional_linear() -> None:
+    reason = assert_excluded(Chain("F.linear also"), X, "fc1", "also read", "linear")
+    assert "fc2" in reason or "linear" in reason
+
+
+def test_weight_abs_sum_added_to_output() -> None:
+    reason = assert_excluded(Chain("abs_sum"), X, "fc1", "abs")
+    assert "fc1" in reason
+
+
+class TiedAutoencoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.enc = nn.Linear(6, 8)
+        self.mid = nn.Linear(8, 8)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = F.relu(self.mid(F.relu(self.enc(x))))
+        return F.linear(z, self.enc.weight.t())
+
+
+def test_decoder_tied_to_encoder_transpose() -> None:
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(2))
+    reason = assert_excluded(TiedAutoencoder(), x, "enc", "enc")
+    assert "weight" in reason
+
+
+class SharedParameter(nn.Module):
+    def __init__(self, calls: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc0 = nn.Linear(4, 8)
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 3)
+        self.calls = calls
+        if calls == 1:
+            self.fc2.weight = self.fc1.weight
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.fc1(F.relu(self.fc0(x))))
+        h = F.relu(self.fc2(h)) if self.calls == 1 else F.relu(self.fc1(h))
+        return self.fc3(h)
+
+
+def test_tied_weights_shared_parameter() -> None:
+    for name in ("fc0", "fc1", "fc2"):
+        reason = _skips(nm.find_groups(SharedParameter(), X)[1])[name]
+        assert "tied" in reason or "shared" in reason, reason
+    assert_merge_correct(SharedParameter(), X)
+
+
+def test_layer_called_twice() -> None:
+    reason = assert_excluded(SharedParameter(calls=2), X, "fc0", "called", "shared")
+    assert "fc1" in reason
+
+
+# --------------------------------------------------------------------- re-parametrisations
+
+
+def _reparam(kind: str) -> nn.Module:
+    net = Chain(seed=4)
+    if kind == "prune":
+        torch_prune.l1_unstructured(net.fc1, "weight", amount=0.3)
+    elif kind == "weight_norm":
+        torch.nn.utils.weight_norm(net.fc1)
+    elif kind == "spectral_norm":
+        torch.nn.utils.spectral_norm(net.fc1)
+    elif kind == "p.spectral_norm":
+        parametrizations.spectral_norm(net.fc1)
+    elif kind == "p.orthogonal":
+        net.fc2 = nn.Linear(8, 8)
+        net.fc3 = nn.Linear(8, 3)
+        parametrizations.orthogonal(net.fc2)
+    elif kind == "p.weight_norm":
+        parametrizations.weight_norm(net.fc1)
+    with torch.no_grad():  # one forward pass initialises the power iterations
+        net.train()(X)
+    return net.eval()
+
+
+def _materialised(net: nn.Module) -> nn.Module:
+    """``net`` with every re-parametrised weight replaced by its current value, in place.
+
+    (Not on a deep copy: a copy shares ``parametrize``'s dynamic class with the original,
+    and removing the parametrisation from the copy deletes the original's property.)
+    """
+    for module in list(net.modules()):
+        if parametrize.is_parametrized(module):
+            for attr in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            name = getattr(hook, "name", None)
+            if name is None:
+                continue
+            value = getattr(module, name).detach().clone()
+            hook.remove(module)
+            module._forward_pre_hooks.pop(key, None)
+            if name in module._parameters:
+                del module._parameters[name]
+            if hasattr(module, name):
+                delattr(module, name)
+            module.register_parameter(name, nn.Parameter(value))
+    return net
+
+
+REPARAMS = [
+    "prune",
+    "weight_norm",
+    "spectral_norm",
+    "p.spectral_norm",
+    "p.orthogonal",
+    "p.weight_norm",
+]
+
+
+@pytest.mark.parametrize("kind", REPARAMS)
+@pytest.mark.parametrize("verb", ["merge", "prune"])
+def test_reparametrised_layers(kind: str, verb: str) -> None:
+    net = _reparam(kind)
+    plain = _materialised(_reparam(kind))
+    torch.testing.assert_close(run(plain, X), run(net, X))
+    fn = nm.merge if verb == "merge" else nm.prune
+    result = fn(net, X, ratio=0.5)  # never a raw exception
+    reference = fn(plain, X, ratio=0.5)
+    got, want = run(result.model, X), run(reference.model, X)
+    assert got.shape == want.shape
+    compressed = {g.producer for g in result.report.groups}
+    skipped = _skips(result.report.skipped)
+    layer = "fc2" if kind == "p.orthogonal" else "fc1"
+    assert layer in compressed or layer in skipped
+    if compressed == {g.producer for g in reference.report.groups}:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    run(result.model, X)  # runs twice (power iterations, hooks) without failing
+    torch.testing.assert_close(run(net, X), run(plain, X))  # the input is untouched
+
+
+# --------------------------------------------------------------------- models refused
+
+
+def test_uninitialised_lazy_linear() -> None:
+    net = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(nm.ModelError, match=r"lazy|uninitiali"):
+        nm.merge(net, X)
+    with pytest.raises(nm.ModelError):
+        nm.find_groups(net, X)
+
+
+def test_initialised_lazy_linear_works() -> None:
+    net = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
+    net(X)
+    assert_merge_correct(net.eval(), X)
+
+
+def test_torchscript_module_refused() -> None:
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    with pytest.raises(nm.ModelError, match="TorchScript"):
+        nm.merge(scripted, X)
+    with pytest.raises(nm.ModelError, match="TorchScript"):
+        nm.find_groups(scripted, X)
+
+
+def test_traced_torchscript_refused() -> None:
+    traced = torch.jit.trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), X)
+    with pytest.raises(nm.ModelError):
+        nm.merge(traced, X)
+
+
+def test_meta_device_model_refused() -> None:
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(nm.ModelError, match="meta"):
+        nm.merge(net, X)
+    with pytest.raises(nm.ModelError, match="meta"):
+        nm.find_groups(net, X)
+
+
+# ------------------------------------------------- models that must analyse like plain ones
+
+
+@pytest.mark.parametrize("mode", ["list_args", "branch_on_input", ""])
+def test_plain_python_forwards(mode: str) -> None:
+    groups, _ = nm.find_groups(Chain(mode), X)
+    assert [(g.producers, g.consumers, g.mergeable) for g in groups] == [
+        (("fc1",), ("fc2",), True),
+        (("fc2",), ("fc3",), True),
+    ]
+    assert_merge_correct(Chain(mode), X)
+
+
+def _signature(groups: list, prefix: str = "") -> list:
+    strip = len(prefix)
+    return [
+        (
+            tuple(p[strip:] for p in g.producers),
+            tuple(c[strip:] for c in g.consumers),
+            g.mergeable,
+        )
+        for g in groups
+    ]
+
+
+def test_data_parallel_analyses_like_plain_model() -> None:
+    plain = nm.find_groups(Chain(), X)[0]
+    wrapped = nn.DataParallel(Chain())
+    assert _signature(nm.find_groups(wrapped, X)[0], "module.") == _signature(plain)
+    assert_merge_correct(wrapped, X)
+
+
+def test_fx_graph_module_analyses_like_plain_model() -> None:
+    plain = nm.find_groups(Chain(), X)[0]
+    traced = torch.fx.symbolic_trace(Chain())
+    assert _signature(nm.find_groups(traced, X)[0]) == _signature(plain)
+    assert_merge_correct(traced, X)
+
+
+def test_torch_compile_wrapper_analyses_like_plain_model() -> None:
+    try:
+        compiled = torch.compile(Chain(), backend="eager")
+    except Exception as exc:  # pragma: no cover - depends on the platform
+        pytest.skip(f"torch.compile unavailable here: {exc}")
+    plain = nm.find_groups(Chain(), X)[0]
+    assert _signature(nm.find_groups(compiled, X)[0], "_orig_mod.") == _signature(plain)
+    assert_merge_correct(compiled, X)
+
+
+def test_channel_count_read_through_shape() -> None:
+    """BUGS.md #2: ``y / h.shape[-1]`` changes when h is pruned."""
+    net = Chain("shape")
+    groups, skipped = nm.find_groups(net, X)
+    if "fc1" in {g.name for g in groups}:
+        assert_merge_correct(net, X)
+    else:
+        assert "shape" in _skips(skipped)["fc1"]
+
+
+# ----------------------------------------------------------------------- explicit groups
+
+
+class GeluChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class ResidualFFN(nn.Module):
+    """OPT-like: fc_in → relu → fc_out (+ residual) → LayerNorm → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.fc_in = nn.Linear(4, 8)
+        self.fc_out = nn.Linear(8, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x + self.fc_out(F.relu(self.fc_in(x)))
+        return self.head(self.norm(h))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.gate_proj = nn.Linear(4, 8, bias=False)
+        self.up_proj = nn.Linear(4, 8, bias=False)
+        self.down_proj = nn.Linear(8, 3, bias=False)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_explicit_gelu_group_becomes_prune_only() -> None:
+    net = GeluChain()
+    result = nm.merge(net, X, groups=[nm.MergeGroup("fc1", "fc2")])
+    (report,) = result.report.groups
+    assert report.method == "pruned" and report.merged == 0
+    assert "GELU" in report.reason
+    masked = _mask(net, result.plans)
+    torch.testing.assert_close(run(result.model, X), run(masked, X), atol=1e-6, rtol=1e-6)
+
+
+def test_explicit_group_across_residual_add_refused() -> None:
+    with pytest.raises(nm.ModelError, match=r"fc_out|residual|LayerNorm|add"):
+        nm.merge(ResidualFFN(), X, groups=[nm.MergeGroup("fc_out", "head")])
+
+
+def test_explicit_swiglu_group_refused() -> None:
+    with pytest.raises(nm.ModelError):
+        nm.merge(SwiGLU(), X, groups=[nm.MergeGroup("up_proj", "down_proj")])
+
+
+def test_explicit_groups_unchecked_without_inputs() -> None:
+    result = nm.merge(GeluChain(), None, groups=[nm.MergeGroup("fc1", "fc2")], threshold=None)
+    (report,) = result.report.groups
+    assert report.method == "merged"
+    assert "not checked" in report.reason
+    assert result.model.fc1.out_features == 4
+    run(result.model, X)
+
+
+def test_explicit_sound_group_matches_discovery() -> None:
+    copy_, keep, _ = planted(Chain(), X, False)
+    result = nm.merge(
+        copy_,
+        X,
+        groups=[nm.MergeGroup("fc1", "fc2")],
+        ratio=0.0,
+        keep={"fc1": keep["fc1"]},
+        criterion=keep_first,
+        threshold=None,
+    )
+    assert [g.producer for g in result.report.groups] == ["fc1"]
+    assert result.report.groups[0].merged == 4
+    assert rel_error(run(result.model, X), run(copy_, X)) < 1e-5
+
+
+def _mask(net: nn.Module, plans: list) -> nn.Module:
+    from _zoo import masked_copy
+
+    return masked_copy(net, plans)
+
+
+# ----------------------------------------------------------------- outputs and patched leaves
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: Tensor
+    hidden: Tensor
+
+
+class DataclassOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> _Output:
+        h = self.fc1(x)
+        return _Output(self.fc2(F.relu(h)), h)
+
+
+def test_dataclass_output_reaches_model_output() -> None:
+    """BUGS.md #5."""
+    net = DataclassOutput()
+    groups, skipped = nm.find_groups(net, X)
+    assert groups == []
+    assert "model output" in _skips(skipped)["fc1"]
+    with torch.no_grad():
+        assert nm.merge(net, X).model(X).hidden.shape == (2, 8)
+
+
+def test_tuple_and_dict_outputs_reach_model_output() -> None:
+    class Net(DataclassOutput):
+        def forward(self, x: Tensor):
+            h = self.fc1(x)
+            return {"logits": self.fc2(F.relu(h)), "extra": [(h,)]}
+
+    groups, skipped = nm.find_groups(Net(), X)
+    assert groups == []
+    assert "model output" in _skips(skipped)["fc1"]
+
+
+class PatchedForward(Chain):
+    def __init__(self) -> None:
+        super().__init__()
+        fc2 = self.fc2
+        mask = torch.linspace(0.5, 2.0, 8)
+        fc2.forward = lambda h: F.linear(h * mask, fc2.weight, fc2.bias)
+
+
+def test_leaf_forward_replaced_on_instance() -> None:
+    """BUGS.md #6 (accelerate/PEFT-style ``module.forward = ...``)."""
+    net = PatchedForward()
+    groups, _ = nm.find_groups(net, X)
+    assert "fc1" not in {g.name for g in groups}
+    result = nm.merge(net, X)
+    run(result.model, X)
+
+
+def test_explicit_coupled_group_reason_with_coupled_true() -> None:
+    """BUGS.md #8."""
+    from _zoo import ZOO
+
+    factory, x = ZOO["inception"]
+    for coupled in (False, True):
+        with pytest.raises(nm.ModelError, match="read by 3 layers"):
+            nm.merge(factory(), x, coupled=coupled, groups=[nm.MergeGroup("stem", "b1")])
+
+
+class _Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc3 = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(x)
+
+
+class ContainerHook(nn.Module):
+    """A hook on a container (recorded) reads fc1's weight; or fc2 is called via .forward."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(12)
+        self.mode = mode
+        self.fc1, self.fc2, self.inner = nn.Linear(4, 8), nn.Linear(8, 6), _Inner()
+        if mode == "hook":
+            self.inner.register_forward_hook(self._hook)
+        self.eval()
+
+    def _hook(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return out + self.fc1.weight.sum()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.relu(self.fc1(x))
+        y = self.fc2.forward(a) if self.mode == "direct" else self.fc2(a)
+        return self.inner(F.relu(y))
+
+
+def test_hook_on_container_reading_a_weight() -> None:
+    reason = assert_excluded(ContainerHook("hook"), X, "fc1", "also read", "hook")
+    assert "fc1" in reason
+
+
+def test_layer_called_through_forward_bypassing_call() -> None:
+    assert_excluded(ContainerHook("direct"), X, "fc1", "linear")
+
+
+@pytest.mark.slow
+def test_torch_compile_default_backend() -> None:
+    """``torch.compile`` with inductor (about a minute on a small CPU box, hence slow)."""
+    compiled = torch.compile(Chain())
+    try:
+        run(compiled, X)
+    except Exception as exc:  # pragma: no cover - no C++ compiler here
+        pytest.skip(f"torch.compile does not work on this machine: {type(exc).__name__}")
+    plain = nm.find_groups(Chain(), X)[0]
+    assert _signature(nm.find_groups(compiled, X)[0], "_orig_mod.") == _signature(plain)
+    result = nm.merge(compiled, X)
+    assert run(result.model, X).shape == (2, 3)
+
+
+class SizeAsNumber(nn.Module):
+    """fc1 → relu → fc2, the output scaled by a function of fc1's channel count."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.mode = mode
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        y = self.fc2(F.relu(h))
+        d = h.shape[-1]
+        mode = self.mode
+        if mode == "divide":
+            return y / d
+        if mode == "size()":
+            return y * h.size(1) ** -0.5
+        if mode == "math.sqrt":
+            return y / math.sqrt(d)
+        if mode == "int()":
+            return y / int(d)
+        if mode == "compare":
+            return y * (2.0 if d > 4 else 1.0)
+        if mode == "eq":
+            return y * float(d == 8)
+        if mode == "np.sqrt":
+            return y / float(np.sqrt(d))
+        if mode == "index":
+            return y * list(range(10))[d]
+        return y * len(range(d))  # "range"
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["divide", "size()", "math.sqrt", "int()", "compare", "eq", "np.sqrt", "index", "range"],
+)
+def test_channel_count_used_as_number(mode: str) -> None:
+    """BUGS.md #2 and #9: pruning fc1 changes ``h.shape[-1]``."""
+    net = SizeAsNumber(mode)
+    groups, skipped = nm.find_groups(net, X)
+    assert "fc1" not in {g.name for g in groups}
+    assert "channel count" in _skips(skipped)["fc1"]
+    assert_merge_correct(net, X)
+
+
+class _Slots:
+    __slots__ = ("hidden", "logits")
+
+    def __init__(self, logits: Tensor, hidden: Tensor) -> None:
+        self.logits, self.hidden = logits, hidden
+
+
+def test_slots_output_reaches_model_output() -> None:
+    """BUGS.md #10 (``attrs.define`` classes use ``__slots__``)."""
+
+    class Net(DataclassOutput):
+        def forward(self, x: Tensor) -> _Slots:
+            h = self.fc1(x)
+            return _Slots(self.fc2(F.relu(h)), h)
+
+    groups, skipped = nm.find_groups(Net(), X)
+    assert groups == []
+    assert "model output" in _skips(skipped)["fc1"]
+    with torch.no_grad():
+        assert nm.merge(Net(), X).model(X).hidden.shape == (2, 8)
+
+
+class MetadataRead(nn.Module):
+    def __init__(self, attr: str) -> None:
+        super().__init__()
+        torch.manual_seed(14)
+        self.attr = attr
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.fc1(x))
+        value = getattr(h, self.attr.rstrip("()"))
+        if self.attr.endswith("()"):
+            value()
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize(
+    "attr",
+    ["dtype", "device", "is_nested", "is_cpu", "is_mkldnn", "itemsize", "is_inference()"],
+)
+def test_metadata_reads_keep_the_group(attr: str) -> None:
+    """BUGS.md #11: reading metadata is not a use of the channels."""
+    groups, _ = nm.find_groups(MetadataRead(attr), X)
+    assert [g.name for g in groups] == ["fc1"]
+    assert_merge_correct(MetadataRead(attr), X)

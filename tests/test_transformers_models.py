@@ -1,0 +1,180 @@
+"""``transformers`` models from tiny configs (no downloads): FFNs found automatically.
+
+OPT (``fc1 → fc2``) and T5 with ``feed_forward_proj="relu"`` (``wi → wo``) merge
+losslessly on planted duplicates; the GELU FFNs of BERT, GPT-2 (``Conv1D``) and ViT and
+LLaMA's SwiGLU are pruned (exactly: pruning equals masking) and never merged.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import neuron_merging as nm
+from _zoo import HF_ZOO, keep_first, masked_copy, planted, rel_error, run
+
+pytest.importorskip("transformers")
+
+NAMES = sorted(HF_ZOO)
+
+#: name → (producer suffixes, consumer suffix, mergeable, words in the reason)
+FFN = {
+    "hf_opt": ((".fc1",), ".fc2", True, ()),
+    "hf_t5": ((".wi",), ".wo", True, ()),
+    "hf_bert": ((".intermediate.dense",), ".output.dense", False, ("GELU",)),
+    "hf_gpt2": ((".mlp.c_fc",), ".mlp.c_proj", False, ("GELU",)),
+    "hf_vit": ((".fc1",), ".fc2", False, ("GELU",)),
+    "hf_llama": ((".gate_proj", ".up_proj"), ".down_proj", False, ("SiLU", "product")),
+}
+LAYERS = {"hf_opt": 2, "hf_t5": 4, "hf_bert": 2, "hf_gpt2": 2, "hf_vit": 2, "hf_llama": 2}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    return {name: factory() for name, (factory, _) in HF_ZOO.items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ffn_groups_found(name: str, models: dict) -> None:
+    _, x = HF_ZOO[name]
+    producers, consumer, mergeable, words = FFN[name]
+    for coupled in (False, True):
+        groups, _ = nm.find_groups(models[name], x, coupled=coupled)
+        ffn = [g for g in groups if g.consumer.endswith(consumer)]
+        assert len(ffn) == LAYERS[name], groups
+        for g in ffn:
+            assert len(g.producers) == len(producers)
+            assert all(p.endswith(s) for p, s in zip(g.producers, producers, strict=True))
+            assert g.consumers == (g.consumer,)
+            assert g.mergeable == mergeable
+            if not mergeable:
+                assert any(w in g.reason for w in words), g.reason
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pruning_equals_masking(name: str, models: dict) -> None:
+    _, x = HF_ZOO[name]
+    model = models[name]
+    result = nm.prune(model, x, ratio=0.5)
+    assert result.plans and all(p.pruned.numel() for p in result.plans)
+    out, expected = run(result.model, x), run(masked_copy(model, result.plans), x)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, atol=1e-5), (out - expected).abs().max()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merge_runs_and_never_merges_nonhomogeneous(name: str, models: dict) -> None:
+    _, x = HF_ZOO[name]
+    model = models[name]
+    result = nm.merge(model, x, ratio=0.5, threshold=None)
+    assert run(result.model, x).shape == run(model, x).shape
+    assert result.report.params_after < result.report.params_before
+    mergeable = FFN[name][2]
+    for g in result.report.groups:
+        if mergeable:
+            assert g.method == "merged" and g.merged == g.pruned
+        else:
+            assert g.method == "pruned" and g.merged == 0
+            assert any(w in g.reason for w in FFN[name][3]), g.reason
+
+
+@pytest.mark.parametrize("name", ["hf_opt", "hf_t5"])
+def test_relu_ffn_merges_losslessly(name: str, models: dict) -> None:
+    _, x = HF_ZOO[name]
+    model, keep, _ = planted(models[name], x, coupled=False)
+    assert len(keep) == LAYERS[name]
+    ref = run(model, x)
+    result = nm.merge(model, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
+    assert all(g.merged == g.pruned == 16 for g in result.report.groups)
+    assert rel_error(run(result.model, x), ref) < 1e-5
+    pruned = nm.prune(model, x, ratio=0.0, keep=keep, criterion=keep_first)
+    assert rel_error(run(pruned.model, x), ref) > 1e-4
+
+
+def test_gpt2_conv1d_shapes(models: dict) -> None:
+    _, x = HF_ZOO["hf_gpt2"]
+    result = nm.prune(models["hf_gpt2"], x, ratio=0.5)
+    mlp = result.model.transformer.h[0].mlp
+    assert mlp.c_fc.weight.shape == (16, 32) and mlp.c_fc.nf == 32  # 64 → 32
+    assert mlp.c_fc.bias.shape == (32,)
+    assert mlp.c_proj.weight.shape == (32, 16)
+
+
+def test_llama_swiglu_prunes_both_projections(models: dict) -> None:
+    _, x = HF_ZOO["hf_llama"]
+    result = nm.merge(models["hf_llama"], x, ratio=0.5, threshold=None)
+    mlp = result.model.model.layers[0].mlp
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == 16
+    assert mlp.down_proj.in_features == 16
+
+
+class _Conv1DChain(torch.nn.Module):
+    """GPT-2 ``Conv1D`` layers: a (4→8), b (8→6), c (6→8), d (8→3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(10)
+        self.a, self.b, self.c, self.d = Conv1D(8, 4), Conv1D(6, 8), Conv1D(8, 6), Conv1D(3, 8)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = torch.nn.functional.relu
+        return self.d(relu(self.c(relu(self.b(relu(self.a(x)))))))
+
+
+def test_conv1d_producers_of_equal_width() -> None:
+    """BUGS.md #7: groups a and c have 8 channels each but 4 and 6 inputs."""
+    net, x = _Conv1DChain(), torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    result = nm.prune(net, x, ratio=0.5)
+    assert [g.producer for g in result.report.groups] == ["a", "b", "c"]
+    expected = run(masked_copy(net, result.plans), x)
+    assert torch.allclose(run(result.model, x), expected, atol=1e-5)
+    copy_, keep, _ = planted(net, x, coupled=False)
+    merged = nm.merge(copy_, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
+    assert rel_error(run(merged.model, x), run(copy_, x)) < 1e-5
+
+
+def _relu_variant(kind: str) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(11)
+    if kind == "bert":
+        cfg = BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            hidden_act="relu",
+        )
+        return BertModel(cfg).eval()
+    cfg = GPT2Config(
+        vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32, activation_function="relu"
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_relu_variants_merge_losslessly(kind: str) -> None:
+    """BERT / GPT-2 (Conv1D fold) with ``relu`` FFNs: mergeable, lossless on duplicates."""
+    x = HF_ZOO["hf_bert"][1]
+    model, keep, groups = planted(_relu_variant(kind), x, coupled=False)
+    assert len(keep) == 2 and all(g.mergeable for g in groups)
+    result = nm.merge(model, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
+    assert all(g.merged == g.pruned > 0 for g in result.report.groups)
+    assert rel_error(run(result.model, x), run(model, x)) < 1e-5
