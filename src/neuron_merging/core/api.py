@@ -311,7 +311,7 @@ def compress(
     }
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_recordable(model)
+    check_recordable(model)  # TorchScript, lazy and meta-device models: a clear error first
     tensors = ModelTensors.of(model)
     check_finite(model, tensors)
     t0 = time.perf_counter()

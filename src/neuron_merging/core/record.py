@@ -128,8 +128,24 @@ _METADATA = frozenset(
 )
 
 
+_NAMES: dict[Any, str] = {}
+
+
 def func_name(func: Any) -> str:
     """A short readable name of a recorded function: ``"relu"``, ``".T"``, ``"add"``."""
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        pass
+    name = _func_name(func)
+    try:
+        _NAMES[func] = name
+    except TypeError:  # unhashable callables
+        pass
+    return name
+
+
+def _func_name(func: Any) -> str:
     name = getattr(func, "__name__", None)
     if name == "__get__":  # a tensor attribute such as .T or .data
         owner = getattr(func, "__self__", None)
@@ -246,6 +262,7 @@ class Op:
     owner_type: str
     inplace: bool = False
     small_owner: bool = False  # the owner is a module without submodules (an activation)
+    _inputs: list[Value] | None = None
 
     @property
     def name(self) -> str:
@@ -254,10 +271,12 @@ class Op:
 
     def inputs(self) -> list[Value]:
         """Every :class:`Value` among the arguments, in order."""
-        found: list[Value] = []
-        _collect(self.args, found)
-        _collect(self.kwargs, found)
-        return found
+        if self._inputs is None:
+            found: list[Value] = []
+            _collect(self.args, found)
+            _collect(self.kwargs, found)
+            self._inputs = found
+        return self._inputs
 
     def describe(self) -> str:
         """How a user would name this operation in a message."""
@@ -280,8 +299,14 @@ def _collect(value: Any, out: list[Value]) -> None:
             _collect(item, out)
 
 
+_FLAT = frozenset({Tensor, nn.Parameter, int, float, bool, str, type(None), torch.dtype, torch.device})
+
+
 def flatten_tensors(value: Any, out: list[Tensor], depth: int = 0) -> list[Tensor]:
     """Every tensor in a nest of tuples, lists, mappings, dataclasses and plain objects."""
+    if type(value) in (tuple, list) and all(type(v) in _FLAT for v in value):
+        out.extend(v for v in value if isinstance(v, Tensor))
+        return out
     if depth > 32 or isinstance(value, (str, bytes, int, float, bool, type(None), nn.Module)):
         return out
     if isinstance(value, Tensor):
@@ -348,15 +373,22 @@ class _Recorder(TorchFunctionMode):
         self.pending: list[tuple[Any, Any]] = []
         self.size_uses: list[tuple[Value, int | None, str]] = []
         self.shaping = 0
+        self.disabled: Any = None
         self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
         self.leaf_names: dict[int, str] = {}
         self.counter = itertools.count()
         for name, module in modules.items():
             if is_leaf(module):
                 self.leaf_names[id(module)] = name
-                for attr, tensor in itertools.chain(
-                    module.named_parameters(recurse=True), module.named_buffers(recurse=True)
-                ):
+                if module._modules:
+                    owned: Any = itertools.chain(
+                        module.named_parameters(recurse=True), module.named_buffers(recurse=True)
+                    )
+                else:  # the common case, without the generic walk
+                    owned = itertools.chain(module._parameters.items(), module._buffers.items())
+                for attr, tensor in owned:
+                    if tensor is None:
+                        continue
                     previous = self.params.get(id(tensor))
                     if previous is not None and previous[0] != name:
                         why = f"{attr} of {name} is shared with {previous[0]} (tied weights)"
@@ -398,6 +430,8 @@ class _Recorder(TorchFunctionMode):
         """``obj`` with every tensor replaced by its value."""
         if isinstance(obj, Tensor):
             return self.value(obj)
+        if type(obj) is tuple and not any(isinstance(o, (Tensor, list, tuple, dict)) for o in obj):
+            return obj
         if depth > 8:
             return obj
         if isinstance(obj, (list, tuple)):
@@ -549,6 +583,15 @@ class _Recorder(TorchFunctionMode):
             self.stack.pop()
 
     def leaf_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        with torch._C.DisableTorchFunction():  # the recorder's own reads are not the model's
+            self._leaf_pre(module, args, kwargs)
+        if self.depth == 1:
+            # A leaf layer's own forward is one recorded operation: skip the mode's
+            # per-call overhead inside it.
+            self.disabled = torch._C.DisableTorchFunction()
+            self.disabled.__enter__()
+
+    def _leaf_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self.depth == 0:
             name = self.leaf_names[id(module)]
             self.calls[name] = self.calls.get(name, 0) + 1
@@ -559,10 +602,14 @@ class _Recorder(TorchFunctionMode):
 
     def leaf_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         self.depth -= 1
+        if self.depth == 0 and self.disabled is not None:
+            self.disabled.__exit__(None, None, None)
+            self.disabled = None
         if self.depth == 0 and self.pending:
             wrapped_args, wrapped_kwargs, tensors = self.pending.pop()
             name = self.leaf_names[id(module)]
-            self.add_op("module", name, wrapped_args, wrapped_kwargs, tensors, output)
+            with torch._C.DisableTorchFunction():
+                self.add_op("module", name, wrapped_args, wrapped_kwargs, tensors, output)
 
 
 #: Classes of PyTorch's own re-parametrisations that live in forward pre-hooks.
@@ -645,24 +692,30 @@ def _user_hooks(modules: dict[str, nn.Module]) -> dict[str, str]:
     return found
 
 
-def check_recordable(model: nn.Module) -> None:
-    """Raise :class:`ModelError` for models the recorder cannot run soundly."""
+def check_recordable(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> None:
+    """Raise :class:`ModelError` for models the recorder cannot run soundly.
+
+    ``modules`` is ``dict(model.named_modules())`` if the caller has it.
+    """
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelError(
             f"{type(model).__name__} is a TorchScript module; pass the original nn.Module"
         )
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if isinstance(
-            tensor, nn.parameter.UninitializedParameter | nn.parameter.UninitializedBuffer
-        ):
-            raise ModelError(
-                f"{name} is an uninitialised lazy parameter; run the model once on real "
-                "inputs before compressing it"
-            )
-        if tensor.is_meta:
-            raise ModelError(
-                f"{name} is on the meta device (no data); load real weights before compressing"
-            )
+    lazy = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
+    for prefix, module in (modules if modules is not None else dict(model.named_modules())).items():
+        for attr, tensor in itertools.chain(module._parameters.items(), module._buffers.items()):
+            if tensor is None:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            if isinstance(tensor, lazy):
+                raise ModelError(
+                    f"{name} is an uninitialised lazy parameter; run the model once on real "
+                    "inputs before compressing it"
+                )
+            if tensor.is_meta:
+                raise ModelError(
+                    f"{name} is on the meta device (no data); load real weights before compressing"
+                )
 
 
 def as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -697,8 +750,8 @@ def record(
     ``model`` should be in eval mode. ``modules`` is ``dict(model.named_modules())`` if
     the caller has it. Errors raised by the model become :class:`ModelError`.
     """
-    check_recordable(model)
     modules = modules if modules is not None else dict(model.named_modules())
+    check_recordable(model, modules)
     args, kwargs = as_inputs(example_inputs)
     hooked = _user_hooks(modules)
     from torch.nn.modules import module as module_impl

@@ -1,0 +1,188 @@
+"""Discovery cost: one recorded forward pass against the forward pass itself, and torch.export.
+
+For each model, at batch 1, the forward pass and ``nm.find_groups`` are timed side by
+side (interleaved, alternating which goes first, after the same warm-up); the ratio is
+the median of the per-round ratios. ``torch.export.export`` (the alternative recorder
+considered for discovery) is timed on the same models, and on a ``transformers`` model
+whether it succeeds at all.
+
+Usage::
+
+    python -m benchmarks.bench_discovery [--rounds N] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neuron_merging as nm
+
+from . import _common as C
+
+
+class _Block(nn.Module):
+    """A pre-norm ViT block: multi-head self-attention and a GELU MLP, with residuals."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer for 32×32 images (patch 4, 6 blocks of width 192)."""
+
+    def __init__(self, dim: int = 192, depth: int = 6, heads: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 65, dim) * 0.02)
+        self.blocks = nn.ModuleList(_Block(dim, heads, 4 * dim) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+def _models() -> list[tuple[str, nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    out = []
+    for arch, label in (
+        ("lenet300", "LeNet-300-100"),
+        ("vgg16", "VGG-16"),
+        ("resnet56", "ResNet-56"),
+    ):
+        model, _ = C.paper_model(arch)
+        out.append((label, model.eval(), C.example_input(arch)))
+    out.append(("ViT (6 blocks, width 192)", ViT().eval(), C.example_input("vgg16")))
+    return out
+
+
+def _export_seconds(model: nn.Module, x: Any) -> float | str:
+    def run() -> None:
+        torch.export.export(
+            model,
+            (x,) if isinstance(x, torch.Tensor) else (),
+            kwargs=None if isinstance(x, torch.Tensor) else x,
+        )
+
+    try:
+        return C.repeat_median(run, 3, warmup=1)
+    except Exception as exc:  # report, do not hide, what torch.export refuses
+        return f"fails ({type(exc).__name__})"
+
+
+def _transformers_case() -> tuple[str, nn.Module, dict[str, torch.Tensor]] | None:
+    try:
+        from transformers import BertConfig, BertModel
+    except ImportError:
+        return None
+    config = BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=32,
+    )  # fmt: skip
+    model = BertModel(config).eval()
+    return "BERT (transformers, 2 layers)", model, {"input_ids": torch.randint(0, 100, (1, 16))}
+
+
+def run(rounds: int) -> list[dict[str, Any]]:
+    """One row per model: forward, discovery, their ratio, and torch.export."""
+    rows = []
+    cases: list[tuple[str, nn.Module, Any]] = list(_models())
+    extra = _transformers_case()
+    if extra is not None:
+        cases.append(extra)
+    for label, model, x in cases:
+        call: Callable[[], Any]
+        if isinstance(x, dict):
+            call = lambda model=model, x=x: model(**x)  # noqa: E731
+        else:
+            call = lambda model=model, x=x: model(x)  # noqa: E731
+
+        def forward(call: Callable[[], Any] = call) -> None:
+            with torch.no_grad():
+                call()
+
+        def discover(model: nn.Module = model, x: Any = x) -> None:
+            nm.find_groups(model, x)
+
+        for _ in range(3):
+            forward()
+            discover()
+        timed = C.side_by_side(forward, discover, rounds)
+        groups, _ = nm.find_groups(model, x)
+        export = _export_seconds(model, x)
+        fwd = C.median(timed.first)
+        rows.append(
+            {
+                "model": label,
+                "forward_ms": 1e3 * fwd,
+                "discovery_ms": 1e3 * C.median(timed.second),
+                "ratio": C.median(timed.ratios),
+                "export_ms": 1e3 * export if isinstance(export, float) else export,
+                "export_ratio": export / fwd if isinstance(export, float) else None,
+                "groups": len(groups),
+            }
+        )
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]], rounds: int) -> str:
+    """The discovery table."""
+    lines = [
+        f"Batch 1, {torch.get_num_threads()} thread(s), medians over {rounds} interleaved rounds "
+        "(ratio: median of per-round ratios); `torch.export.export`: median of 3 calls.",
+        "",
+        "| model | forward pass | nm.find_groups | discovery / forward | torch.export | export / forward | groups |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        export = r["export_ms"]
+        shown = f"{export:.1f} ms" if isinstance(export, float) else export
+        ratio = f"{r['export_ratio']:.0f}×" if r["export_ratio"] else "—"
+        lines.append(
+            f"| {r['model']} | {r['forward_ms']:.2f} ms | {r['discovery_ms']:.2f} ms "
+            f"| **{r['ratio']:.2f}** | {shown} | {ratio} | {r['groups']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    rows = run(args.rounds)
+    print(to_markdown(rows, args.rounds))
+    if args.out is not None:
+        args.out.write_text(
+            json.dumps(rows, indent=2, default=lambda v: None if math.isnan(v) else v)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
