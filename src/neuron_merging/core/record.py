@@ -22,6 +22,7 @@ than once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
@@ -138,10 +139,8 @@ def func_name(func: Any) -> str:
     except (KeyError, TypeError):
         pass
     name = _func_name(func)
-    try:
+    with contextlib.suppress(TypeError):  # unhashable callables are not cached
         _NAMES[func] = name
-    except TypeError:  # unhashable callables
-        pass
     return name
 
 
@@ -299,7 +298,9 @@ def _collect(value: Any, out: list[Value]) -> None:
             _collect(item, out)
 
 
-_FLAT = frozenset({Tensor, nn.Parameter, int, float, bool, str, type(None), torch.dtype, torch.device})
+_FLAT = frozenset(
+    {Tensor, nn.Parameter, int, float, bool, str, type(None), torch.dtype, torch.device}
+)
 
 
 def flatten_tensors(value: Any, out: list[Tensor], depth: int = 0) -> list[Tensor]:
