@@ -122,6 +122,11 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also compress coupled channels: residual streams, concats, shared inputs",
     )
+    parser.add_argument(
+        "--approximate",
+        action="store_true",
+        help="merge through GELU/SiLU/ReLU6/Hardswish/SwiGLU with least-squares scales",
+    )
     parser.set_defaults(_criteria=available_criteria())
 
 
@@ -344,6 +349,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             lam=args.lam,
             bn_rule=args.bn_rule,
             coupled=args.coupled,
+            approximate=args.approximate,
         )
         result = compress(model, example_input(arch), config)
         model = result.model
@@ -401,6 +407,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         lam=args.lam,
         bn_rule=args.bn_rule,
         coupled=args.coupled,
+        approximate=args.approximate,
         output_dir=args.output,
         resume=args.resume,
         show_progress=not args.quiet,

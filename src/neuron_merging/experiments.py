@@ -106,6 +106,7 @@ def compression_config(
     lam: float | None = None,
     bn_rule: str = "paper",
     coupled: bool = False,
+    approximate: bool = False,
 ) -> MergeConfig:
     """The :class:`MergeConfig` of one experiment.
 
@@ -154,6 +155,7 @@ def compression_config(
         exclude=exclude,
         mode=mode,
         coupled=coupled,
+        approximate=approximate,
     )
 
 
@@ -267,6 +269,7 @@ def run_sweep(
     lam: float | None = None,
     bn_rule: str = "paper",
     coupled: bool = False,
+    approximate: bool = False,
     output_dir: str | Path | None = None,
     resume: bool = False,
     show_progress: bool = True,
@@ -334,6 +337,7 @@ def run_sweep(
                 lam=lam,
                 bn_rule=bn_rule,
                 coupled=coupled,
+                approximate=approximate,
             )
             label = f"{mode} {criterion} r={ratio if ratio is not None else 'cfg'}"
         bar.set_postfix_str(label)
@@ -349,6 +353,7 @@ def run_sweep(
             "bn_rule": None if config is None else config.bn_rule,
             "preset": preset,
             "coupled": None if config is None else config.coupled,
+            "approximate": None if config is None else config.approximate,
             "accuracy": round(outcome.result.accuracy, 2),
             "correct": outcome.result.correct,
             "total": outcome.result.total,

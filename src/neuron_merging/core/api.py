@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ._copy import ModelTensors, aliasing_copy, check_finite, unshare
+from .approx import assign_approx
 from .assign import BNStats, Workspace, assign_bn, assign_plain
 from .build import GroupPlan, apply_plans
 from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
@@ -201,7 +202,8 @@ def _plan(
         width = _weight_rows(producer).shape[1] + int(with_bias)
         dtypes = (producer.weight.dtype, producer.bias.dtype if with_bias else None)
         eps = float(bn.eps) if bn is not None else None
-        batchable = len(group.producers) == 1 and n * width <= _BATCH_ELEMENTS
+        approximate = _approximates(group, config)
+        batchable = len(group.producers) == 1 and n * width <= _BATCH_ELEMENTS and not approximate
         merges = config.mode == "merge" and group.mergeable
         key = (n, k, width, dtypes, bn is None, eps, merges) if batchable else (i,)
         buckets.setdefault(key, []).append(i)
@@ -226,7 +228,13 @@ def _plan(
             pruned = mask.nonzero()[:, 1].view(b, n - k)
         timings["select"] += time.perf_counter() - t0
         p = n - k
-        if config.mode == "prune" or p == 0 or not first.mergeable:
+        if p and _approximates(first, config):
+            assignment = _assign_approx(first, modules, kept[0], pruned[0], config.bn_rule)
+            timings["assign"] += assignment.timings.get("assign", 0.0)
+            partner = assignment.partner.unsqueeze(0)
+            scale = assignment.scale.unsqueeze(0)
+            similarity = assignment.similarity.unsqueeze(0)
+        elif config.mode == "prune" or p == 0 or not first.mergeable:
             partner = torch.full((b, p), -1, dtype=torch.long)
             scale, similarity = torch.zeros(b, p), torch.zeros(b, p)
         else:
@@ -261,9 +269,59 @@ def _plan(
             )
         for j, i in enumerate(members):
             plans[i] = GroupPlan(
-                targets[i][0], kept[j], pruned[j], partner[j], scale[j], similarity[j]
+                targets[i][0],
+                kept[j],
+                pruned[j],
+                partner[j],
+                scale[j],
+                similarity[j],
+                approximate=_approximates(targets[i][0], config),
             )
     return [plan for plan in plans if plan is not None]  # every slot is filled
+
+
+def _approximates(group: ChannelGroup, config: MergeConfig) -> bool:
+    """Whether ``group`` is merged approximately under ``config``."""
+    return (
+        config.mode == "merge"
+        and config.approximate
+        and not group.mergeable
+        and group.activation is not None
+    )
+
+
+def _folded(
+    name: str, bn_name: str | None, modules: dict[str, nn.Module], rule: str
+) -> tuple[Tensor, Tensor | None]:
+    """A producer's rows and bias as its activation sees them (batch norm folded in)."""
+    layer = modules[name]
+    rows = _weight_rows(layer)
+    bias = layer.bias.detach() if layer.bias is not None else None
+    if bn_name is None:
+        return rows, bias
+    stats = _bn_stats(modules[bn_name], layer)
+    sigma = stats.var if rule == "paper" else torch.sqrt(stats.var + stats.eps)
+    a = stats.gamma / sigma
+    return rows * a.unsqueeze(1), stats.beta - a * stats.mean
+
+
+def _assign_approx(
+    group: ChannelGroup, modules: dict[str, nn.Module], kept: Tensor, pruned: Tensor, rule: str
+) -> Any:
+    """Least-squares partners and scales through the group's activation (:mod:`.approx`)."""
+    t0 = time.perf_counter()
+    bns = dict(zip(group.producers, group.bns, strict=True))
+    gate = group.gate or group.producer
+    rows, bias = _folded(gate, bns[gate], modules, "exact")
+    up_rows = up_bias = None
+    if group.gate is not None:
+        (up,) = [p for p in group.producers if p != gate]
+        up_rows, up_bias = _folded(up, bns[up], modules, "exact")
+    assignment = assign_approx(
+        rows, bias, kept, pruned, str(group.activation), up_rows=up_rows, up_bias=up_bias
+    )
+    assignment.timings = {"assign": time.perf_counter() - t0}
+    return assignment
 
 
 def _stack_stats(stats: list[BNStats]) -> BNStats:
@@ -394,6 +452,7 @@ def merge(
     keep: Mapping[str, int] | None = None,
     exclude: Sequence[str] | None = None,
     coupled: bool = False,
+    approximate: bool = False,
     groups: Sequence[GroupSpec] | None = None,
     config: MergeConfig | None = None,
 ) -> MergeResult:
@@ -427,6 +486,7 @@ def merge(
         keep=dict(keep or {}),
         exclude=_names(exclude),
         coupled=coupled,
+        approximate=approximate,
     )
     return compress(model, example_inputs, cfg, groups=groups, criterion_fn=fn)
 

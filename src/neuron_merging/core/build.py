@@ -52,6 +52,8 @@ class GroupPlan:
         scale: for each pruned neuron, the factor applied to its outgoing
             weights before they are added to the partner's.
         similarity: cosine similarity of each pruned neuron to its candidate.
+        approximate: whether the scales are least-squares approximations through a
+            non-homogeneous activation (:mod:`.approx`) rather than exact merges.
     """
 
     group: ChannelGroup
@@ -60,6 +62,7 @@ class GroupPlan:
     partner: Tensor
     scale: Tensor
     similarity: Tensor
+    approximate: bool = False
 
     @property
     def merged(self) -> int:

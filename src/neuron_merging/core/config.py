@@ -51,6 +51,10 @@ class MergeConfig:
         mode: ``"merge"`` compensates pruned neurons, ``"prune"`` only drops them.
         coupled: also compress coupled channel groups (residual streams, concats,
             channels read by several layers), each with one plan for all its layers.
+        approximate: merge, approximately, groups that are not positively homogeneous
+            only because of one GELU, SiLU, ReLU6, Hardswish or gated (SwiGLU/GeGLU)
+            unit, with least-squares scales under a Gaussian model (:mod:`.approx`);
+            otherwise those groups are only pruned.
     """
 
     ratio: float = 0.5
@@ -63,6 +67,7 @@ class MergeConfig:
     exclude: Sequence[str] = ()
     mode: str = "merge"
     coupled: bool = False
+    approximate: bool = False
 
     def __post_init__(self) -> None:
         from .select import available_criteria
@@ -95,8 +100,9 @@ class MergeConfig:
         for name, count in self.keep.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ConfigError(f"keep[{name!r}] must be a positive integer, got {count!r}")
-        if not isinstance(self.coupled, bool):
-            raise ConfigError(f"coupled must be True or False, got {self.coupled!r}")
+        for flag in ("coupled", "approximate"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
             raise ConfigError("exclude must be a list of layer names, not a single string")
         object.__setattr__(self, "keep", dict(self.keep))

@@ -83,6 +83,11 @@ class ChannelGroup:
             a flatten, else 1).
         passthrough_offsets: for each pass-through layer, the offset of these channels.
         checked: ``False`` for explicit groups accepted without example inputs.
+        activation: for a group that is not mergeable only because of one activation
+            directly on its producer (``"gelu"``, ``"silu"``, ``"relu6"``, ``"hardswish"``,
+            or a gated unit ``"swiglu"``/``"geglu"``), its name: such a group can be
+            merged approximately (``approximate=True``).
+        gate: for a gated unit, the producer whose output goes through the activation.
     """
 
     producers: tuple[str, ...]
@@ -97,6 +102,8 @@ class ChannelGroup:
     features: tuple[int, ...] = ()
     passthrough_offsets: tuple[int, ...] = ()
     checked: bool = True
+    activation: str | None = None
+    gate: str | None = None
 
     def __post_init__(self) -> None:
         if not self.consumer_offsets:
@@ -306,6 +313,9 @@ class _Space:
     nonhomogeneous: str | None = None
     coupled: list[str] = field(default_factory=list)
     modules_seen: set[str] = field(default_factory=set)
+    reasons: list[str] = field(default_factory=list)  # every non-homogeneous operation
+    activations: list[tuple[str, str]] = field(default_factory=list)  # (activation, producer)
+    gated: list[tuple[str, str, str]] = field(default_factory=list)  # (activation, gate, up)
 
     def root(self) -> _Space:
         node = self
@@ -331,6 +341,9 @@ def _union(a: _Space, b: _Space, why: str | None) -> _Space:
     ra.nonhomogeneous = ra.nonhomogeneous or rb.nonhomogeneous
     ra.coupled += rb.coupled
     ra.modules_seen |= rb.modules_seen
+    ra.reasons += rb.reasons
+    ra.activations += rb.activations
+    ra.gated += rb.gated
     if why and why not in ra.coupled:
         ra.coupled.append(why)
     return ra
@@ -370,6 +383,8 @@ class _Analysis:
         self.spaces: list[_Space] = []
         self.space_of_output: dict[int, _Space] = {}  # id(Value) of a producer output
         self.producer_of_value: dict[int, str] = {}
+        self.normalised: dict[int, str] = {}  # batch-norm output -> its producer
+        self.activated: dict[int, tuple[str, str]] = {}  # act(producer output) -> (act, producer)
 
     # -- helpers
     def get(self, value: Any) -> _Info | None:
@@ -394,6 +409,7 @@ class _Analysis:
         for space in info.spaces():
             if space.nonhomogeneous is None:
                 space.nonhomogeneous = reason
+            space.reasons.append(reason)
 
     def touch(self, info: _Info | None, module: str) -> None:
         if info is not None and module:
@@ -541,6 +557,7 @@ class _Analysis:
             root.bns[producer] = name
             root.modules_seen.add(name)
             self.set(out, info)
+            self.normalised[id(out)] = producer
             return
         self.slice_through(info, name)
         why = (
@@ -642,8 +659,20 @@ class _Analysis:
             if key == "hardtanh" and shown == "Hardtanh":
                 shown = "Hardtanh (ReLU6)"
             self.nonhomogeneous(info, f"{shown} is not positively homogeneous")
+            activation = _approximable(op, key)
+            producer = self.direct_producer(op.args[0])
+            if activation is not None and producer is not None and out is not None:
+                self.activated[id(out)] = (activation, producer)
+                for space in info.spaces():
+                    space.activations.append((activation, producer))
         if out is not None:
             self.set(out, info)
+
+    def direct_producer(self, value: Any) -> str | None:
+        """The producer whose output (or batch norm output) ``value`` is, read only once."""
+        if not isinstance(value, Value) or len(value.users) != 1:
+            return None
+        return self.producer_of_value.get(id(value)) or self.normalised.get(id(value))
 
     def binary(self, op: Op, key: str) -> None:
         """``x ± y``, ``x · y``, ``x / y`` with tensors, scalars or broadcast constants."""
@@ -678,6 +707,8 @@ class _Analysis:
             why = "adding a constant is not positively homogeneous" if shifted else None
         elif len(infos) > 1:
             why = "an element-wise product of two layers' outputs is not positively homogeneous"
+            if len(tensors) == 2 and key in _MUL:
+                self.note_gate(tensors, result)
         elif key in _DIV and self.get(operands[0]) is None:
             why = "division by a layer's output is not positively homogeneous"
         else:
@@ -685,6 +716,16 @@ class _Analysis:
         if why is not None:
             self.nonhomogeneous(result, why)
         self.set(out, result)
+
+    def note_gate(self, tensors: list[Value], info: _Info) -> None:
+        """``act(gate(x)) · up(x)``: remember the gated unit for approximate merging."""
+        for a, b in ((tensors[0], tensors[1]), (tensors[1], tensors[0])):
+            gate = self.activated.get(id(a)) if len(a.users) == 1 else None
+            up = self.direct_producer(b)
+            if gate is not None and up is not None and gate[0] in _GATED:
+                for space in info.spaces():
+                    space.gated.append((_GATED[gate[0]], gate[1], up))
+                return
 
     def aligned(self, info: _Info, ndim: int, out_ndim: int) -> _Info:
         return _Info(info.segments, info.axis + (out_ndim - ndim), info.block)
@@ -857,6 +898,36 @@ class _Analysis:
         self.set(out, info)
 
 
+_GATED = {"silu": "swiglu", "gelu": "geglu"}
+
+
+def _approximable(op: Op, key: str) -> str | None:
+    """The activation's name for approximate merging (:mod:`.approx`), if it has a rule."""
+    if key == "gelu":
+        approximate = op.kwargs.get("approximate", op.args[1] if len(op.args) > 1 else "none")
+        return "gelu_tanh" if approximate == "tanh" else "gelu"
+    if key in ("silu", "silu_", "hardswish", "hardswish_", "relu6"):
+        return key.rstrip("_")
+    if key in ("hardtanh", "hardtanh_"):
+        low = op.kwargs.get("min_val", op.args[1] if len(op.args) > 1 else -1.0)
+        high = op.kwargs.get("max_val", op.args[2] if len(op.args) > 2 else 1.0)
+        return "relu6" if (low, high) == (0.0, 6.0) else None
+    return None
+
+
+def _approximation(space: _Space) -> tuple[str | None, str | None]:
+    """(activation, gate) when the space's only non-homogeneity is one approximable unit."""
+    if space.passthrough:
+        return None, None
+    if len(space.producers) == 1 and len(space.activations) == 1 and len(space.reasons) == 1:
+        return space.activations[0][0], None
+    if len(space.producers) == 2 and len(space.gated) == 1 and len(space.reasons) == 2:
+        activation, gate, up = space.gated[0]
+        if {gate, up} == set(space.producers):
+            return activation, gate
+    return None, None
+
+
 class _Break(Exception):
     """An operation ends the groups of its inputs (the message says why)."""
 
@@ -945,6 +1016,7 @@ def groups_from_recording(
                     skipped.append(SkippedLayer(name, reason))
             continue
         consumers = root.consumers
+        activation, gate = _approximation(root) if root.nonhomogeneous else (None, None)
         groups.append(
             ChannelGroup(
                 producers=tuple(root.producers),
@@ -958,6 +1030,8 @@ def groups_from_recording(
                 consumer_offsets=tuple(c[1] for c in consumers),
                 features=tuple(c[2] for c in consumers),
                 passthrough_offsets=tuple(p[1] for p in root.passthrough),
+                activation=activation,
+                gate=gate,
             )
         )
     order = {name: i for i, name in enumerate(rec.modules)}

@@ -20,7 +20,8 @@ class GroupReport:
         passthrough: layers in between whose per-channel weights were sliced.
         neurons, kept, pruned, merged: channel counts.
         mergeable: whether the group could be merged; ``reason`` says why not.
-        method: ``"merged"`` or ``"pruned"`` (what was done to its pruned channels).
+        method: ``"merged"``, ``"approximate"`` (merged through a non-homogeneous
+            activation with least-squares scales) or ``"pruned"``.
         coupled: whether the group joins a residual add, a concat or several consumers.
     """
 
@@ -41,6 +42,7 @@ class GroupReport:
     def of(cls, plan: GroupPlan, mode: str) -> GroupReport:
         """The report of one executed plan under ``mode``."""
         g = plan.group
+        approximate = mode == "merge" and not g.mergeable and plan.approximate
         merges = mode == "merge" and g.mergeable
         reason = g.reason if mode == "merge" and not g.mergeable else None
         if mode == "merge" and not g.checked:
@@ -56,7 +58,7 @@ class GroupReport:
             g.passthrough,
             g.mergeable,
             reason,
-            "merged" if merges else "pruned",
+            "merged" if merges else "approximate" if approximate else "pruned",
             g.coupled,
         )
 
