@@ -6,9 +6,11 @@ physically smaller model and a report of what was done. The compression core
 lives in :mod:`neuron_merging.core`.
 """
 
-from .core.api import MergeResult, compress, count_parameters, merge, prune
-from .core.build import GroupPlan
-from .core.config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .core.errors import (
     CheckpointError,
     ConfigError,
@@ -17,9 +19,49 @@ from .core.errors import (
     NeuronMergingError,
     OutputError,
 )
-from .core.groups import MergeGroup, SkippedLayer, find_groups
-from .core.report import GroupReport, MergeReport
-from .core.select import available_criteria, register_criterion
+
+if TYPE_CHECKING:
+    from .core.api import MergeResult, compress, count_parameters, merge, prune
+    from .core.build import GroupPlan
+    from .core.config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
+    from .core.groups import MergeGroup, SkippedLayer, find_groups
+    from .core.report import GroupReport, MergeReport
+    from .core.select import available_criteria, register_criterion
+
+# The torch-backed names are imported on first use, so ``import neuron_merging.cli``
+# stays light and the CLI can handle Ctrl-C or SIGTERM while torch is still loading.
+_LAZY: dict[str, str] = {
+    "MergeResult": ".core.api",
+    "compress": ".core.api",
+    "count_parameters": ".core.api",
+    "merge": ".core.api",
+    "prune": ".core.api",
+    "GroupPlan": ".core.build",
+    "DEFAULT_LAMBDA": ".core.config",
+    "DEFAULT_THRESHOLD": ".core.config",
+    "MergeConfig": ".core.config",
+    "MergeGroup": ".core.groups",
+    "SkippedLayer": ".core.groups",
+    "find_groups": ".core.groups",
+    "GroupReport": ".core.report",
+    "MergeReport": ".core.report",
+    "available_criteria": ".core.select",
+    "register_criterion": ".core.select",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access (PEP 562)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
