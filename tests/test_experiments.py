@@ -36,8 +36,8 @@ from neuron_merging.experiments import (
 )
 from neuron_merging.metrics import count_macs, count_parameters
 from neuron_merging.reporting import CSV_FIELDS, records_to_csv, records_to_markdown
-from neuron_merging.training import RECIPES, recipe_for
 from neuron_merging.store import ResultsStore
+from neuron_merging.training import RECIPES, recipe_for
 
 # fmt: off
 VGG_CIFAR10_CFG = [32, 64, "M", 128, 128, "M", 256, 256, 256, "M", 256, 256, 256, "M", 256, 256, 256]
@@ -464,7 +464,7 @@ def test_run_sweep_output_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "results.json").write_text("{not json")
-    with pytest.raises(OutputError, match="cannot migrate .* not valid JSON"):
+    with pytest.raises(OutputError, match=r"cannot migrate .* not valid JSON"):
         run_sweep(model, "lenet300", "fashion-mnist", data, output_dir=bad, resume=True, **args)
     (bad / "results.json").write_text('{"mode": "merge"}')
     with pytest.raises(OutputError, match="not a list of sweep records"):
