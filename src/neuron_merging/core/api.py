@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ._copy import ModelTensors, aliasing_copy, check_finite, unshare
 from .assign import BNStats, Workspace, assign_bn, assign_plain
 from .build import GroupPlan, apply_plans
-from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
+from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig, check_call
 from .errors import ConfigError, ModelError
 from .groups import MergeGroup, SkippedLayer, _find_groups, resolve_groups
 from .report import GroupReport, MergeReport
@@ -236,6 +236,7 @@ def compress(
     }
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_call(model, example_inputs)
     tensors = ModelTensors.of(model)
     check_finite(model, tensors)
     t0 = time.perf_counter()
@@ -355,7 +356,7 @@ def merge(
         bn_rule=bn_rule,
         rounding=rounding,
         keep=dict(keep or {}),
-        exclude=tuple(exclude or ()),
+        exclude=() if exclude is None else exclude,
     )
     return compress(model, example_inputs, cfg, groups=groups, criterion_fn=fn)
 
@@ -392,6 +393,6 @@ def prune(
         ratio=ratio,
         rounding=rounding,
         keep=dict(keep or {}),
-        exclude=tuple(exclude or ()),
+        exclude=() if exclude is None else exclude,
     )
     return compress(model, example_inputs, cfg, groups=groups, criterion_fn=fn)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 
 Mode = Literal["merge", "prune"]
 BNRule = Literal["paper", "exact"]
@@ -93,14 +94,33 @@ class MergeConfig:
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ConfigError(f"keep[{name!r}] must be a positive integer, got {count!r}")
         if isinstance(self.exclude, str):
-            raise ConfigError("exclude must be a list of layer names, not a single string")
+            raise ConfigError(
+                f"exclude must be a list of layer names, not a single string "
+                f"(use exclude=[{self.exclude!r}])"
+            )
+        try:
+            exclude = tuple(self.exclude)
+        except TypeError:
+            raise ConfigError(
+                f"exclude must be a list of layer names, got {self.exclude!r}"
+            ) from None
+        bad = [name for name in exclude if not isinstance(name, str)]
+        if bad:
+            raise ConfigError(f"exclude must hold layer names (strings), got {bad[0]!r}")
         object.__setattr__(self, "keep", dict(self.keep))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "exclude", exclude)
 
     def kept_count(self, n: int) -> int:
-        """Number of neurons kept out of ``n`` under ``ratio`` and ``rounding``."""
-        exact = n * (1.0 - self.ratio)
-        return int(exact) if self.rounding == "floor" else round(exact)
+        """Number of neurons kept out of ``n`` under ``ratio`` and ``rounding``.
+
+        ``floor`` is exact: the ratio is read as the decimal it was written as
+        (``0.8`` is 4/5), so ``floor(100 · (1 - 0.8))`` is 20, not the 19 that
+        float error gives. ``round`` keeps its float arithmetic, which the paper
+        presets' goldens were computed with.
+        """
+        if self.rounding == "floor":
+            return math.floor(n * (1 - Fraction(repr(float(self.ratio)))))
+        return round(n * (1.0 - self.ratio))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; :meth:`from_dict` restores an equal config."""
@@ -117,3 +137,28 @@ class MergeConfig:
         if unknown:
             raise ConfigError(f"unknown MergeConfig field(s): {', '.join(unknown)}")
         return cls(**dict(data))
+
+
+def check_call(model: Any, example_inputs: Any) -> None:
+    """Refuse, as :class:`NeuronMergingError`, a model or example input :func:`compress` cannot use.
+
+    ``example_inputs`` must be ``None``, a tensor or a tuple/list of tensors, and
+    no parameter or buffer may live on the ``meta`` device (it holds no data).
+    """
+    import torch
+
+    if example_inputs is not None and not torch.is_tensor(example_inputs):
+        items = example_inputs if isinstance(example_inputs, (tuple, list)) else None
+        if items is None or not all(torch.is_tensor(x) for x in items):
+            raise ConfigError(
+                "example_inputs must be a tensor or a tuple of tensors, got "
+                f"{type(example_inputs).__name__}"
+            )
+    if isinstance(model, torch.nn.Module):
+        for kind, named in (("parameter", model.named_parameters), ("buffer", model.named_buffers)):
+            for name, tensor in named():
+                if tensor.is_meta:
+                    raise ModelError(
+                        f"{kind} {name!r} is on the meta device (it holds no data); "
+                        "load real weights before compressing"
+                    )
