@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def _vgg_keep(cfg: Sequence[Any]) -> dict[str, int]:
 def _wrn_keep(model: nn.Module, ratio: float) -> dict[str, int]:
     keep = {}
     for stage, base in zip((1, 2, 3), (16, 32, 64), strict=True):
-        width = int(base * (1.0 - ratio)) * 4
+        width = math.floor(base * (1 - Fraction(repr(float(ratio))))) * 4  # exact, as in D9
         block = getattr(model, f"block{stage}").layer
         for i in range(len(block)):
             keep[f"block{stage}.layer.{i}.conv1"] = width

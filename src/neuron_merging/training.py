@@ -198,7 +198,7 @@ def train(
             loss = nn.functional.cross_entropy(logits, labels)
             if not torch.isfinite(loss):
                 raise ModelError(
-                    f"training diverged: the loss is {float(loss)} at epoch {epoch}, batch "
+                    f"training diverged: the loss is {float(loss.detach())} at epoch {epoch}, batch "
                     f"{step + 1} (try a smaller --lr); nothing was saved for this epoch"
                 )
             loss.backward()

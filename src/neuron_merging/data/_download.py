@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
 from ..core.errors import DatasetError
-from ._locate import CIFAR_DIRS, canonical_name
+from ._locate import CIFAR_DIRS, canonical_name, expand
 
 ENV_MIRROR = "NEURON_MERGING_MIRROR"
 
@@ -224,7 +224,7 @@ def fetch_fashion_mnist(
     """
     base = _base_url(base_url, FASHION_MNIST_URL)
     table = dict(FASHION_MNIST_MD5 if checksums is None else checksums)
-    folder = Path(root).expanduser() / "FashionMNIST" / "raw"
+    folder = expand(root, "download root") / "FashionMNIST" / "raw"
     for filename in FASHION_MNIST_MD5:
         if filename not in table:
             raise DatasetError(f"no checksum given for {filename}")
@@ -319,7 +319,7 @@ def fetch_cifar(
     if name not in CIFAR_ARCHIVES:
         raise DatasetError(f"{name} is not a CIFAR dataset")
     filename, official = CIFAR_ARCHIVES[name]
-    folder = Path(root).expanduser()
+    folder = expand(root, "download root")
     archive = ensure_file(
         _base_url(base_url, CIFAR_URL) + filename,
         folder / filename,
