@@ -495,7 +495,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from .store import STORE_NAME, ResultsStore, describe_settings
 
     folder = Path(args.directory)
-    if not (folder / STORE_NAME).is_file() and not (folder / STORE_NAME).is_symlink():
+    if not os.path.lexists(folder / STORE_NAME):
         raise OutputError(f"{folder}: no results store ({STORE_NAME}) here")
     with ResultsStore(folder) as store:
         groups = store.groups()

@@ -215,8 +215,13 @@ class ResultsStore:
             raise OutputError(f"{self.path}: results store is locked or unwritable: {exc}") from exc
         try:
             yield
+        except sqlite3.Error as exc:  # a full disk, a corrupt page, ...
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise OutputError(f"{self.path}: cannot write to the results store: {exc}") from exc
         except BaseException:
-            self._db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
             raise
         try:
             self._db.execute("COMMIT")
@@ -267,10 +272,13 @@ class ResultsStore:
 
     def records(self, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Every stored record whose settings equal ``settings``."""
-        rows = self._db.execute(
-            "SELECT record_json FROM records WHERE settings = ? ORDER BY identity",
-            (_digest(dict(settings)),),
-        )
+        try:
+            rows = self._db.execute(
+                "SELECT record_json FROM records WHERE settings = ? ORDER BY identity",
+                (_digest(dict(settings)),),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise OutputError(f"{self.path}: cannot read the results store: {exc}") from exc
         return [json.loads(r[0]) for r in rows]
 
     def groups(self) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
