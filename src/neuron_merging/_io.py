@@ -60,7 +60,7 @@ def resolve_target(path: str | os.PathLike[str]) -> Path:
         target = Path(os.path.realpath(target))
     try:
         info = os.stat(target)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the folder check reports the latter
         return target
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {_strerror(exc)}") from exc

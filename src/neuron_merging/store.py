@@ -26,7 +26,7 @@ user_version`` = :data:`SCHEMA_VERSION`)::
         identity      TEXT PRIMARY KEY,  -- SHA-256 of the canonical identity JSON
         settings      TEXT NOT NULL,     -- SHA-256 of the canonical settings JSON
         identity_json TEXT NOT NULL,     -- the identity itself (settings + mode, criterion, ratio, config)
-        record_json   TEXT NOT NULL,     -- the record as exported to results.json
+        record_json   TEXT NOT NULL,     -- the record as exported to results.json (fields in order)
         created       REAL NOT NULL      -- UNIX time of the (last) insert
     );
     CREATE INDEX records_by_settings ON records (settings);
@@ -83,6 +83,11 @@ _MODES = ("original", "prune", "merge")
 def canonical_json(value: Any) -> str:
     """The one JSON text of ``value`` that identities are hashed from."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _record_json(record: Mapping[str, Any]) -> str:
+    """A record as stored: its fields in their order (as exported), NaN and Inf as null."""
+    return json.dumps(finite_json(dict(record)), separators=(",", ":"), allow_nan=False)
 
 
 def _digest(value: Any) -> str:
@@ -248,7 +253,7 @@ class ResultsStore:
         ``then`` runs inside the transaction, under the write lock: the exports are
         written there, so no other sweep can commit in between.
         """
-        payload = canonical_json(finite_json(dict(record)))
+        payload = _record_json(record)
         ident_json = canonical_json(ident)
         with self._transaction():
             self._db.execute(
@@ -332,7 +337,7 @@ class ResultsStore:
                         hashlib.sha256(ident_json.encode()).hexdigest(),
                         _digest(settings),
                         ident_json,
-                        canonical_json(finite_json(record)),
+                        _record_json(record),
                         time.time(),
                     ),
                 )
