@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._io import check_output_file, ensure_writable_dir, remove_created_dirs
+from ._io import check_output_file, remove_created_dirs
 from .core.errors import ConfigError, NeuronMergingError
 
 PROG = "neuron-merging"
@@ -460,12 +460,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .experiments import run_sweep
+    from .experiments import check_sweep_output, run_sweep
     from .reporting import records_to_markdown
 
     if not args.output:
         raise ConfigError("--output is empty; give a folder")
-    ensure_writable_dir(Path(args.output) / "results.json")
+    check_sweep_output(Path(args.output))
     model, arch, dataset, _ = _load(args)
     test_set = load_dataset(dataset, "test", args.data_dir, args.download)
     records = run_sweep(
@@ -516,7 +516,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from . import models
     from .checkpoint import load_model
     from .data import dataset_info, load_dataset
-    from .experiments import experiment, run_sweep
+    from .experiments import check_sweep_output, experiment, run_sweep
     from .reporting import records_to_markdown
     from .training import recipe_for, seed_everything, train
 
@@ -529,7 +529,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             raise ConfigError(f"ratio must be in [0, 1), got {r}")
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {args.epochs!r}")
-    ensure_writable_dir(out / "results.json")
+    check_sweep_output(out)
     dataset = args.dataset or exp.dataset
     _check_input_shape(exp.arch, dataset)
     test_set = load_dataset(dataset, "test", args.data_dir, args.download)

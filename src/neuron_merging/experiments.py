@@ -263,6 +263,22 @@ def _data_sha256(data: ArrayDataset) -> str:
     return digest.hexdigest()
 
 
+def check_sweep_output(out: Path) -> None:
+    """Refuse, before any work, a sweep folder whose files cannot be written or are not ours.
+
+    A FIFO or device in place of ``results.json`` (or of the store) is judged from
+    ``stat`` alone, so it is refused at once instead of blocking a read.
+    """
+    from .store import STORE_NAME, check_store_file
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory")
+    ensure_writable_dir(out / "results.json")
+    for name in SWEEP_FILES:
+        resolve_target(out / name)
+    check_store_file(out / STORE_NAME)
+
+
 def sweep_settings(
     model: nn.Module,
     arch: str,
@@ -371,11 +387,7 @@ def run_sweep(
     if out is not None:
         from .store import ResultsStore
 
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"output {out} exists and is not a directory")
-        ensure_writable_dir(out / "results.json")  # fail before any work, not after it
-        for name in SWEEP_FILES:
-            resolve_target(out / name)  # a FIFO or device as results.json is refused, not opened
+        check_sweep_output(out)
         settings = sweep_settings(
             model,
             arch,

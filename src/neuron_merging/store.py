@@ -126,7 +126,7 @@ def _refuse(path: Path, why: str) -> OutputError:
     return OutputError(f"{path}: {why}; not a neuron-merging results store")
 
 
-def _check_file(path: Path) -> bool:
+def check_store_file(path: Path) -> bool:
     """Check that ``path`` can be opened as a store without blocking; ``True`` if it exists.
 
     A FIFO, a device or a directory is refused from ``stat`` alone (no open, so a
@@ -163,7 +163,7 @@ class ResultsStore:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self.path = self.directory / STORE_NAME
-        _check_file(self.path)
+        check_store_file(self.path)
         try:
             self._db = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
