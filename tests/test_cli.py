@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -283,10 +284,22 @@ def sweep_jobs(pool: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactor
         )
         if sweep.returncode != 0:
             return {"sweep": sweep}
-        # Resume a copy whose first record is marked: a recomputation would undo the mark.
+        # Resume a copy whose first record is marked in the store: a recomputation would
+        # undo the mark. results.json is an export of the store, so it shows the mark too.
         shutil.copytree(out, resumed)
         records = json.loads((resumed / "results.json").read_text())
         records[0]["loss"] = 123.0
+        with sqlite3.connect(resumed / "results.sqlite") as db:
+            rows = db.execute("SELECT identity, record_json FROM records").fetchall()
+            for identity, text in rows:
+                stored = json.loads(text)
+                if stored["mode"] == records[0]["mode"] == "original":
+                    stored["loss"] = 123.0
+                    db.execute(
+                        "UPDATE records SET record_json = ? WHERE identity = ?",
+                        (json.dumps(stored), identity),
+                    )
+        db.close()
         (resumed / "results.json").write_text(json.dumps(records, indent=2) + "\n")
         before = (resumed / "results.json").read_bytes()
         resume = cli(
@@ -341,12 +354,13 @@ def test_sweep_files(sweep_jobs: Jobs) -> None:
     assert len(rows) == 19
     assert {"mode", "criterion", "ratio", "accuracy", "params", "macs"} <= set(rows[0])
     assert (out / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
-    # No temporary files are left behind.
+    # No temporary files are left behind (results.sqlite is the store the files are exported from).
     assert sorted(p.name for p in out.iterdir()) == [
         "accuracy.png",
         "results.csv",
         "results.json",
         "results.md",
+        "results.sqlite",
     ]
 
 
@@ -659,7 +673,7 @@ def test_cli_errors(error_jobs: Jobs, case: str) -> None:
 
 def test_debug_shows_the_traceback(error_jobs: Jobs) -> None:
     result = error_jobs["debug"]
-    assert result.returncode == 1  # the exception propagates out of the interpreter
+    assert result.returncode == 4  # --debug keeps the exit code of the error class (D25)
     assert "Traceback (most recent call last)" in result.stderr
     assert "CheckpointError" in result.stderr and "not found" in result.stderr
 

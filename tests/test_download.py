@@ -14,10 +14,14 @@ import gzip
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from neuron_merging.data import (
     fetch_fashion_mnist,
     load_dataset,
 )
-from neuron_merging.data._download import FASHION_MNIST_MD5, extract_tarball
+from neuron_merging.data._download import FASHION_MNIST_MD5, KNOWN_SIZES, extract_tarball
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FMNIST_RAW = SHARED / "FashionMNIST" / "raw"
@@ -240,12 +244,16 @@ def test_corrupted_download_leaves_nothing(
 def test_load_dataset_download_checks_official_md5(
     server: str, gz_fmnist: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """download=True uses the official checksums, which our re-gzipped copies fail."""
+    """download=True uses the official checksums and sizes, which our re-gzipped copies fail.
+
+    The copy is larger than the official file, so it is refused from its
+    Content-Length before its body is read (D12).
+    """
     monkeypatch.setenv("NEURON_MERGING_MIRROR", server + "fmnist/")
-    with pytest.raises(DatasetError, match="checksum mismatch") as err:
+    size = KNOWN_SIZES["train-images-idx3-ubyte.gz"]
+    with pytest.raises(DatasetError, match=f"but the file has {size}") as err:
         load_dataset("fashion-mnist", "test", data_dir=tmp_path, download=True)
     assert server + "fmnist/train-images-idx3-ubyte.gz" in str(err.value)
-    assert FASHION_MNIST_MD5["train-images-idx3-ubyte.gz"] in str(err.value)
     assert all_files(tmp_path) == []
 
 
@@ -370,3 +378,83 @@ def test_environment_data_dir_is_download_target(
     assert "cifar-10-python.tar.gz" in str(err.value)
     assert (tmp_path / "env-data").is_dir()
     assert all_files(tmp_path / "env-data") == []
+
+
+# --------------------------------------------------------------------------- issue 11: D11, D12
+
+
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """Announces 100 bytes, then sends one byte every 0.5 s: each read succeeds in time."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(100):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.5)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _ZerosHandler(http.server.BaseHTTPRequestHandler):
+    """Streams zeros with no Content-Length, for as long as the client reads."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(100_000):
+                self.wfile.write(b"\0" * 65536)
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_d11_a_trickling_mirror_hits_the_overall_deadline(tmp_path: Path) -> None:
+    """D11: one byte every 0.5 s never trips a 2 s per-read timeout; the 1.5 s deadline does."""
+    with serve(_TrickleHandler) as url:
+        start = time.monotonic()
+        with pytest.raises(DatasetError, match=r"not finished after 1\.5 s") as err:
+            download_file(url + "slow.gz", tmp_path / "slow.gz", "0" * 32, timeout=2, deadline=1.5)
+        elapsed = time.monotonic() - start
+    assert "the partial file was deleted" in str(err.value)
+    assert all_files(tmp_path) == []
+    assert elapsed < 60  # a hang guard only: without the deadline this takes 50 s or more
+
+
+def test_d12_a_download_is_cut_off_at_the_files_known_size(tmp_path: Path) -> None:
+    """D12: zeros with no Content-Length used to fill a .part far beyond the real file's size."""
+    name = "t10k-labels-idx1-ubyte.gz"
+    with serve(_ZerosHandler) as url:
+        with pytest.raises(DatasetError, match="more than the file's 5148 bytes") as err:
+            download_file(url + name, tmp_path / name, FASHION_MNIST_MD5[name])
+        assert "the partial file was deleted" in str(err.value)
+        with pytest.raises(DatasetError, match="more than the file's 1000 bytes"):
+            download_file(url + "any.bin", tmp_path / "any.bin", "0" * 32, size=1000)
+    assert all_files(tmp_path) == []
+
+
+def test_d12_an_announced_size_over_the_known_size_is_refused_unread(tmp_path: Path) -> None:
+    refused = pytest.raises(DatasetError, match="announces 1000 bytes, but the file has 999")
+    with serve(_ShortBodyHandler) as url, refused:  # announces 1000 bytes
+        download_file(url + "x.gz", tmp_path / "x.gz", "0" * 32, size=999)
+    assert all_files(tmp_path) == []
+
+
+def test_d12_stale_part_files_of_dead_downloads_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    stale = tmp_path / f".x.gz.{int(dead.stdout)}.k1ll3d.part"
+    legacy = tmp_path / ".x.gz.abc123.part"  # written before pids were in the name
+    live = tmp_path / f".x.gz.{os.getpid()}.other.part"  # another download, still running
+    for path in (stale, legacy, live):
+        path.write_bytes(b"partial")
+    with serve(_ShortBodyHandler) as url, pytest.raises(DatasetError):
+        download_file(url + "x.gz", tmp_path / "x.gz", "0" * 32)
+    assert not stale.exists() and not legacy.exists()
+    assert live.read_bytes() == b"partial"

@@ -36,6 +36,7 @@ from neuron_merging.experiments import (
 )
 from neuron_merging.metrics import count_macs, count_parameters
 from neuron_merging.reporting import CSV_FIELDS, records_to_csv, records_to_markdown
+from neuron_merging.store import ResultsStore
 from neuron_merging.training import RECIPES, recipe_for
 
 # fmt: off
@@ -408,18 +409,24 @@ def test_run_sweep_writes_and_resumes(tmp_path: Path) -> None:
     assert len(more) == 13
     assert all(r in more for r in records)  # the earlier records are kept as they were
 
-    # A results.json of another model is not silently mixed in.
-    with pytest.raises(OutputError, match="cannot resume"):
-        run_sweep(
-            model,
-            "lenet300",
-            "cifar10",
-            data,
-            ratios=[0.5],
-            output_dir=tmp_path,
-            resume=True,
-            **kwargs,
-        )
+    # Records of other settings are never reused by --resume, and never deleted.
+    seen.clear()
+    other = run_sweep(
+        model,
+        "lenet300",
+        "fashion-mnist",
+        data,
+        ratios=[0.5],
+        output_dir=tmp_path,
+        resume=True,
+        on_record=seen.append,
+        bn_rule="exact",
+        **kwargs,
+    )
+    assert len(seen) == len(other) == 5
+    assert json.loads((tmp_path / "results.json").read_text()) == other
+    with ResultsStore(tmp_path) as store:
+        assert store.count() == 13 + 5
 
 
 @pytest.mark.parametrize(
@@ -457,8 +464,9 @@ def test_run_sweep_output_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "results.json").write_text("{not json")
-    with pytest.raises(OutputError, match="cannot resume"):
+    with pytest.raises(OutputError, match=r"cannot migrate .* not valid JSON"):
         run_sweep(model, "lenet300", "fashion-mnist", data, output_dir=bad, resume=True, **args)
     (bad / "results.json").write_text('{"mode": "merge"}')
     with pytest.raises(OutputError, match="not a list of sweep records"):
         run_sweep(model, "lenet300", "fashion-mnist", data, output_dir=bad, resume=True, **args)
+    assert (bad / "results.json").read_text() == '{"mode": "merge"}'  # left as it was

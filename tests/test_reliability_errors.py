@@ -132,6 +132,8 @@ def make_bad_inputs(root: Path) -> None:
         nan.ip2.weight[3, 7] = float("nan")
     save_checkpoint(root / "nan.pth.tar", nan, acc=None, dataset="fashion-mnist")
     resnet = models.create("resnet56", cfg=[4, 8, 16])
+    # A CIFAR model for the CIFAR dataset rows (a LeNet does not take CIFAR images).
+    save_checkpoint(root / "good-cifar.pth.tar", resnet, acc=None, dataset="cifar10")
     with torch.no_grad():
         resnet.layer2[3].bn1.running_var[1] = float("inf")
     save_checkpoint(root / "inf-bn.pth.tar", resnet, acc=None, dataset="cifar10")
@@ -344,10 +346,11 @@ CASES: dict[str, Case] = {
     # Datasets.
     "missing data directory": Case(
         "dataset",
-        f"evaluate {GOOD} --dataset cifar10 --data-dir {{root}}/nonexistent --quiet",
+        f"evaluate {GOOD} --dataset fashion-mnist --data-dir {{root}}/nonexistent --quiet",
         5,
-        PREFIX + "cifar10 (test split) not found. Looked for test_batch in:",
-        lambda root: load_dataset("cifar10", "test", root / "nonexistent"),
+        PREFIX + "fashion-mnist (test split) not found. Looked for "
+        "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] in:",
+        lambda root: load_dataset("fashion-mnist", "test", root / "nonexistent"),
         nm.DatasetError,
         extra_lines=True,
     ),
@@ -380,7 +383,8 @@ CASES: dict[str, Case] = {
     ),
     "truncated pickle": Case(
         "dataset",
-        f"evaluate {GOOD} --dataset cifar10 --data-dir {{root}}/cifar-truncated --quiet",
+        "evaluate --checkpoint {root}/good-cifar.pth.tar --dataset cifar10 "
+        "--data-dir {root}/cifar-truncated --quiet",
         5,
         PREFIX + "{root}/cifar-truncated/cifar-10-batches-py/test_batch: corrupt or truncated "
         "pickle (...)",
@@ -389,7 +393,8 @@ CASES: dict[str, Case] = {
     ),
     "malicious dataset pickle": Case(
         "dataset",
-        f"evaluate {GOOD} --dataset cifar10 --data-dir {{root}}/cifar-evil --quiet",
+        "evaluate --checkpoint {root}/good-cifar.pth.tar --dataset cifar10 "
+        "--data-dir {root}/cifar-evil --quiet",
         5,
         PREFIX + "{root}/cifar-evil/cifar-10-batches-py/test_batch: refusing to load: the file "
         "tried to load the forbidden global __builtin__.exec (only numpy array data is allowed "
@@ -679,4 +684,4 @@ def test_every_error_class_has_its_documented_exit_code() -> None:
     }
     for cls, code in codes.items():
         assert issubclass(cls, nm.NeuronMergingError) and cls.exit_code == code
-    assert sorted(cli.EXIT_CODES.values()) == [0, 1, 2, 3, 4, 5, 6, 70, 130]
+    assert sorted(cli.EXIT_CODES.values()) == [0, 1, 2, 3, 4, 5, 6, 70, 130, 143]

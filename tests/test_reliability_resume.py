@@ -42,6 +42,7 @@ RATIOS = [f"{r / 10:.1f}" for r in range(1, 10)]
 CRITERIA = ["l1-norm", "l2-GM"]
 TOTAL = 1 + len(RATIOS) * len(CRITERIA) * 2  # the original + ratios × criteria × {prune, merge}
 OUTPUTS = ["accuracy.png", "results.csv", "results.json", "results.md"]
+STORE = ["results.sqlite", "results.sqlite-wal", "results.sqlite-shm"]  # the store, and its WAL
 
 pytestmark = pytest.mark.skipif(
     not (LENET.is_file() and IMAGES.is_file() and LABELS.is_file()),
@@ -145,10 +146,11 @@ def test_sweep_killed_mid_way_resumes_to_identical_results(data_dir: Path, tmp_p
     assert 3 <= len(partial) < TOTAL and reads >= 1
     assert len(set(_keys(partial))) == len(partial)
     assert partial[0]["mode"] == "original"
-    leftovers = {p.name for p in killed.iterdir()} - set(OUTPUTS)
+    leftovers = {p.name for p in killed.iterdir()} - set(OUTPUTS) - set(STORE)
     assert all(n.startswith(".") and n.endswith(".tmp") for n in leftovers), leftovers
-    # A kill during a write leaves its temporary file; plant one so the cleanup is always tested.
-    (killed / ".results.json.k1ll3d.tmp").write_text('[{"mode": "orig')
+    # A kill during a write leaves its temporary file (named after the dead writer's
+    # pid); plant one so the cleanup is always tested.
+    (killed / f".results.json.{victim.pid}.k1ll3d.tmp").write_text('[{"mode": "orig')
 
     resumed = subprocess.run(
         _sweep(data_dir, killed, "--resume"),
@@ -166,9 +168,9 @@ def test_sweep_killed_mid_way_resumes_to_identical_results(data_dir: Path, tmp_p
     assert len(set(_keys(final))) == TOTAL
     assert all(record in final for record in partial)  # finished work was kept as it was
     # No temporary files remain (accuracy.png exists only where matplotlib is installed).
-    outputs = sorted(p.name for p in reference.iterdir())
+    outputs = sorted(p.name for p in reference.iterdir() if p.name not in STORE)
     assert set(OUTPUTS) - {"accuracy.png"} <= set(outputs) <= set(OUTPUTS)
-    assert sorted(p.name for p in killed.iterdir()) == outputs
+    assert sorted(p.name for p in killed.iterdir() if p.name not in STORE) == outputs
     # Identical to the uninterrupted run in another fresh process (determinism, too).
     for name in outputs:
         assert (killed / name).read_bytes() == (reference / name).read_bytes(), name

@@ -1,18 +1,31 @@
-"""Atomic file output: write to a temp file in the same directory, fsync, rename.
+"""Safe file output: checked targets, atomic writes, and cleanup of our own leftovers.
 
-A crash or kill mid-write therefore never leaves a half-written file behind.
+Every output is written to a temporary file ``.NAME.<pid>.XXXX.tmp`` in the
+target's folder, fsynced and renamed over ``NAME``, so a crash or kill never
+leaves a half-written file. The temporary name carries the writer's process id,
+so a later run removes only the leftovers of processes that are gone
+(:func:`remove_stale_temporaries`), never another live run's file.
+
+An existing target must be a regular file: a device, FIFO, socket or directory
+is refused, never replaced. A symlink is followed (the file it points to is
+replaced and the link stays). The mode of a replaced file is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from .core.errors import OutputError
+from .core.errors import ConfigError, OutputError
+
+#: Folders created by :func:`ensure_writable_dir` in this process (deepest last).
+_CREATED_DIRS: list[Path] = []
 
 
 def _umask() -> int:
@@ -21,39 +34,192 @@ def _umask() -> int:
     return mask
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _strerror(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "No space left on device"
+    return exc.strerror or str(exc)
+
+
+def resolve_target(path: str | os.PathLike[str]) -> Path:
+    """The file a write to ``path`` replaces: symlinks followed; refuses non-regular files."""
+    target = Path(path)
+    if target.is_symlink():
+        target = Path(os.path.realpath(target))
+    try:
+        info = os.stat(target)
+    except (FileNotFoundError, NotADirectoryError):  # the folder check reports the latter
+        return target
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {_strerror(exc)}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise OutputError(f"{path} exists and is {_kind(info.st_mode)}; refusing to replace it")
+    return target
+
+
+def check_output_file(
+    path: str,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+    option: str = "--output",
+) -> None:
+    """Validate a file ``--output`` before any work, so a run never fails at the end.
+
+    Refuses an empty name, a name ending in ``/``, an existing target that is not
+    a regular file (after following symlinks), the same file as one of ``inputs``
+    (same inode), a file with other hard links, and (unless ``force``) any
+    existing file. Then checks that its folder is writable.
+    """
+    if not path:
+        raise ConfigError(f"{option} is empty; give a file name")
+    if path.endswith(("/", os.sep)):
+        raise ConfigError(f"{option} {path} ends with '/'; give a file name, not a folder")
+    target = resolve_target(path)
+    if os.path.lexists(target):
+        info = os.stat(target)
+        for source in inputs:
+            if source is not None and os.path.exists(source) and os.path.samefile(source, target):
+                raise OutputError(
+                    f"{option} {path} is the input file {source}; refusing to overwrite it"
+                )
+        if info.st_nlink > 1 and not force:
+            raise OutputError(
+                f"{option} {path} has {info.st_nlink} hard links; replacing it would break "
+                "them (pass --force to replace it anyway)"
+            )
+        if not force:
+            raise OutputError(f"{option} {path} exists; pass --force to overwrite it")
+    ensure_writable_dir(target)
+
+
+def check_output_dir(path: str, *, force: bool = False, option: str = "--output") -> None:
+    """Validate a model directory ``--output`` (:func:`neuron_merging.save`) before any work.
+
+    Refuses an empty name, an existing target that is not a directory, and (unless
+    ``force``) a directory that already holds a saved model; then checks that the
+    directory can be created and written.
+    """
+    if not path:
+        raise ConfigError(f"{option} is empty; give a directory name")
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(
+            f"{option} {path} exists and is not a directory; a compressed model is saved as a "
+            "directory (or give a name ending in .pth.tar for a checkpoint file)"
+        )
+    if (target / "manifest.json").exists() and not force:
+        raise OutputError(
+            f"{option} {path} already holds a saved model; pass --force to replace it"
+        )
+    ensure_writable_dir(target / "manifest.json")
+
+
 def ensure_writable_dir(path: str | os.PathLike[str]) -> None:
-    """Fail early, with :class:`OutputError`, if files cannot be created in ``path``'s folder."""
+    """Fail early, with :class:`OutputError`, if files cannot be created in ``path``'s folder.
+
+    Folders it creates are remembered, so :func:`remove_created_dirs` can take
+    them away again when the run fails.
+    """
     directory = Path(path).parent if str(Path(path).parent) else Path(".")
+    missing: list[Path] = []
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _CREATED_DIRS.extend(reversed(missing))
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".nm-write-test."):
             pass
     except OSError as exc:
-        raise OutputError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
+        raise OutputError(f"cannot write to {directory}: {_strerror(exc)}") from exc
+
+
+def remove_created_dirs() -> None:
+    """Remove the (still empty) folders :func:`ensure_writable_dir` created, deepest first."""
+    while _CREATED_DIRS:
+        with contextlib.suppress(OSError):
+            _CREATED_DIRS.pop().rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path, names: Iterable[str], suffix: str = ".tmp") -> None:
+    """Delete ``.NAME.<pid>.XXXX<suffix>`` files whose writer process is gone.
+
+    Files of a live process (another run writing right now) are never touched.
+    A name without a process id (written before ids were added) is stale by
+    definition of the old scheme and removed too.
+    """
+    for name in names:
+        prefix = f".{name}."
+        for stale in directory.glob(f"{prefix}*{suffix}"):
+            middle = stale.name[len(prefix) : -len(suffix)].split(".")
+            if len(middle) >= 2 and middle[0].isdigit() and _alive(int(middle[0])):
+                continue
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def temporary_prefix(target: Path) -> str:
+    """The prefix of our temporary files for ``target``: ``.NAME.<pid>.``."""
+    return f".{target.name}.{os.getpid()}."
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success fsync and rename it over ``path``."""
+    """Open a temporary file next to ``path``; on success fsync and rename it over ``path``.
+
+    ``path`` may be a symlink (the file it points to is replaced); an existing
+    non-regular file is refused. A replaced file keeps its permission bits; a new
+    one gets ``0666 & ~umask``.
+    """
     if mode not in ("w", "wb"):
         raise ValueError("atomic_open supports modes 'w' and 'wb' only")
-    target = Path(path)
+    target = resolve_target(path)
     directory = target.parent if str(target.parent) else Path(".")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
+        keep_mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        keep_mode = 0o666 & ~_umask()
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; honour the umask instead
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target), suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {directory}: {_strerror(exc)}") from exc
+    try:
+        os.chmod(tmp, keep_mode)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OutputError(f"No space left on device ({path})") from exc
         raise
 
 
@@ -70,6 +236,32 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def atomic_save(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], None]) -> None:
-    """Call ``writer(handle)`` on a binary temp file, then atomically move it to ``path``."""
-    with atomic_open(path, "wb") as handle:
-        writer(handle)
+    """Call ``writer(handle)`` on a binary temp file, then atomically move it to ``path``.
+
+    A writer that fails because the disk is full (torch reports this as a
+    ``RuntimeError`` from its zip writer) is reported as :class:`OutputError`
+    ``No space left on device (PATH)``.
+    """
+    try:
+        with atomic_open(path, "wb") as handle:
+            try:
+                writer(handle)
+            except RuntimeError as exc:
+                if _disk_full(handle):
+                    raise OutputError(f"No space left on device ({path})") from exc
+                raise
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"No space left on device ({path})") from exc
+        raise
+
+
+def _disk_full(handle: IO[bytes]) -> bool:
+    """Whether writing to ``handle`` fails now with ENOSPC (torch's error hides the errno)."""
+    try:
+        handle.write(b"\0" * 65536)
+        handle.flush()
+        os.fsync(handle.fileno())
+    except OSError as exc:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return False

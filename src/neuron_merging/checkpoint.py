@@ -23,6 +23,7 @@ import io
 import os
 import pickle
 import pickletools
+import stat
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -198,7 +199,35 @@ def _as_state_dict(obj: object, path: Path, what: str) -> dict[str, torch.Tensor
         raise CheckpointError(
             f"{path}: {what} is not a state dict; non-tensor entries: {_truncated_list(bad)}"
         )
+    for key, value in obj.items():
+        if value.is_meta:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is on the meta device: the file holds its shape but no data"
+            )
+        if value.layout != torch.strided:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is {str(value.layout).removeprefix('torch.')}; "
+                "only dense tensors are supported"
+            )
     return _strip_prefix(obj, path)
+
+
+def _check_dtypes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse file tensors whose kind differs from the model's (int weights, complex, ...)."""
+    for key, expected in model.state_dict().items():
+        value = state_dict.get(key)
+        if value is None:
+            continue
+        if expected.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is {str(value.dtype).removeprefix('torch.')}; "
+                "weights must be floating point"
+            )
+        if not expected.is_floating_point() and (value.is_floating_point() or value.is_complex()):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is {str(value.dtype).removeprefix('torch.')}; "
+                f"expected {str(expected.dtype).removeprefix('torch.')}"
+            )
 
 
 def load_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -214,14 +243,15 @@ def load_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
     content that is not a state dict.
     """
     file = Path(path)
-    if not file.exists():
-        raise CheckpointError(f"{file}: checkpoint file not found")
-    if not file.is_file():
-        raise CheckpointError(f"{file}: is not a regular file")
     try:
-        size = file.stat().st_size
-    except OSError as exc:
+        info = os.stat(file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: checkpoint file not found") from None
+    except OSError as exc:  # a name too long, a folder we may not enter, ...
         raise CheckpointError(f"{file}: cannot read checkpoint: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{file}: is not a regular file")
+    size = info.st_size
     if size == 0:
         raise CheckpointError(f"{file}: checkpoint file is empty")
     if not os.access(file, os.R_OK):
@@ -353,11 +383,18 @@ def load_model(
     chosen_cfg, cfg_from_file = _resolve(
         "cfg", None if file_cfg is None else list(file_cfg), cfg, file, normalize=list
     )
+    try:
+        shapes_cfg = spec.infer_cfg(state_dict)
+    except ConfigError:
+        shapes_cfg = None  # keys absent: build the default and report the key mismatch
     if chosen_cfg is None:
-        try:
-            chosen_cfg = spec.infer_cfg(state_dict)
-        except ConfigError:
-            chosen_cfg = None  # keys absent: build the default and report the key mismatch
+        chosen_cfg = shapes_cfg
+    elif cfg_from_file and shapes_cfg is not None and list(chosen_cfg) != list(shapes_cfg):
+        # Checked before the model is built: a huge cfg would allocate gigabytes first.
+        raise CheckpointError(
+            f"{file}: its metadata's cfg {_truncated_list([str(c) for c in chosen_cfg])} does not "
+            f"match the widths of its tensors {_truncated_list([str(c) for c in shapes_cfg])}"
+        )
 
     try:
         model = models.create(arch, num_classes=n_classes, cfg=chosen_cfg)
@@ -372,6 +409,7 @@ def load_model(
     report = _key_report(model, state_dict)
     if report is not None:
         raise CheckpointError(f"{file}: does not fit architecture {arch!r}: {report}")
+    _check_dtypes(model, state_dict, file)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:  # pragma: no cover - _key_report catches these first

@@ -7,16 +7,19 @@ Every deliberate error becomes one line on stderr and a documented exit code
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._io import ensure_writable_dir
-from .core.errors import NeuronMergingError
+from ._io import check_output_dir, check_output_file, remove_created_dirs
+from .core.errors import ConfigError, NeuronMergingError
 
 PROG = "neuron-merging"
 
@@ -31,6 +34,7 @@ EXIT_CODES: dict[str, int] = {
     "output cannot be written (OutputError, OSError)": 6,
     "internal error (a bug: please report it)": 70,
     "interrupted (Ctrl-C)": 130,
+    "terminated (SIGTERM)": 143,
 }
 
 _CHECKPOINT_ENV = "NEURON_MERGING_CHECKPOINTS"
@@ -48,6 +52,30 @@ def _ratio(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid ratio {text!r}") from None
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid positive integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+#: torch seeds are 64-bit; larger values overflow inside torch.manual_seed.
+_SEED_LIMIT = 2**63
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}") from None
+    if not 0 <= value < _SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**63), got {value}")
     return value
 
 
@@ -150,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs (default: the paper's recipe)")
     p.add_argument("--lr", type=float, help="initial learning rate (default 0.1)")
     p.add_argument("--batch-size", type=int, help="batch size (default 128)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-batches", type=int, help="limit batches per epoch (smoke runs)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--max-batches", type=_positive, help="limit batches per epoch (smoke runs)")
     p.add_argument(
         "--no-test",
         action="store_true",
@@ -159,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cfg", nargs="+", help="layer widths (compressed architecture)")
     p.add_argument("--output", required=True, help="checkpoint to write (best test accuracy)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --output")
     _common(p)
 
     p = sub.add_parser("evaluate", help="test accuracy of a checkpoint")
@@ -181,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors weights); a name ending in .pth, .pth.tar or .pt writes the legacy "
         "torch checkpoint instead",
     )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --output")
     p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
     _common(p)
 
@@ -197,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="directory for results.{json,csv,md} and accuracy.png"
     )
     p.add_argument(
-        "--resume", action="store_true", help="skip configurations already in results.json"
+        "--resume",
+        action="store_true",
+        help="skip configurations of identical identity already in the results store",
     )
     _common(p)
 
@@ -211,9 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ratios", nargs="+", type=_ratio, help="override the experiment's ratios")
     p.add_argument("--epochs", type=int, help="baseline training epochs (default: the paper's)")
-    p.add_argument("--max-batches", type=int, help="limit batches per epoch (smoke runs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batches", type=_positive, help="limit batches per epoch (smoke runs)")
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--resume", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("results", help="list every record in a sweep folder's results store")
+    p.add_argument("directory", help="a sweep --output folder")
     _common(p)
     return parser
 
@@ -233,23 +269,60 @@ def _default_dataset(arch: str) -> str:
 def _load(args: argparse.Namespace) -> tuple[Any, str, str, dict[str, Any]]:
     """Load the checkpoint; return (model, arch, dataset, metadata)."""
     from .checkpoint import load_model
-    from .core.errors import ConfigError
-    from .data import dataset_info
+    from .core.errors import CheckpointError, ConfigError
+    from .data import DATASETS, dataset_info
 
     model, meta = load_model(args.checkpoint, arch=args.arch)
     arch = meta["arch"]
+    from_file = not args.dataset and meta.get("dataset") is not None
     dataset = args.dataset or meta.get("dataset") or _default_dataset(arch)
+    if from_file and dataset not in DATASETS:
+        raise CheckpointError(
+            f"{args.checkpoint}: its metadata names dataset {dataset!r}, which is not one of "
+            f"{', '.join(DATASETS)}; pass --dataset"
+        )
     classes = dataset_info(dataset).num_classes
     if meta.get("num_classes") not in (None, classes):
         raise ConfigError(
             f"{args.checkpoint} has {meta['num_classes']} classes but {dataset} has {classes}"
         )
+    _check_input_shape(
+        arch,
+        dataset,
+        f"the dataset {dataset!r} its metadata names" if from_file else None,
+        args.checkpoint,
+    )
     return model, arch, dataset, meta
+
+
+def _check_input_shape(
+    arch: str, dataset: str, origin: str | None = None, checkpoint: str | None = None
+) -> None:
+    """Refuse, before any work, an architecture whose input does not fit the dataset's images."""
+    from .core.errors import CheckpointError
+    from .data import dataset_info
+    from .models import model_spec
+
+    takes = tuple(model_spec(arch).input_shape)
+    has = tuple(dataset_info(dataset).input_shape)
+    if takes != has:
+        shape = "x".join(map(str, takes)), "x".join(map(str, has))
+        if origin is not None:
+            raise CheckpointError(
+                f"{checkpoint}: {arch} takes {shape[0]} inputs but {origin} has "
+                f"{shape[1]} images; pass --dataset"
+            )
+        raise ConfigError(
+            f"{arch} takes {shape[0]} inputs but {dataset} images are {shape[1]}; "
+            f"use {arch} with {', '.join(model_spec(arch).datasets)}"
+        )
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
     if args.json:
-        print(json.dumps(payload, indent=2))
+        from .store import finite_json
+
+        print(json.dumps(finite_json(payload), indent=2, allow_nan=False))
     else:
         print(text)
 
@@ -259,9 +332,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .data import dataset_info, load_dataset
     from .training import recipe_for, seed_everything, train
 
-    ensure_writable_dir(args.output)
+    check_output_file(args.output, force=args.force)
     dataset = args.dataset or _default_dataset(args.arch)
-    cfg = [v if v == "M" else int(v) for v in args.cfg] if args.cfg else None
+    _check_input_shape(args.arch, dataset)
+    cfg = _parse_cfg(args.cfg) if args.cfg else None
     seed_everything(args.seed)  # the initial weights are drawn from the seeded global RNG
     model = models.create(args.arch, num_classes=dataset_info(dataset).num_classes, cfg=cfg)
     recipe = recipe_for(dataset, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
@@ -297,6 +371,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_cfg(items: Sequence[str]) -> list[int | str]:
+    """``--cfg`` widths: positive integers, or ``M`` (VGG max-pool)."""
+    cfg: list[int | str] = []
+    for item in items:
+        if item == "M":
+            cfg.append(item)
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise ConfigError(
+                f"--cfg: {item!r} is not a layer width (a positive integer, or M)"
+            ) from None
+        if value < 1:
+            raise ConfigError(f"--cfg: width {value} must be at least 1")
+        cfg.append(value)
+    return cfg
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments import example_input
@@ -330,8 +423,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from .metrics import count_macs
     from .training import evaluate
 
-    if args.output:
-        ensure_writable_dir(args.output)
+    if args.output is not None and is_legacy_path(args.output):
+        check_output_file(args.output, force=args.force, inputs=[args.checkpoint])
+    elif args.output is not None:
+        check_output_dir(args.output, force=args.force)
     model, arch, dataset, _ = _load(args)
     payload: dict[str, Any] = {"arch": arch, "dataset": dataset, "mode": args.mode}
     report_text = ""
@@ -367,7 +462,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         accuracy = score.accuracy
         payload.update(accuracy=round(score.accuracy, 2), correct=score.correct, total=score.total)
         lines.append(score.line())
-    if args.output:
+    if args.output is not None:
         meta = {
             "acc": accuracy,
             "arch": arch,
@@ -388,10 +483,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .experiments import run_sweep
+    from .experiments import check_sweep_output, run_sweep
     from .reporting import records_to_markdown
 
-    ensure_writable_dir(Path(args.output) / "results.json")
+    if not args.output:
+        raise ConfigError("--output is empty; give a folder")
+    check_sweep_output(Path(args.output))
     model, arch, dataset, _ = _load(args)
     test_set = load_dataset(dataset, "test", args.data_dir, args.download)
     records = run_sweep(
@@ -411,8 +508,32 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         output_dir=args.output,
         resume=args.resume,
         show_progress=not args.quiet,
+        checkpoint=args.checkpoint,
     )
     _emit(args, {"records": records, "output": args.output}, records_to_markdown(records))
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from .core.errors import OutputError
+    from .reporting import records_to_markdown
+    from .store import STORE_NAME, ResultsStore, describe_settings
+
+    folder = Path(args.directory)
+    if not os.path.lexists(folder / STORE_NAME):
+        raise OutputError(f"{folder}: no results store ({STORE_NAME}) here")
+    with ResultsStore(folder) as store:
+        groups = store.groups()
+    payload = {
+        "directory": str(folder),
+        "groups": [{"settings": s, "records": r} for s, r in groups],
+    }
+    lines = []
+    for settings, records in groups:
+        lines.append(f"{len(records)} record(s): {describe_settings(settings)}")
+        lines.append(records_to_markdown(records))
+        lines.append("")
+    _emit(args, payload, "\n".join(lines).rstrip() or f"{folder}: the results store is empty")
     return 0
 
 
@@ -420,14 +541,22 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from . import models
     from .checkpoint import load_model
     from .data import dataset_info, load_dataset
-    from .experiments import experiment, run_sweep
+    from .experiments import check_sweep_output, experiment, run_sweep
     from .reporting import records_to_markdown
     from .training import recipe_for, seed_everything, train
 
     exp = experiment(args.experiment)
+    if args.output == "":
+        raise ConfigError("--output is empty; give a folder")
     out = Path(args.output or Path("results") / exp.name)
-    ensure_writable_dir(out / "results.json")
+    for r in args.ratios or ():  # validate everything before a baseline is trained
+        if not 0.0 <= r < 1.0:
+            raise ConfigError(f"ratio must be in [0, 1), got {r}")
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {args.epochs!r}")
+    check_sweep_output(out)
     dataset = args.dataset or exp.dataset
+    _check_input_shape(exp.arch, dataset)
     test_set = load_dataset(dataset, "test", args.data_dir, args.download)
     start = time.perf_counter()
     checkpoint = args.checkpoint
@@ -473,6 +602,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         output_dir=out,
         resume=args.resume,
         show_progress=not args.quiet,
+        checkpoint=checkpoint,
     )
     seconds = round(time.perf_counter() - start, 1)
     payload = {
@@ -496,40 +626,65 @@ _COMMANDS = {
     "compress": _cmd_compress,
     "sweep": _cmd_sweep,
     "reproduce": _cmd_reproduce,
+    "results": _cmd_results,
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler, so SIGTERM unwinds (and cleans up) like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _fail(args: argparse.Namespace | None, code: int, line: str) -> int:
+    """Print the one-line error (and with ``--debug`` the traceback); undo created folders."""
+    if args is not None and getattr(args, "debug", False):
+        traceback.print_exc()
+    print(line, file=sys.stderr)
+    remove_created_dirs()
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the exit status (also used by the console script)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the CLI; return the exit status (also used by the console script).
+
+    SIGTERM is handled like Ctrl-C: temporary files are removed, one line is
+    printed and the exit status is 143 (130 for Ctrl-C), even while torch is
+    still being imported. ``--debug`` adds the traceback but keeps the code.
+    """
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    args: argparse.Namespace | None = None
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
         import torch
 
         torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
         return _COMMANDS[args.command](args)
     except NeuronMergingError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(args, exc.exit_code, f"{PROG}: error: {exc}")
+    except Terminated:
+        return _fail(None, 143, f"{PROG}: terminated")
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:
-        if args.debug:
-            raise
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"{PROG}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 6
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(
-            f"{PROG}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-            file=sys.stderr,
+        return _fail(None, 130, f"{PROG}: interrupted")
+    except RecursionError as exc:
+        return _fail(
+            args,
+            70,
+            f"{PROG}: internal error: RecursionError: {exc} (rerun with --debug for the traceback)",
         )
-        return 70
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return _fail(args, 6, f"{PROG}: error: {exc.strerror or exc}{where}")
+    except Exception as exc:
+        return _fail(
+            args,
+            70,
+            f"{PROG}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        )
 
 
 if __name__ == "__main__":

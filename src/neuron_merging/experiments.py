@@ -7,10 +7,13 @@ over criteria × ratios × {prune, merge}, writing results as each one finishes.
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
+import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 
 from . import models
-from ._io import atomic_write_text, ensure_writable_dir
+from ._io import atomic_write_text, ensure_writable_dir, remove_stale_temporaries, resolve_target
 from ._progress import progress
 from .core.api import compress, count_parameters
 from .core.config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
@@ -86,7 +89,7 @@ def _vgg_keep(cfg: Sequence[Any]) -> dict[str, int]:
 def _wrn_keep(model: nn.Module, ratio: float) -> dict[str, int]:
     keep = {}
     for stage, base in zip((1, 2, 3), (16, 32, 64), strict=True):
-        width = int(base * (1.0 - ratio)) * 4
+        width = math.floor(base * (1 - Fraction(repr(float(ratio))))) * 4  # exact, as in D9
         block = getattr(model, f"block{stage}").layer
         for i in range(len(block)):
             keep[f"block{stage}.layer.{i}.conv1"] = width
@@ -207,7 +210,7 @@ def run_one(
 
 
 def record_key(record: dict[str, Any]) -> tuple[str, str | None, float | None]:
-    """The identity of a sweep record: (mode, criterion, ratio)."""
+    """The position of a record inside one sweep: (mode, criterion, ratio)."""
     ratio = record.get("ratio")
     return (
         record["mode"],
@@ -217,42 +220,98 @@ def record_key(record: dict[str, Any]) -> tuple[str, str | None, float | None]:
 
 
 def load_results(path: Path) -> list[dict[str, Any]]:
-    """Read a ``results.json`` written by :func:`run_sweep` (for ``--resume``)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise OutputError(f"cannot resume from {path}: {exc}") from exc
-    if not isinstance(data, list) or not all(isinstance(r, dict) and "mode" in r for r in data):
-        raise OutputError(f"cannot resume from {path}: not a list of sweep records")
-    return data
+    """Read and validate a ``results.json`` (an export of the store, or a pre-store file)."""
+    from .store import read_legacy_results
+
+    return read_legacy_results(path)
 
 
 def write_results(records: list[dict[str, Any]], output_dir: Path, *, plot: bool) -> None:
-    """Write results.json, results.csv, results.md (and accuracy.png) atomically."""
+    """Write results.json, results.csv, results.md (and accuracy.png) atomically.
+
+    NaN and infinite numbers are written as ``null``, so results.json is valid JSON.
+    """
     from .reporting import plot_accuracy, records_to_csv, records_to_markdown
+    from .store import finite_json
 
-    atomic_write_text(output_dir / "results.json", json.dumps(records, indent=2) + "\n")
-    atomic_write_text(output_dir / "results.csv", records_to_csv(records))
-    atomic_write_text(output_dir / "results.md", records_to_markdown(records) + "\n")
+    clean = finite_json(records)
+    atomic_write_text(
+        output_dir / "results.json", json.dumps(clean, indent=2, allow_nan=False) + "\n"
+    )
+    atomic_write_text(output_dir / "results.csv", records_to_csv(clean))
+    atomic_write_text(output_dir / "results.md", records_to_markdown(clean) + "\n")
     if plot:
-        plot_accuracy(records, output_dir / "accuracy.png")
+        plot_accuracy(clean, output_dir / "accuracy.png")
 
 
-#: The files a sweep writes (atomically) into its output directory.
+#: The files a sweep exports (atomically) into its output directory.
 SWEEP_FILES: tuple[str, ...] = ("results.json", "results.csv", "results.md", "accuracy.png")
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete the temporary files a killed run left in ``out``; finished files are never touched.
+def _weights_sha256(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict: every name, dtype, shape and byte, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
-    Every output is written to ``.NAME.XXXX.tmp`` and renamed over ``NAME``, so a
-    run killed mid-write leaves at most such a file behind (``NAME`` itself is
-    always complete).
+
+def _data_sha256(data: ArrayDataset) -> str:
+    """SHA-256 of a test set's images and labels (another subset gives other results)."""
+    digest = hashlib.sha256()
+    for t in (data.images, data.labels):
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_sweep_output(out: Path) -> None:
+    """Refuse, before any work, a sweep folder whose files cannot be written or are not ours.
+
+    A FIFO or device in place of ``results.json`` (or of the store) is judged from
+    ``stat`` alone, so it is refused at once instead of blocking a read.
     """
+    from .store import STORE_NAME, check_store_file
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory")
+    ensure_writable_dir(out / "results.json")
     for name in SWEEP_FILES:
-        for stale in out.glob(f".{name}.*.tmp"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        resolve_target(out / name)
+    check_store_file(out / STORE_NAME)
+
+
+def sweep_settings(
+    model: nn.Module,
+    arch: str,
+    dataset: str,
+    test_set: ArrayDataset,
+    *,
+    preset: str,
+    threshold: float | str | None,
+    lam: float | None,
+    bn_rule: str,
+    checkpoint: str | Path | None = None,
+) -> dict[str, Any]:
+    """Everything of a sweep's identity but mode, criterion and ratio (see :mod:`.store`)."""
+    from . import __version__
+    from .store import sha256_file
+
+    return {
+        "arch": arch,
+        "dataset": dataset,
+        "checkpoint_sha256": None if checkpoint is None else sha256_file(checkpoint),
+        "weights_sha256": _weights_sha256(model),
+        "test_set_sha256": _data_sha256(test_set),
+        "preset": preset,
+        "threshold": threshold,
+        "lam": lam,
+        "bn_rule": bn_rule,
+        "version": __version__,
+    }
 
 
 def run_sweep(
@@ -274,13 +333,19 @@ def run_sweep(
     resume: bool = False,
     show_progress: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the original model and every criterion × ratio × mode compression of it.
 
-    Each finished configuration is saved to ``output_dir`` immediately (atomic
-    rewrite), so a crash loses nothing; ``resume=True`` skips configurations the
-    existing ``results.json`` already holds. Temporary files left by a killed run
-    are removed when a sweep starts.
+    With ``output_dir``, each finished configuration is committed to the folder's
+    results store (:mod:`neuron_merging.store`) at once, and results.json, .csv
+    and .md are re-exported atomically from it, so a crash loses nothing and
+    concurrent sweeps into one folder keep every record. ``resume=True`` skips
+    configurations whose full identity (settings, mode, criterion, ratio and
+    resolved config) is already stored; ``checkpoint`` (the file the model came
+    from) adds its SHA-256 to that identity. Returns every record of this
+    sweep's settings: with ``output_dir`` that includes records of other
+    criteria, ratios or modes stored by earlier or concurrent sweeps.
     """
     for c in criteria:
         if c not in available_criteria():
@@ -291,39 +356,24 @@ def run_sweep(
         if m not in ("prune", "merge"):
             raise ConfigError(f"unknown mode {m!r}; choose prune and/or merge")
     for r in ratios:
-        if r is not None and not 0.0 <= r < 1.0:
+        if r is not None and (
+            isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0
+        ):
             raise ConfigError(f"ratio must be in [0, 1), got {r}")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     out = Path(output_dir) if output_dir is not None else None
-    records: list[dict[str, Any]] = []
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"output {out} exists and is not a directory")
-        ensure_writable_dir(out / "results.json")  # fail before any work, not after it
-        _remove_stale_temporaries(out)
-        if resume and (out / "results.json").exists():
-            records = load_results(out / "results.json")
-            for r in records:
-                if r.get("arch") != arch or r.get("dataset") != dataset:
-                    raise OutputError(
-                        f"cannot resume: {out / 'results.json'} holds {r.get('arch')}/{r.get('dataset')} "
-                        f"results, not {arch}/{dataset}"
-                    )
-    done = {record_key(r) for r in records}
     todo: list[tuple[str, str | None, float | None]] = [("original", None, 0.0)]
     todo += [(m, c, r) for r in ratios for c in criteria for m in modes]
-    pending, seen = [], set(done)
-    for t in todo:  # skip finished configurations, and repeats in ratios/criteria/modes
-        key = (t[0], t[1], None if t[2] is None else round(t[2], 6))
-        if key not in seen:
-            seen.add(key)
-            pending.append(t)
-    todo = pending
-    bar = progress(todo, enabled=show_progress, desc=f"sweep {arch}", unit="run", leave=True)
-    for mode, criterion, ratio in bar:
-        if mode == "original":
-            config = None
-            label = "original"
-        else:
+    plan: list[tuple[str, str | None, float | None, MergeConfig | None]] = []
+    seen: set[tuple[str, str | None, float | None]] = set()
+    for mode, criterion, ratio in todo:  # every config is built (and validated) before any work
+        key = (mode, criterion, None if ratio is None else round(ratio, 6))
+        if key in seen:  # repeats in ratios/criteria/modes run once
+            continue
+        seen.add(key)
+        config = None
+        if mode != "original":
             assert criterion is not None
             config = compression_config(
                 arch,
@@ -339,9 +389,78 @@ def run_sweep(
                 coupled=coupled,
                 approximate=approximate,
             )
-            label = f"{mode} {criterion} r={ratio if ratio is not None else 'cfg'}"
+        plan.append((mode, criterion, ratio, config))
+
+    store = None
+    settings: dict[str, Any] = {}
+    if out is not None:
+        from .store import ResultsStore
+
+        check_sweep_output(out)
+        settings = sweep_settings(
+            model,
+            arch,
+            dataset,
+            test_set,
+            preset=preset,
+            threshold=threshold,
+            lam=lam,
+            bn_rule=bn_rule,
+            checkpoint=checkpoint,
+        )
+        store = ResultsStore(out)
+    try:
+        if store is not None:
+            assert out is not None
+            legacy = out / "results.json"
+            if os.path.lexists(legacy):
+                store.migrate_legacy(legacy)
+            with store.locked():
+                remove_stale_temporaries(out, SWEEP_FILES)
+        return _run_plan(
+            model, arch, dataset, test_set, plan, preset, settings, store, out, resume,
+            show_progress, on_record,
+        )  # fmt: skip
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _run_plan(
+    model: nn.Module,
+    arch: str,
+    dataset: str,
+    test_set: ArrayDataset,
+    plan: list[tuple[str, str | None, float | None, MergeConfig | None]],
+    preset: str,
+    settings: dict[str, Any],
+    store: Any,
+    out: Path | None,
+    resume: bool,
+    show_progress: bool,
+    on_record: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
+    from .store import identity
+
+    records: list[dict[str, Any]] = []
+    jobs = []
+    for mode, criterion, ratio, config in plan:
+        ident = identity(
+            settings, mode, criterion, ratio, None if config is None else config.to_dict()
+        )
+        if resume and store is not None and store.has(ident):
+            continue
+        jobs.append((mode, criterion, ratio, config, ident))
+    bar = progress(jobs, enabled=show_progress, desc=f"sweep {arch}", unit="run", leave=True)
+    for mode, criterion, ratio, config, ident in bar:
+        label = (
+            "original"
+            if config is None
+            else f"{mode} {criterion} r={ratio if ratio is not None else 'cfg'}"
+        )
         bar.set_postfix_str(label)
         outcome = run_one(model, arch, test_set, config, show_progress=False)
+        loss = outcome.result.loss
         record = {
             "arch": arch,
             "dataset": dataset,
@@ -357,21 +476,32 @@ def run_sweep(
             "accuracy": round(outcome.result.accuracy, 2),
             "correct": outcome.result.correct,
             "total": outcome.result.total,
-            "loss": round(outcome.result.loss, 6),
+            "loss": round(loss, 6) if math.isfinite(loss) else None,
             "params": outcome.params,
             "macs": outcome.macs,
             "merged": outcome.merged,
             "widths": outcome.widths,
         }
-        records.append(record)
-        records.sort(key=_sort_key)
-        if out is not None:
-            write_results(records, out, plot=False)
+        if store is not None:
+            assert out is not None
+            store.put(
+                ident,
+                record,
+                then=lambda: write_results(
+                    sorted(store.records(settings), key=_sort_key), out, plot=False
+                ),
+            )
+        else:
+            records.append(record)
         if on_record is not None:
             on_record(record)
-    if out is not None:
-        write_results(records, out, plot=True)
-    return records
+    if store is None:
+        return sorted(records, key=_sort_key)
+    assert out is not None
+    with store.locked():
+        final = sorted(store.records(settings), key=_sort_key)
+        write_results(final, out, plot=True)
+    return final
 
 
 def _sort_key(record: dict[str, Any]) -> tuple[int, float, str, int]:

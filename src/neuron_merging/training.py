@@ -14,7 +14,7 @@ from torch import nn
 
 from ._progress import progress
 from .checkpoint import save_checkpoint
-from .core.errors import ConfigError
+from .core.errors import ConfigError, DatasetError, ModelError
 from .data import ArrayDataset, iterate_batches, num_batches
 
 
@@ -82,8 +82,10 @@ def recipe_for(dataset: str, **overrides: Any) -> Recipe:
             sorted({max(1, math.floor(m * epochs / base.epochs)) for m in base.milestones})
         )
     recipe = Recipe(**{**asdict(base), **values})
-    if recipe.lr <= 0 or recipe.batch_size < 1:
-        raise ConfigError("lr must be positive and batch_size at least 1")
+    if not (isinstance(recipe.lr, (int, float)) and math.isfinite(recipe.lr) and recipe.lr > 0):
+        raise ConfigError(f"lr must be a positive finite number, got {recipe.lr!r}")
+    if recipe.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {recipe.batch_size!r}")
     return recipe
 
 
@@ -105,6 +107,8 @@ def evaluate(
 ) -> EvalResult:
     """Top-1 accuracy and mean loss of ``model`` on ``dataset`` (eval mode, no grad)."""
     was_training = model.training
+    if len(dataset) == 0:
+        raise DatasetError("the test set holds 0 images; there is nothing to evaluate")
     model.eval()
     correct, loss_sum = 0, 0.0
     bar = progress(
@@ -153,6 +157,12 @@ def train(
     The checkpoint (``{'acc', 'state_dict', ...}``) is written atomically each time
     the test accuracy improves. ``max_batches`` limits every epoch, for smoke runs.
     """
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ConfigError(f"max_batches must be a positive integer, got {max_batches!r}")
+    if len(train_set) == 0:
+        raise DatasetError("the training set holds 0 images; there is nothing to train on")
     generator = seed_everything(seed)
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -186,6 +196,11 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             logits = model(images)
             loss = nn.functional.cross_entropy(logits, labels)
+            if not torch.isfinite(loss):
+                raise ModelError(
+                    f"training diverged: the loss is {float(loss.detach())} at epoch {epoch}, batch "
+                    f"{step + 1} (try a smaller --lr); nothing was saved for this epoch"
+                )
             loss.backward()
             optimizer.step()
             seen += len(labels)

@@ -32,6 +32,7 @@ from .groups import (
     resolve_groups,
 )
 from .record import (
+    as_inputs,
     check_recordable,
     is_conv1d_transposed,
     materialise_reparametrisations,
@@ -370,6 +371,8 @@ def compress(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_recordable(model)  # TorchScript, lazy and meta-device models: a clear error first
+    if example_inputs is not None:
+        as_inputs(example_inputs)  # a clear error for inputs of the wrong kind, before any work
     tensors = ModelTensors.of(model)
     check_finite(model, tensors)
     t0 = time.perf_counter()

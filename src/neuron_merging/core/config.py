@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -104,14 +105,33 @@ class MergeConfig:
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
-            raise ConfigError("exclude must be a list of layer names, not a single string")
+            raise ConfigError(
+                f"exclude must be a list of layer names, not a single string "
+                f"(use exclude=[{self.exclude!r}])"
+            )
+        try:
+            exclude = tuple(self.exclude)
+        except TypeError:
+            raise ConfigError(
+                f"exclude must be a list of layer names, got {self.exclude!r}"
+            ) from None
+        bad = [name for name in exclude if not isinstance(name, str)]
+        if bad:
+            raise ConfigError(f"exclude must hold layer names (strings), got {bad[0]!r}")
         object.__setattr__(self, "keep", dict(self.keep))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "exclude", exclude)
 
     def kept_count(self, n: int) -> int:
-        """Number of neurons kept out of ``n`` under ``ratio`` and ``rounding``."""
-        exact = n * (1.0 - self.ratio)
-        return int(exact) if self.rounding == "floor" else round(exact)
+        """Number of neurons kept out of ``n`` under ``ratio`` and ``rounding``.
+
+        ``floor`` is exact: the ratio is read as the decimal it was written as
+        (``0.8`` is 4/5), so ``floor(100 · (1 - 0.8))`` is 20, not the 19 that
+        float error gives. ``round`` keeps its float arithmetic, which the paper
+        presets' goldens were computed with.
+        """
+        if self.rounding == "floor":
+            return math.floor(n * (1 - Fraction(repr(float(self.ratio)))))
+        return round(n * (1.0 - self.ratio))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; :meth:`from_dict` restores an equal config."""

@@ -704,19 +704,21 @@ def check_recordable(model: nn.Module, modules: dict[str, nn.Module] | None = No
         )
     lazy = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
     for prefix, module in (modules if modules is not None else dict(model.named_modules())).items():
-        for attr, tensor in itertools.chain(module._parameters.items(), module._buffers.items()):
-            if tensor is None:
-                continue
-            name = f"{prefix}.{attr}" if prefix else attr
-            if isinstance(tensor, lazy):
-                raise ModelError(
-                    f"{name} is an uninitialised lazy parameter; run the model once on real "
-                    "inputs before compressing it"
-                )
-            if tensor.is_meta:
-                raise ModelError(
-                    f"{name} is on the meta device (no data); load real weights before compressing"
-                )
+        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for attr, tensor in tensors.items():
+                if tensor is None:
+                    continue
+                name = f"{prefix}.{attr}" if prefix else attr
+                if isinstance(tensor, lazy):
+                    raise ModelError(
+                        f"{kind} {name!r} is an uninitialised lazy parameter; run the model "
+                        "once on real inputs before compressing it"
+                    )
+                if tensor.is_meta:
+                    raise ModelError(
+                        f"{kind} {name!r} is on the meta device (it holds no data); "
+                        "load real weights before compressing"
+                    )
 
 
 def as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

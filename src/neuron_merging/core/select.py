@@ -140,6 +140,10 @@ def _scores(rows: Tensor, fn: CriterionFn) -> Tensor:
     scores = []
     for group in rows:
         out = fn(group)
+        if not isinstance(out, Tensor):
+            raise ConfigError(
+                f"criterion returned a {type(out).__name__}; it must return a tensor of {n} scores"
+            )
         if out.shape != (n,):
             raise ConfigError(
                 f"criterion returned scores of shape {tuple(out.shape)}, expected ({n},)"

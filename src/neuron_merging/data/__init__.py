@@ -145,6 +145,8 @@ def load_dataset(
         images, labels = load_fashion_mnist_arrays(folder, split)
     else:
         images, labels = load_cifar_arrays(folder, name, split)
+    if len(labels) == 0:
+        raise DatasetError(f"{folder}: the {split} split of {name} holds 0 images")
     return ArrayDataset(
         images=normalize_uint8(images, info.mean, info.std),
         labels=torch.from_numpy(labels.astype("int64", copy=False)),

@@ -19,6 +19,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
 from ..core.errors import DatasetError
-from ._locate import CIFAR_DIRS, canonical_name
+from ._locate import CIFAR_DIRS, canonical_name, expand
 
 ENV_MIRROR = "NEURON_MERGING_MIRROR"
 
@@ -43,6 +44,25 @@ CIFAR_ARCHIVES: dict[str, tuple[str, str]] = {
     "cifar10": ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
     "cifar100": ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
 }
+
+#: Byte size of every official file: a download is cut off as soon as it exceeds it.
+KNOWN_SIZES: dict[str, int] = {
+    "train-images-idx3-ubyte.gz": 26_421_880,
+    "train-labels-idx1-ubyte.gz": 29_515,
+    "t10k-images-idx3-ubyte.gz": 4_422_102,
+    "t10k-labels-idx1-ubyte.gz": 5_148,
+    "cifar-10-python.tar.gz": 170_498_071,
+    "cifar-100-python.tar.gz": 169_001_437,
+}
+
+_OFFICIAL_MD5: dict[str, str] = {
+    **FASHION_MNIST_MD5,
+    **{name: md5 for name, md5 in CIFAR_ARCHIVES.values()},
+}
+
+#: Default overall deadline of one download, in seconds (the per-read timeout
+#: alone never trips on a mirror that trickles a byte every few seconds).
+DEFAULT_DEADLINE = 3600.0
 
 _CHUNK = 1 << 20
 _ALLOWED_SCHEMES = ("http", "https", "file")
@@ -72,24 +92,38 @@ def download_file(
     *,
     timeout: float = 60.0,
     progress: ProgressCallback | None = None,
+    size: int | None = None,
+    deadline: float = DEFAULT_DEADLINE,
 ) -> Path:
     """Download ``url`` to ``dest`` atomically, verifying its MD5.
 
-    The body is streamed into a temporary file in ``dest``'s folder, fsynced, checked
-    against ``md5`` and only then renamed to ``dest``. On any failure (HTTP error,
-    network error, short read, checksum mismatch) the temporary file is deleted and a
-    :class:`DatasetError` naming the URL is raised; ``dest`` is left untouched.
+    The body is streamed into a temporary file ``.NAME.<pid>.XXXX.part`` in
+    ``dest``'s folder, fsynced, checked against ``md5`` and only then renamed to
+    ``dest``. On any failure (HTTP error, network error, short read, checksum
+    mismatch) the temporary file is deleted and a :class:`DatasetError` naming
+    the URL is raised; ``dest`` is left untouched. ``timeout`` bounds each read,
+    ``deadline`` the whole download (seconds), and ``size`` (default: the known
+    size of an official file fetched with its official MD5) the bytes accepted: a larger Content-Length
+    is refused at once, and a body that grows past it is cut off. Stale
+    ``.part`` files of dead processes are removed first.
     """
+    from .._io import remove_stale_temporaries
+
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in _ALLOWED_SCHEMES:
         raise DatasetError(
             f"refusing to download {url!r}: scheme must be one of {_ALLOWED_SCHEMES}"
         )
     target = Path(dest)
+    official = _OFFICIAL_MD5.get(target.name)
+    known = KNOWN_SIZES.get(target.name) if official == md5.lower() else None
+    limit = size if size is not None else known
+    started = time.monotonic()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target.parent, [target.name], suffix=".part")
         fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".part", dir=target.parent
+            prefix=f".{target.name}.{os.getpid()}.", suffix=".part", dir=target.parent
         )
     except OSError as exc:
         raise DatasetError(
@@ -104,11 +138,26 @@ def download_file(
                 with urllib.request.urlopen(request, timeout=timeout) as response:
                     length = response.headers.get("Content-Length")
                     total = int(length) if length and length.isdigit() else None
+                    if total is not None and limit is not None and total > limit:
+                        raise DatasetError(
+                            f"download of {url} refused: the server announces {total} bytes, "
+                            f"but the file has {limit}"
+                        )
                     received = 0
-                    while chunk := response.read(_CHUNK):
+                    while chunk := response.read1(_CHUNK):
                         out.write(chunk)
                         digest.update(chunk)
                         received += len(chunk)
+                        if limit is not None and received > limit:
+                            raise DatasetError(
+                                f"download of {url} stopped: more than the file's {limit} bytes "
+                                "arrived (a wrong or hostile mirror?); the partial file was deleted"
+                            )
+                        if time.monotonic() - started > deadline:
+                            raise DatasetError(
+                                f"download of {url} stopped: not finished after {deadline:g} s "
+                                f"({received} bytes received); the partial file was deleted"
+                            )
                         if progress is not None:
                             progress(received, total)
             except urllib.error.HTTPError as exc:
@@ -175,7 +224,7 @@ def fetch_fashion_mnist(
     """
     base = _base_url(base_url, FASHION_MNIST_URL)
     table = dict(FASHION_MNIST_MD5 if checksums is None else checksums)
-    folder = Path(root).expanduser() / "FashionMNIST" / "raw"
+    folder = expand(root, "download root") / "FashionMNIST" / "raw"
     for filename in FASHION_MNIST_MD5:
         if filename not in table:
             raise DatasetError(f"no checksum given for {filename}")
@@ -270,7 +319,7 @@ def fetch_cifar(
     if name not in CIFAR_ARCHIVES:
         raise DatasetError(f"{name} is not a CIFAR dataset")
     filename, official = CIFAR_ARCHIVES[name]
-    folder = Path(root).expanduser()
+    folder = expand(root, "download root")
     archive = ensure_file(
         _base_url(base_url, CIFAR_URL) + filename,
         folder / filename,

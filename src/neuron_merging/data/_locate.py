@@ -10,10 +10,11 @@ subpackage can import it without cycles.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import DatasetError
+from ..core.errors import ConfigError, DatasetError
 
 DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100")
 """Canonical names of the supported datasets."""
@@ -123,10 +124,40 @@ def split_files(name: str, split: str | None) -> tuple[str, ...]:
     return tuple(f for s in splits for f in CIFAR_FILES[name][s])
 
 
+def expand(path: str | os.PathLike[str], source: str) -> Path:
+    """``path`` with ``~`` / ``~user`` expanded; an unknown user is a :class:`ConfigError`."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path).split("/", 1)[0]
+        raise ConfigError(
+            f"{source} {str(path)!r}: cannot expand {user!r} (no such user or no home directory)"
+        ) from None
+
+
+def is_data_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file we can read; ``False`` only if it does not exist.
+
+    A file that exists but cannot be read, a name that is too long or a folder
+    we may not enter is a :class:`DatasetError` naming the path, not "not found".
+    """
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        return False
+    if not os.access(path, os.R_OK):
+        raise DatasetError(f"{path}: exists but is not readable (permission denied)")
+    return True
+
+
 def find_file(directory: Path, base: str) -> Path | None:
     """Return ``directory/base`` or ``directory/base.gz`` (raw preferred), or ``None``."""
     for candidate in (directory / base, directory / f"{base}.gz"):
-        if candidate.is_file():
+        if is_data_file(candidate):
             return candidate
     return None
 
@@ -143,16 +174,16 @@ def _holds(name: str, directory: Path, split: str | None) -> bool:
     if name == "fashion-mnist":
         return all(find_file(directory, f) is not None for f in files)
     # The CIFAR python batches are never gzipped individually.
-    return all((directory / f).is_file() for f in files)
+    return all(is_data_file(directory / f) for f in files)
 
 
 def default_download_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """Root that downloads go to: ``data_dir``, else ``$NEURON_MERGING_DATA``, else the cache."""
     if data_dir is not None:
-        return Path(data_dir).expanduser()
+        return expand(data_dir, "--data-dir")
     env = os.environ.get(ENV_DATA, "")
     if env:
-        return Path(env).expanduser()
+        return expand(env, f"${ENV_DATA}")
     return user_cache_dir()
 
 
@@ -162,10 +193,12 @@ def _search_plan(
     """The (source description, folders to check) pairs, in search order."""
     plan: list[tuple[str, list[Path]]] = []
     if data_dir is not None:
-        plan.append(("explicit data_dir / --data-dir", layouts(name, Path(data_dir).expanduser())))
+        plan.append(
+            ("explicit data_dir / --data-dir", layouts(name, expand(data_dir, "--data-dir")))
+        )
     env = os.environ.get(ENV_DATA, "")
     if env:
-        plan.append((f"${ENV_DATA}", layouts(name, Path(env).expanduser())))
+        plan.append((f"${ENV_DATA}", layouts(name, expand(env, f"${ENV_DATA}"))))
     else:
         plan.append((f"${ENV_DATA} (not set)", []))
     if name == "fashion-mnist":

@@ -41,12 +41,48 @@ def _latin1_encode(obj: str, encoding: str = "utf-8", errors: str = "strict") ->
     return obj.encode("latin-1", errors)
 
 
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """numpy's protocol-5 array reconstructor, limited to plain data.
+
+    Protocol 5 pickles an array as ``_frombuffer(buffer, dtype, shape, order)``:
+    a copy of raw bytes, which runs no code. Only byte buffers, non-object
+    dtypes, integer shapes and C/F order are accepted.
+    """
+    if isinstance(buf, pickle.PickleBuffer):
+        buf = buf.raw()
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise pickle.UnpicklingError(f"_frombuffer needs a byte buffer, got {type(buf).__name__}")
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError(f"_frombuffer needs a plain data dtype, got {dtype!r}")
+    if not (isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)):
+        raise pickle.UnpicklingError(f"_frombuffer needs a shape of integers, got {shape!r}")
+    if order not in ("C", "F"):
+        raise pickle.UnpicklingError(f"_frombuffer needs order 'C' or 'F', got {order!r}")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * dtype.itemsize != len(memoryview(buf).cast("B")):
+        raise pickle.UnpicklingError("_frombuffer: the buffer size does not match the shape")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order).copy(order=order)
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """Python 3 pickles ``b""`` under protocol 2 as ``bytes()``; nothing else is allowed."""
+    if args:
+        raise pickle.UnpicklingError("forbidden bytes(...) call with arguments")
+    return b""
+
+
 _ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
     ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
 }
 
 
@@ -54,7 +90,9 @@ class SafeUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals used by the official CIFAR batches.
 
     Allowed: ``numpy.core.multiarray._reconstruct`` / ``numpy._core.multiarray._reconstruct``,
-    ``numpy.ndarray``, ``numpy.dtype`` and a latin-1-only ``_codecs.encode``. Any other
+    ``numpy.ndarray``, ``numpy.dtype``, a latin-1-only ``_codecs.encode``, a checked
+    ``_frombuffer`` (protocol 5 arrays) and an argument-less ``bytes()`` (an empty
+    ``bytes`` under protocol 2), none of which can run code. Any other
     global raises :class:`DatasetError` naming the file and the forbidden global.
     """
 

@@ -58,9 +58,14 @@ def read_cifar_batch(path: str | os.PathLike[str], name: str) -> tuple[np.ndarra
     if data.ndim != 2 or data.shape[1] != _ROW:
         raise DatasetError(f"{file}: b'data' has shape {data.shape}, expected (N, {_ROW})")
     try:
-        labels = np.asarray(raw_labels, dtype=np.int64)
+        found = np.asarray(raw_labels)
     except (TypeError, ValueError, OverflowError) as exc:
         raise DatasetError(f"{file}: {label_key!r} is not a list of integers") from exc
+    if found.size and (found.dtype == np.bool_ or not np.issubdtype(found.dtype, np.integer)):
+        raise DatasetError(
+            f"{file}: {label_key!r} is not a list of integers (found {found.dtype} values)"
+        )
+    labels = found.astype(np.int64)
     if labels.ndim != 1 or len(labels) != len(data):
         raise DatasetError(
             f"{file}: {len(data)} images but {labels.size} labels; the counts must be equal"

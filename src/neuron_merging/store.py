@@ -1,0 +1,445 @@
+"""The results store of sweeps: one SQLite database per output folder.
+
+A sweep used to keep its records in ``results.json``, rewritten from each
+sweep's own in-memory list. Two sweeps into one folder then lost each other's
+records, and ``--resume`` reused records computed from another checkpoint. The
+store fixes both on the standard library's embedded database:
+
+* every record is inserted in its own transaction, and the database runs in WAL
+  mode with a ``busy_timeout``, so concurrent sweeps (threads or processes)
+  never lose a record;
+* every record is keyed by its full **identity** (see :func:`identity`): the
+  sweep **settings** (arch, dataset, SHA-256 of the checkpoint file and of the
+  weights, SHA-256 of the test set, preset, requested threshold, λ, BN rule,
+  package version) plus the mode, criterion, ratio and the resolved
+  :class:`~neuron_merging.core.config.MergeConfig` (rounding, kept widths,
+  excluded layers, ...). ``--resume`` reuses only records of identical identity;
+* nothing ever deletes a record. ``results.json``, ``.csv``, ``.md`` and
+  ``accuracy.png`` are exports of the records whose settings equal the current
+  sweep's, written atomically while the write lock is held, so the last export
+  always holds every committed record of those settings.
+
+Schema (``PRAGMA application_id`` = :data:`APPLICATION_ID`, ``PRAGMA
+user_version`` = :data:`SCHEMA_VERSION`)::
+
+    CREATE TABLE records (
+        identity      TEXT PRIMARY KEY,  -- SHA-256 of the canonical identity JSON
+        settings      TEXT NOT NULL,     -- SHA-256 of the canonical settings JSON
+        identity_json TEXT NOT NULL,     -- the identity itself (settings + mode, criterion, ratio, config)
+        record_json   TEXT NOT NULL,     -- the record as exported to results.json (fields in order)
+        created       REAL NOT NULL      -- UNIX time of the (last) insert
+    );
+    CREATE INDEX records_by_settings ON records (settings);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+
+The canonical JSON is ``json.dumps(value, sort_keys=True, separators=(",", ":"))``.
+On first use in a folder that already holds a ``results.json`` (written before
+the store existed), its records are validated and imported with settings that
+carry ``"migrated_from": "results.json"``: their checkpoint is unknown, so they
+are kept and listed (``neuron-merging results DIR``) but never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .core.errors import OutputError
+
+STORE_NAME = "results.sqlite"
+#: ``PRAGMA application_id`` of a results store ("NMrs").
+APPLICATION_ID = 0x4E4D7273
+SCHEMA_VERSION = 1
+#: How long a writer waits for another sweep's transaction, in milliseconds.
+BUSY_TIMEOUT_MS = 60_000
+#: A ``results.json`` larger than this is not migrated (it would be read whole).
+MAX_LEGACY_BYTES = 64 << 20
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    identity      TEXT PRIMARY KEY,
+    settings      TEXT NOT NULL,
+    identity_json TEXT NOT NULL,
+    record_json   TEXT NOT NULL,
+    created       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_by_settings ON records (settings);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_MODES = ("original", "prune", "merge")
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON text of ``value`` that identities are hashed from."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _record_json(record: Mapping[str, Any]) -> str:
+    """A record as stored: its fields in their order (as exported), NaN and Inf as null."""
+    return json.dumps(finite_json(dict(record)), separators=(",", ":"), allow_nan=False)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or ±Inf float replaced by ``None`` (valid JSON ``null``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def identity(
+    settings: Mapping[str, Any],
+    mode: str,
+    criterion: str | None,
+    ratio: float | None,
+    config: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The full identity of one record: the sweep settings plus what varies inside a sweep."""
+    return {
+        "settings": dict(settings),
+        "mode": mode,
+        "criterion": criterion,
+        "ratio": None if ratio is None else float(ratio),
+        "config": None if config is None else dict(config),
+    }
+
+
+def _refuse(path: Path, why: str) -> OutputError:
+    return OutputError(f"{path}: {why}; not a neuron-merging results store")
+
+
+def check_store_file(path: Path) -> bool:
+    """Check that ``path`` can be opened as a store without blocking; ``True`` if it exists.
+
+    A FIFO, a device or a directory is refused from ``stat`` alone (no open, so a
+    FIFO cannot block us), and a regular file must be empty or start with the
+    SQLite header.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot open the results store: {exc.strerror}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise _refuse(path, "is not a regular file")
+    if info.st_size == 0:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot read the results store: {exc.strerror}") from exc
+    if head != _SQLITE_MAGIC:
+        raise _refuse(path, "is not an SQLite database")
+    return True
+
+
+class ResultsStore:
+    """The records of every sweep run into one folder (see the module docstring).
+
+    Use as a context manager, or call :meth:`close`. Every method that writes runs
+    in its own transaction.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / STORE_NAME
+        check_store_file(self.path)
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise OutputError(f"{self.path}: cannot open the results store: {exc}") from exc
+        try:
+            self._setup()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _setup(self) -> None:
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+            if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):
+                raise _refuse(self.path, "is an SQLite database of another application")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise OutputError(
+                    f"{self.path}: results store schema {version} is newer than this "
+                    f"version understands ({SCHEMA_VERSION}); upgrade neuron-merging"
+                )
+            self._db.execute("PRAGMA journal_mode = WAL")
+            with self._transaction():
+                for statement in _SCHEMA.strip().split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise _refuse(self.path, f"is corrupt ({exc})") from exc
+
+    # ------------------------------------------------------------------ plumbing
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._db.close()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``: takes the write lock at once, rolls back on error."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise OutputError(f"{self.path}: results store is locked or unwritable: {exc}") from exc
+        try:
+            yield
+        except sqlite3.Error as exc:  # a full disk, a corrupt page, ...
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise OutputError(f"{self.path}: cannot write to the results store: {exc}") from exc
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise OutputError(f"{self.path}: cannot commit to the results store: {exc}") from exc
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the write lock (e.g. while exporting, so exports are never stale)."""
+        with self._transaction():
+            yield
+
+    # ------------------------------------------------------------------ records
+
+    def put(
+        self,
+        ident: Mapping[str, Any],
+        record: Mapping[str, Any],
+        *,
+        then: Any = None,
+    ) -> None:
+        """Insert (or replace, same identity) one record; call ``then()`` before committing.
+
+        ``then`` runs inside the transaction, under the write lock: the exports are
+        written there, so no other sweep can commit in between.
+        """
+        payload = _record_json(record)
+        ident_json = canonical_json(ident)
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?)",
+                (
+                    hashlib.sha256(ident_json.encode()).hexdigest(),
+                    _digest(ident["settings"]),
+                    ident_json,
+                    payload,
+                    time.time(),
+                ),
+            )
+            if then is not None:
+                then()
+
+    def has(self, ident: Mapping[str, Any]) -> bool:
+        """Whether a record of exactly this identity is stored."""
+        key = hashlib.sha256(canonical_json(ident).encode()).hexdigest()
+        row = self._db.execute("SELECT 1 FROM records WHERE identity = ?", (key,)).fetchone()
+        return row is not None
+
+    def records(self, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Every stored record whose settings equal ``settings``."""
+        try:
+            rows = self._db.execute(
+                "SELECT record_json FROM records WHERE settings = ? ORDER BY identity",
+                (_digest(dict(settings)),),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise OutputError(f"{self.path}: cannot read the results store: {exc}") from exc
+        return [json.loads(r[0]) for r in rows]
+
+    def groups(self) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """``(settings, records)`` for every distinct settings in the store."""
+        found: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        for settings_key, ident_json, record_json in self._db.execute(
+            "SELECT settings, identity_json, record_json FROM records ORDER BY created, identity"
+        ):
+            if settings_key not in found:
+                found[settings_key] = (json.loads(ident_json)["settings"], [])
+            found[settings_key][1].append(json.loads(record_json))
+        return list(found.values())
+
+    def count(self) -> int:
+        """Number of stored records."""
+        return int(self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+
+    def meta(self, key: str) -> str | None:
+        """A value of the ``meta`` table."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    # ------------------------------------------------------------------ migration
+
+    def migrate_legacy(self, legacy: Path) -> int:
+        """Import ``legacy`` (a pre-store ``results.json``) once; return the records imported.
+
+        Every record is validated before anything is written; one bad record
+        refuses the whole file with an :class:`OutputError`, so the folder is left
+        exactly as it was.
+        """
+        if self.meta("migrated") is not None or self.count():
+            return 0
+        records = read_legacy_results(legacy)
+        with self._transaction():
+            for record in records:
+                settings = {
+                    "migrated_from": "results.json",
+                    **{
+                        k: record.get(k)
+                        for k in ("arch", "dataset", "preset", "threshold", "lam", "bn_rule")
+                    },
+                }
+                ident = identity(
+                    settings, record["mode"], record.get("criterion"), record.get("ratio"), None
+                )
+                ident_json = canonical_json(ident)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?)",
+                    (
+                        hashlib.sha256(ident_json.encode()).hexdigest(),
+                        _digest(settings),
+                        ident_json,
+                        _record_json(record),
+                        time.time(),
+                    ),
+                )
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('migrated', ?)",
+                (f"{len(records)} records from {legacy}",),
+            )
+        return len(records)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_record(record: Any, where: str) -> dict[str, Any]:
+    """Check one sweep record's fields and types; raise :class:`OutputError` naming the field."""
+    if not isinstance(record, dict):
+        raise OutputError(f"{where} is a {type(record).__name__}, not a record")
+    for key in ("arch", "dataset", "mode", "accuracy", "params"):
+        if key not in record:
+            raise OutputError(f"{where} has no {key!r}")
+    if record["mode"] not in _MODES:
+        raise OutputError(f"{where}: 'mode' is {record['mode']!r}, not one of {', '.join(_MODES)}")
+    for key in ("arch", "dataset"):
+        if not isinstance(record[key], str):
+            raise OutputError(f"{where}: {key!r} is {record[key]!r}, not a string")
+    criterion = record.get("criterion")
+    if criterion is None and record["mode"] != "original":
+        raise OutputError(f"{where}: a {record['mode']} record needs a 'criterion'")
+    if criterion is not None and not isinstance(criterion, str):
+        raise OutputError(f"{where}: 'criterion' is {criterion!r}, not a string")
+    ratio = record.get("ratio")
+    if ratio is not None and not (_number(ratio) and 0.0 <= ratio < 1.0):
+        raise OutputError(f"{where}: 'ratio' is {ratio!r}, not a number in [0, 1) or null")
+    if not (_number(record["accuracy"]) and 0.0 <= record["accuracy"] <= 100.0):
+        raise OutputError(f"{where}: 'accuracy' is {record['accuracy']!r}, not a percentage")
+    for key in ("params", "macs", "correct", "total", "merged"):
+        value = record.get(key)
+        if (key == "params" or value is not None) and not (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        ):
+            raise OutputError(f"{where}: {key!r} is {value!r}, not a non-negative integer")
+    return record
+
+
+def read_legacy_results(path: Path) -> list[dict[str, Any]]:
+    """Read and validate a ``results.json`` list of records without blocking or exhausting memory.
+
+    A FIFO or device is refused from ``stat`` (never opened), a file over
+    :data:`MAX_LEGACY_BYTES` is refused unread, and deeply nested JSON is a
+    parse error, not a crash.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise OutputError(f"cannot migrate {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise OutputError(f"cannot migrate {path}: it is not a regular file")
+    if info.st_size > MAX_LEGACY_BYTES:
+        raise OutputError(
+            f"cannot migrate {path}: {info.st_size} bytes is over the "
+            f"{MAX_LEGACY_BYTES >> 20} MiB limit of a results file"
+        )
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise OutputError(f"cannot migrate {path}: {exc.strerror or exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise OutputError(f"cannot migrate {path}: not valid JSON ({detail})") from exc
+    if not isinstance(data, list):
+        raise OutputError(f"cannot migrate {path}: not a list of sweep records")
+    return [validate_record(r, f"cannot migrate {path}: record {i}") for i, r in enumerate(data)]
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_settings(settings: Mapping[str, Any]) -> str:
+    """One line naming the settings of a group of records (for ``neuron-merging results``)."""
+    keys: Sequence[str] = (
+        "arch",
+        "dataset",
+        "preset",
+        "threshold",
+        "lam",
+        "bn_rule",
+        "checkpoint_sha256",
+        "version",
+        "migrated_from",
+    )
+    parts = []
+    for key in keys:
+        if key in settings and settings[key] is not None:
+            value = settings[key]
+            if key.endswith("sha256"):
+                value = str(value)[:12]
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
