@@ -316,3 +316,19 @@ def test_keep_and_exclude_address_coupled_groups_by_first_producer() -> None:
     assert result.model.stem[0].out_channels == 8
     with pytest.raises(nm.ConfigError, match=stream):
         nm.merge(model, x, coupled=True, keep={"layer2.1.conv3": 5})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["vgg", "resnet_bottleneck", "mobilenet_v2", "densenet"])
+def test_cuda_model_stays_on_device(name: str) -> None:
+    """A model on the GPU is compressed there (BUGS.md: suspected CPU index tensors)."""
+    factory, x = ZOO[name]
+    model, x = factory().cuda(), x.cuda()
+    for verb in (nm.prune, nm.merge):
+        result = verb(model, x, ratio=0.5, coupled=True)
+        assert all(p.is_cuda for p in result.model.parameters())
+        assert all(b.is_cuda for b in result.model.buffers())
+        out = run(result.model, x)
+        if verb is nm.prune:
+            expected = run(masked_copy(model, result.plans), x)
+            assert torch.allclose(out, expected, atol=1e-4)
