@@ -63,11 +63,12 @@ def test_ffn_groups_found(name: str, models: dict) -> None:
                 assert any(w in g.reason for w in words), g.reason
 
 
+@pytest.mark.parametrize("coupled", [False, True], ids=["plain", "coupled"])
 @pytest.mark.parametrize("name", NAMES)
-def test_pruning_equals_masking(name: str, models: dict) -> None:
+def test_pruning_equals_masking(name: str, coupled: bool, models: dict) -> None:
     _, x = HF_ZOO[name]
     model = models[name]
-    result = nm.prune(model, x, ratio=0.5)
+    result = nm.prune(model, x, ratio=0.5, coupled=coupled)
     assert result.plans and all(p.pruned.numel() for p in result.plans)
     out, expected = run(result.model, x), run(masked_copy(model, result.plans), x)
     assert out.shape == expected.shape
