@@ -332,3 +332,45 @@ def test_cuda_model_stays_on_device(name: str) -> None:
         if verb is nm.prune:
             expected = run(masked_copy(model, result.plans), x)
             assert torch.allclose(out, expected, atol=1e-4)
+
+
+def _out_width(layer: torch.nn.Module) -> int:
+    if isinstance(layer, torch.nn.Linear):
+        return layer.weight.shape[0]
+    return layer.weight.shape[1] if type(layer).__name__ == "Conv1D" else layer.weight.shape[0]
+
+
+def _in_width(layer: torch.nn.Module) -> int:
+    if type(layer).__name__ == "Conv1D":
+        return layer.weight.shape[0]
+    return layer.weight.shape[1]
+
+
+@pytest.mark.parametrize("coupled", COUPLED, ids=["plain", "coupled"])
+@pytest.mark.parametrize("name", NAMES)
+def test_report_plans_and_widths_agree(name: str, coupled: bool) -> None:
+    factory, x = ZOO[name]
+    model = factory()
+    before = dict(model.named_modules())
+    result = nm.merge(model, x, ratio=0.5, coupled=coupled, threshold=None)
+    after = dict(result.model.named_modules())
+    removed_in: dict[str, int] = {}
+    for plan, report in zip(result.plans, result.report.groups, strict=True):
+        g = plan.group
+        assert report.producers == g.producers and report.consumers == g.consumers
+        assert report.kept + report.pruned == report.neurons == g.channels
+        assert report.method == ("merged" if g.mergeable else "pruned")
+        assert (report.reason is None) == g.mergeable
+        assert report.merged == (report.pruned if g.mergeable else 0)
+        kept, pruned = plan.kept.tolist(), plan.pruned.tolist()
+        assert kept == sorted(kept) and pruned == sorted(pruned)
+        assert sorted(kept + pruned) == list(range(g.channels))
+        for producer in g.producers:
+            assert _out_width(after[producer]) == len(kept)
+        for bn in g.bns:
+            if bn is not None:
+                assert after[bn].num_features == len(kept)
+        for consumer, f in zip(g.consumers, g.features, strict=True):
+            removed_in[consumer] = removed_in.get(consumer, 0) + len(pruned) * f
+    for consumer, removed in removed_in.items():
+        assert _in_width(after[consumer]) == _in_width(before[consumer]) - removed
