@@ -3,6 +3,7 @@ merging the model is still correct (lossless on planted duplicates elsewhere).""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -758,3 +759,37 @@ def test_metadata_reads_keep_the_group(attr: str) -> None:
     groups, _ = nm.find_groups(MetadataRead(attr), X)
     assert [g.name for g in groups] == ["fc1"]
     assert_merge_correct(MetadataRead(attr), X)
+
+
+class StoresSize(nn.Module):
+    """Keeps sizes of an intermediate value on the module, like rotary-embedding caches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(15)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.cached = 0
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        self.cached = max(self.cached, h.shape[0])
+        self.seen = tuple(h.shape)
+        return self.fc2(F.relu(h))
+
+
+def test_sizes_stored_by_forward_stay_plain_ints() -> None:
+    """BUGS.md #12: no recorder objects are left in the user's model or the result."""
+    import io
+    import pickle
+
+    net = StoresSize()
+    nm.find_groups(net, X)
+    result = nm.merge(net, X)
+    for model in (net, result.model):
+        assert type(model.cached) is int
+        assert all(type(d) is int for d in model.seen)
+        copy.deepcopy(model)
+        pickle.dumps(model)
+        torch.save(model, io.BytesIO())
+    nm.merge(result.model, X)  # compressing again works
