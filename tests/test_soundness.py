@@ -699,9 +699,26 @@ class SizeAsNumber(nn.Module):
         return y * len(range(d))  # "range"
 
 
+_C_LEVEL = pytest.mark.xfail(
+    strict=True,
+    reason="known limit: CPython reads an int subclass's value in C for list indexing and "
+    "range(), without any Python method the recorder could see (docs/discovery.md)",
+)
+
+
 @pytest.mark.parametrize(
     "mode",
-    ["divide", "size()", "math.sqrt", "int()", "compare", "eq", "np.sqrt", "index", "range"],
+    [
+        "divide",
+        "size()",
+        "math.sqrt",
+        "int()",
+        "compare",
+        "eq",
+        "np.sqrt",
+        pytest.param("index", marks=_C_LEVEL),
+        pytest.param("range", marks=_C_LEVEL),
+    ],
 )
 def test_channel_count_used_as_number(mode: str) -> None:
     """BUGS.md #2 and #9: pruning fc1 changes ``h.shape[-1]``."""
