@@ -179,3 +179,32 @@ def test_relu_variants_merge_losslessly(kind: str) -> None:
     result = nm.merge(model, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
     assert all(g.merged == g.pruned > 0 for g in result.report.groups)
     assert rel_error(run(result.model, x), run(model, x)) < 1e-5
+
+
+def test_explicit_bert_gelu_group_is_pruned_not_merged(models: dict) -> None:
+    """Issue 9: a BERT group through GELU was reported "merged 128/128" and changed the FFN."""
+    _, x = HF_ZOO["hf_bert"]
+    model = models["hf_bert"]
+    group = nm.MergeGroup("encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense")
+    result = nm.merge(model, x, groups=[group], threshold=None)
+    (report,) = result.report.groups
+    assert report.method == "pruned" and report.merged == 0 and "GELU" in report.reason
+    expected = run(masked_copy(model, result.plans), x)
+    assert torch.allclose(run(result.model, x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, producer, consumer",
+    [
+        ("hf_llama", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"),
+        ("hf_opt", "model.decoder.layers.0.fc2", "model.decoder.layers.1.fc1"),
+        ("hf_opt", "model.decoder.layers.0.self_attn.out_proj", "model.decoder.layers.0.fc1"),
+    ],
+)
+def test_explicit_unsound_transformer_groups_refused(
+    name: str, producer: str, consumer: str, models: dict
+) -> None:
+    """Issue 9: SwiGLU and residual-add/LayerNorm groups were accepted and crashed."""
+    _, x = HF_ZOO[name]
+    with pytest.raises(nm.ModelError, match="unsound|does not match"):
+        nm.merge(models[name], x, groups=[nm.MergeGroup(producer, consumer)])
