@@ -374,3 +374,21 @@ def test_report_plans_and_widths_agree(name: str, coupled: bool) -> None:
             removed_in[consumer] = removed_in.get(consumer, 0) + len(pruned) * f
     for consumer, removed in removed_in.items():
         assert _in_width(after[consumer]) == _in_width(before[consumer]) - removed
+
+
+@pytest.mark.parametrize("coupled", COUPLED, ids=["plain", "coupled"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_layer_is_grouped_or_skipped_with_a_reason(name: str, coupled: bool) -> None:
+    factory, x = ZOO[name]
+    model = factory()
+    groups, skipped = nm.find_groups(model, x, coupled=coupled)
+    layers = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))
+    }
+    grouped = {p for g in groups for p in (*g.producers, *g.passthrough)}
+    reasons = _skips(skipped)
+    assert layers <= grouped | set(reasons), layers - grouped - set(reasons)
+    assert all(reason and reason.strip() for reason in reasons.values())
+    assert not grouped & {s.name for s in skipped if s.name in {g.name for g in groups}}
