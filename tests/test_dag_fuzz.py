@@ -240,6 +240,14 @@ def check(spec: Spec, coupled: bool, ratio: float) -> None:
             want = run(masked_copy(model, result.plans), x)
             assert out.shape == ref.shape
             assert _close(out, want, 1e-5), ("prune != mask", (out - want).abs().max())
+            # every other group excluded: shared pass-through layers are sliced per group
+            names = [p.group.name for p in result.plans]
+            exclude = names[spec.seed % 2 :: 2]
+            partial = nm.prune(model, x, ratio=ratio, coupled=coupled, exclude=exclude)
+            assert not {p.group.name for p in partial.plans} & set(exclude)
+            out = run(partial.model, x)
+            want = run(masked_copy(model, partial.plans), x)
+            assert _close(out, want, 1e-5), ("prune != mask (exclude)", (out - want).abs().max())
         twin, keep, groups = planted(model, x, coupled)
         if not keep:
             return
