@@ -208,3 +208,15 @@ def test_explicit_unsound_transformer_groups_refused(
     _, x = HF_ZOO[name]
     with pytest.raises(nm.ModelError, match=r"unsound|does not match"):
         nm.merge(models[name], x, groups=[nm.MergeGroup(producer, consumer)])
+
+
+@pytest.mark.parametrize("name", ["hf_opt", "hf_gpt2", "hf_t5"])
+def test_tied_embeddings_stay_tied_and_unshared(name: str, models: dict) -> None:
+    _, x = HF_ZOO[name]
+    model = models[name]
+    result = nm.merge(model, x, ratio=0.5)
+    new = result.model
+    assert new.get_input_embeddings().weight is new.get_output_embeddings().weight
+    old = model.get_input_embeddings().weight
+    assert new.get_input_embeddings().weight.data_ptr() != old.data_ptr()
+    assert nm.count_parameters(new) == result.report.params_after
