@@ -220,3 +220,74 @@ def test_tied_embeddings_stay_tied_and_unshared(name: str, models: dict) -> None
     old = model.get_input_embeddings().weight
     assert new.get_input_embeddings().weight.data_ptr() != old.data_ptr()
     assert nm.count_parameters(new) == result.report.params_after
+
+
+def _more(name: str) -> torch.nn.Module:
+    import transformers as T
+
+    common = {
+        "vocab_size": 50,
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 32,
+    }
+    torch.manual_seed(0)
+    if name == "bart":
+        cfg = T.BartConfig(
+            vocab_size=50,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=32,
+            activation_function="relu",
+        )
+        return T.BartModel(cfg).eval()
+    if name == "distilbert":
+        cfg = T.DistilBertConfig(
+            vocab_size=50,
+            dim=16,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=32,
+            max_position_embeddings=32,
+            activation="relu",
+        )
+        return T.DistilBertModel(cfg).eval()
+    if name == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=1, **common)).eval()
+    if name == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=1, **common)).eval()
+    if name == "phi":
+        return T.PhiForCausalLM(T.PhiConfig(**common)).eval()
+    return T.RobertaModel(T.RobertaConfig(**common)).eval()
+
+
+@pytest.mark.parametrize(
+    "name, mergeable",
+    [
+        ("bart", True),
+        ("mistral", False),
+        pytest.param("distilbert", True, marks=pytest.mark.slow),
+        pytest.param("qwen2", False, marks=pytest.mark.slow),
+        pytest.param("phi", False, marks=pytest.mark.slow),
+        pytest.param("roberta", False, marks=pytest.mark.slow),
+    ],
+)
+def test_more_architectures(name: str, mergeable: bool) -> None:
+    """Two FFN groups each; ReLU ones merge losslessly, the rest prune exactly."""
+    x = HF_ZOO["hf_bert"][1]
+    model = _more(name)
+    groups, _ = nm.find_groups(model, x, coupled=True)
+    assert len(groups) == 2 and all(g.mergeable == mergeable for g in groups)
+    result = nm.prune(model, x, ratio=0.5, coupled=True)
+    assert torch.allclose(run(result.model, x), run(masked_copy(model, result.plans), x), atol=1e-5)
+    if mergeable:
+        twin, keep, _ = planted(model, x, coupled=True)
+        merged = nm.merge(twin, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
+        assert rel_error(run(merged.model, x), run(twin, x)) < 1e-5
