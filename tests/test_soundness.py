@@ -810,3 +810,11 @@ def test_sizes_stored_by_forward_stay_plain_ints() -> None:
         pickle.dumps(model)
         torch.save(model, io.BytesIO())
     nm.merge(result.model, X)  # compressing again works
+
+
+@pytest.mark.parametrize("kind", REPARAMS)
+def test_find_groups_agrees_with_merge_on_reparametrised_layers(kind: str) -> None:
+    """BUGS.md #13."""
+    net = _reparam(kind)
+    found = [g.name for g in nm.find_groups(net, X)[0]]
+    assert found == [g.producer for g in nm.merge(net, X).report.groups]
