@@ -818,3 +818,38 @@ def test_find_groups_agrees_with_merge_on_reparametrised_layers(kind: str) -> No
     net = _reparam(kind)
     found = [g.name for g in nm.find_groups(net, X)[0]]
     assert found == [g.producer for g in nm.merge(net, X).report.groups]
+
+
+class _Aux(nn.Module):
+    def forward(self, h: Tensor) -> Tensor:
+        return (h * torch.linspace(0.5, 2.0, h.shape[-1])).sum(-1, keepdim=True)
+
+
+class ScriptedSubmodule(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(16)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        if how == "script":
+            self.aux = torch.jit.script(_Aux())
+        else:
+            self.aux = torch.jit.trace(_Aux(), torch.randn(2, 8))
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        return self.fc2(F.relu(h)) + self.aux(h)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_submodule_second_use(how: str) -> None:
+    """BUGS.md #14: fc1's output is also read inside a TorchScript submodule."""
+    net = ScriptedSubmodule(how)
+    try:
+        groups, skipped = nm.find_groups(net, X)
+    except nm.ModelError as exc:  # refusing such models is fine too
+        assert "TorchScript" in str(exc) or "aux" in str(exc)
+        return
+    assert "fc1" not in {g.name for g in groups}
+    assert "aux" in _skips(skipped)["fc1"] or "TorchScript" in _skips(skipped)["fc1"]
+    assert_merge_correct(net, X)
