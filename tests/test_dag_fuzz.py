@@ -39,7 +39,7 @@ def _single_thread():
 
 @dataclass(frozen=True)
 class Spec:
-    mode: str  # "conv" (B, C, 5, 5) or "linear" (B, C)
+    mode: str  # "conv" (B, C, 5, 5), "linear" (B, C) or "seq" (B, T, C): channels last
     steps: tuple[tuple, ...]
     seed: int
     flatten: bool = False
@@ -47,7 +47,7 @@ class Spec:
 
 @st.composite
 def dags(draw) -> Spec:
-    mode = draw(st.sampled_from(["conv", "linear"]))
+    mode = draw(st.sampled_from(["conv", "linear", "seq"]))
     widths: list[int] = []
     steps: list[tuple] = []
 
@@ -72,10 +72,15 @@ def dags(draw) -> Spec:
         kinds += ["bcast"]
         kind = draw(st.sampled_from(kinds))
         src = draw(st.integers(0, len(widths) - 1))
+        if kind in ("dw", "pool") and mode == "seq":
+            kind = "tconv"  # transpose → Conv1d → transpose back
         if kind in ("dw", "pool") and mode == "linear":
             kind = "layer"
         if kind == "layer":
             layer(src)
+        elif kind == "tconv":
+            steps.append(("tconv", src, draw(st.integers(1, 6)), draw(st.sampled_from(ACTS))))
+            widths.append(steps[-1][2])
         elif kind == "dw":
             steps.append(("dw", src, draw(st.booleans()), draw(st.sampled_from(ACTS))))
             widths.append(widths[src])
@@ -126,6 +131,7 @@ class DagNet(nn.Module):
         torch.manual_seed(spec.seed)
         self.spec = spec
         conv = spec.mode == "conv"
+        self.dim = 1 if spec.mode == "conv" else -1
         widths: list[int] = []
         self.layers = nn.ModuleDict()
         self.norms = nn.ModuleDict()
@@ -142,6 +148,9 @@ class DagNet(nn.Module):
                 if bn:
                     self.norms[str(i)] = nn.BatchNorm2d(out) if conv else nn.BatchNorm1d(out)
                 widths.append(out)
+            elif kind == "tconv":
+                self.layers[str(i)] = nn.Conv1d(cin, step[2], 3, padding=1)
+                widths.append(step[2])
             elif kind == "dw":
                 self.layers[str(i)] = nn.Conv2d(cin, cin, 3, padding=1, groups=cin)
                 if step[2]:
@@ -171,9 +180,13 @@ class DagNet(nn.Module):
             kind, src = step[0], step[1]
             h = x if src < 0 else nodes[src]
             key = str(i)
-            if kind in ("layer", "dw"):
+            if kind == "tconv":
+                h = _act(step[3], self.layers[key](h.transpose(1, 2)).transpose(1, 2))
+            elif kind in ("layer", "dw"):
                 h = self.layers[key](h)
-                if key in self.norms:
+                if key in self.norms and self.spec.mode == "seq":
+                    h = self.norms[key](h.transpose(1, 2)).transpose(1, 2)
+                elif key in self.norms:
                     h = self.norms[key](h)
                 h = _act(step[4] if kind == "layer" else step[3], h)
             elif kind == "add":
@@ -182,10 +195,12 @@ class DagNet(nn.Module):
                 h = h * torch.sigmoid(nodes[step[2]])
             elif kind == "pool":
                 h = F.max_pool2d(h, 3, 1, 1)
+            elif kind == "bn" and self.spec.mode == "seq":
+                h = self.norms[key](h.permute(0, 2, 1)).permute(0, 2, 1)
             elif kind == "bn":
                 h = self.norms[key](h)
             elif kind == "cat":
-                h = torch.cat([h, x if step[2] < 0 else nodes[step[2]]], 1)
+                h = torch.cat([h, x if step[2] < 0 else nodes[step[2]]], self.dim)
             elif kind == "bcast":
                 h = h + F.adaptive_avg_pool2d(nodes[step[2]], 1)
             else:
@@ -196,11 +211,13 @@ class DagNet(nn.Module):
             h = h.flatten(1)
         elif self.spec.mode == "conv":
             h = F.adaptive_avg_pool2d(h, 1).flatten(1)
+        elif self.spec.mode == "seq":
+            h = h.mean(1)
         return self.head(h)
 
 
 def _input(spec: Spec) -> Tensor:
-    shape = (2, 3, 5, 5) if spec.mode == "conv" else (2, 3)
+    shape = {"conv": (2, 3, 5, 5), "linear": (2, 3), "seq": (2, 4, 3)}[spec.mode]
     return torch.randn(*shape, generator=torch.Generator().manual_seed(spec.seed + 2))
 
 
@@ -223,6 +240,14 @@ def check(spec: Spec, coupled: bool, ratio: float) -> None:
             want = run(masked_copy(model, result.plans), x)
             assert out.shape == ref.shape
             assert _close(out, want, 1e-5), ("prune != mask", (out - want).abs().max())
+            # every other group excluded: shared pass-through layers are sliced per group
+            names = [p.group.name for p in result.plans]
+            exclude = names[spec.seed % 2 :: 2]
+            partial = nm.prune(model, x, ratio=ratio, coupled=coupled, exclude=exclude)
+            assert not {p.group.name for p in partial.plans} & set(exclude)
+            out = run(partial.model, x)
+            want = run(masked_copy(model, partial.plans), x)
+            assert _close(out, want, 1e-5), ("prune != mask (exclude)", (out - want).abs().max())
         twin, keep, groups = planted(model, x, coupled)
         if not keep:
             return

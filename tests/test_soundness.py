@@ -3,6 +3,7 @@ merging the model is still correct (lossless on planted duplicates elsewhere).""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -775,3 +776,80 @@ def test_metadata_reads_keep_the_group(attr: str) -> None:
     groups, _ = nm.find_groups(MetadataRead(attr), X)
     assert [g.name for g in groups] == ["fc1"]
     assert_merge_correct(MetadataRead(attr), X)
+
+
+class StoresSize(nn.Module):
+    """Keeps sizes of an intermediate value on the module, like rotary-embedding caches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(15)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.cached = 0
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        self.cached = max(self.cached, h.shape[0])
+        self.seen = tuple(h.shape)
+        return self.fc2(F.relu(h))
+
+
+def test_sizes_stored_by_forward_stay_plain_ints() -> None:
+    """BUGS.md #12: no recorder objects are left in the user's model or the result."""
+    import io
+    import pickle
+
+    net = StoresSize()
+    nm.find_groups(net, X)
+    result = nm.merge(net, X)
+    for model in (net, result.model):
+        assert type(model.cached) is int
+        assert all(type(d) is int for d in model.seen)
+        copy.deepcopy(model)
+        pickle.dumps(model)
+        torch.save(model, io.BytesIO())
+    nm.merge(result.model, X)  # compressing again works
+
+
+@pytest.mark.parametrize("kind", REPARAMS)
+def test_find_groups_agrees_with_merge_on_reparametrised_layers(kind: str) -> None:
+    """BUGS.md #13."""
+    net = _reparam(kind)
+    found = [g.name for g in nm.find_groups(net, X)[0]]
+    assert found == [g.producer for g in nm.merge(net, X).report.groups]
+
+
+class _Aux(nn.Module):
+    def forward(self, h: Tensor) -> Tensor:
+        return (h * torch.linspace(0.5, 2.0, h.shape[-1])).sum(-1, keepdim=True)
+
+
+class ScriptedSubmodule(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(16)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        if how == "script":
+            self.aux = torch.jit.script(_Aux())
+        else:
+            self.aux = torch.jit.trace(_Aux(), torch.randn(2, 8))
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        return self.fc2(F.relu(h)) + self.aux(h)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_submodule_second_use(how: str) -> None:
+    """BUGS.md #14: fc1's output is also read inside a TorchScript submodule."""
+    net = ScriptedSubmodule(how)
+    try:
+        groups, skipped = nm.find_groups(net, X)
+    except nm.ModelError as exc:  # refusing such models is fine too
+        assert "TorchScript" in str(exc) or "aux" in str(exc)
+        return
+    assert "fc1" not in {g.name for g in groups}
+    assert "aux" in _skips(skipped)["fc1"] or "TorchScript" in _skips(skipped)["fc1"]
+    assert_merge_correct(net, X)

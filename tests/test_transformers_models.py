@@ -63,11 +63,12 @@ def test_ffn_groups_found(name: str, models: dict) -> None:
                 assert any(w in g.reason for w in words), g.reason
 
 
+@pytest.mark.parametrize("coupled", [False, True], ids=["plain", "coupled"])
 @pytest.mark.parametrize("name", NAMES)
-def test_pruning_equals_masking(name: str, models: dict) -> None:
+def test_pruning_equals_masking(name: str, coupled: bool, models: dict) -> None:
     _, x = HF_ZOO[name]
     model = models[name]
-    result = nm.prune(model, x, ratio=0.5)
+    result = nm.prune(model, x, ratio=0.5, coupled=coupled)
     assert result.plans and all(p.pruned.numel() for p in result.plans)
     out, expected = run(result.model, x), run(masked_copy(model, result.plans), x)
     assert out.shape == expected.shape
@@ -178,3 +179,115 @@ def test_relu_variants_merge_losslessly(kind: str) -> None:
     result = nm.merge(model, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
     assert all(g.merged == g.pruned > 0 for g in result.report.groups)
     assert rel_error(run(result.model, x), run(model, x)) < 1e-5
+
+
+def test_explicit_bert_gelu_group_is_pruned_not_merged(models: dict) -> None:
+    """Issue 9: a BERT group through GELU was reported "merged 128/128" and changed the FFN."""
+    _, x = HF_ZOO["hf_bert"]
+    model = models["hf_bert"]
+    group = nm.MergeGroup("encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense")
+    result = nm.merge(model, x, groups=[group], threshold=None)
+    (report,) = result.report.groups
+    assert report.method == "pruned" and report.merged == 0 and "GELU" in report.reason
+    expected = run(masked_copy(model, result.plans), x)
+    assert torch.allclose(run(result.model, x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, producer, consumer",
+    [
+        ("hf_llama", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"),
+        ("hf_opt", "model.decoder.layers.0.fc2", "model.decoder.layers.1.fc1"),
+        ("hf_opt", "model.decoder.layers.0.self_attn.out_proj", "model.decoder.layers.0.fc1"),
+    ],
+)
+def test_explicit_unsound_transformer_groups_refused(
+    name: str, producer: str, consumer: str, models: dict
+) -> None:
+    """Issue 9: SwiGLU and residual-add/LayerNorm groups were accepted and crashed."""
+    _, x = HF_ZOO[name]
+    with pytest.raises(nm.ModelError, match=r"unsound|does not match"):
+        nm.merge(models[name], x, groups=[nm.MergeGroup(producer, consumer)])
+
+
+@pytest.mark.parametrize("name", ["hf_opt", "hf_gpt2", "hf_t5"])
+def test_tied_embeddings_stay_tied_and_unshared(name: str, models: dict) -> None:
+    _, x = HF_ZOO[name]
+    model = models[name]
+    result = nm.merge(model, x, ratio=0.5)
+    new = result.model
+    assert new.get_input_embeddings().weight is new.get_output_embeddings().weight
+    old = model.get_input_embeddings().weight
+    assert new.get_input_embeddings().weight.data_ptr() != old.data_ptr()
+    assert nm.count_parameters(new) == result.report.params_after
+
+
+def _more(name: str) -> torch.nn.Module:
+    import transformers as T
+
+    common = {
+        "vocab_size": 50,
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 32,
+    }
+    torch.manual_seed(0)
+    if name == "bart":
+        cfg = T.BartConfig(
+            vocab_size=50,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=32,
+            activation_function="relu",
+        )
+        return T.BartModel(cfg).eval()
+    if name == "distilbert":
+        cfg = T.DistilBertConfig(
+            vocab_size=50,
+            dim=16,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=32,
+            max_position_embeddings=32,
+            activation="relu",
+        )
+        return T.DistilBertModel(cfg).eval()
+    if name == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=1, **common)).eval()
+    if name == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=1, **common)).eval()
+    if name == "phi":
+        return T.PhiForCausalLM(T.PhiConfig(**common)).eval()
+    return T.RobertaModel(T.RobertaConfig(**common)).eval()
+
+
+@pytest.mark.parametrize(
+    "name, mergeable",
+    [
+        ("bart", True),
+        ("mistral", False),
+        pytest.param("distilbert", True, marks=pytest.mark.slow),
+        pytest.param("qwen2", False, marks=pytest.mark.slow),
+        pytest.param("phi", False, marks=pytest.mark.slow),
+        pytest.param("roberta", False, marks=pytest.mark.slow),
+    ],
+)
+def test_more_architectures(name: str, mergeable: bool) -> None:
+    """Two FFN groups each; ReLU ones merge losslessly, the rest prune exactly."""
+    x = HF_ZOO["hf_bert"][1]
+    model = _more(name)
+    groups, _ = nm.find_groups(model, x, coupled=True)
+    assert len(groups) == 2 and all(g.mergeable == mergeable for g in groups)
+    result = nm.prune(model, x, ratio=0.5, coupled=True)
+    assert torch.allclose(run(result.model, x), run(masked_copy(model, result.plans), x), atol=1e-5)
+    if mergeable:
+        twin, keep, _ = planted(model, x, coupled=True)
+        merged = nm.merge(twin, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
+        assert rel_error(run(merged.model, x), run(twin, x)) < 1e-5

@@ -316,3 +316,79 @@ def test_keep_and_exclude_address_coupled_groups_by_first_producer() -> None:
     assert result.model.stem[0].out_channels == 8
     with pytest.raises(nm.ConfigError, match=stream):
         nm.merge(model, x, coupled=True, keep={"layer2.1.conv3": 5})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["vgg", "resnet_bottleneck", "mobilenet_v2", "densenet"])
+def test_cuda_model_stays_on_device(name: str) -> None:
+    """A model on the GPU is compressed there (BUGS.md: suspected CPU index tensors)."""
+    factory, x = ZOO[name]
+    model, x = factory().cuda(), x.cuda()
+    for verb in (nm.prune, nm.merge):
+        result = verb(model, x, ratio=0.5, coupled=True)
+        assert all(p.is_cuda for p in result.model.parameters())
+        assert all(b.is_cuda for b in result.model.buffers())
+        out = run(result.model, x)
+        if verb is nm.prune:
+            expected = run(masked_copy(model, result.plans), x)
+            assert torch.allclose(out, expected, atol=1e-4)
+
+
+def _out_width(layer: torch.nn.Module) -> int:
+    if isinstance(layer, torch.nn.Linear):
+        return layer.weight.shape[0]
+    return layer.weight.shape[1] if type(layer).__name__ == "Conv1D" else layer.weight.shape[0]
+
+
+def _in_width(layer: torch.nn.Module) -> int:
+    if type(layer).__name__ == "Conv1D":
+        return layer.weight.shape[0]
+    return layer.weight.shape[1]
+
+
+@pytest.mark.parametrize("coupled", COUPLED, ids=["plain", "coupled"])
+@pytest.mark.parametrize("name", NAMES)
+def test_report_plans_and_widths_agree(name: str, coupled: bool) -> None:
+    factory, x = ZOO[name]
+    model = factory()
+    before = dict(model.named_modules())
+    result = nm.merge(model, x, ratio=0.5, coupled=coupled, threshold=None)
+    after = dict(result.model.named_modules())
+    removed_in: dict[str, int] = {}
+    for plan, report in zip(result.plans, result.report.groups, strict=True):
+        g = plan.group
+        assert report.producers == g.producers and report.consumers == g.consumers
+        assert report.kept + report.pruned == report.neurons == g.channels
+        assert report.method == ("merged" if g.mergeable else "pruned")
+        assert (report.reason is None) == g.mergeable
+        assert report.merged == (report.pruned if g.mergeable else 0)
+        kept, pruned = plan.kept.tolist(), plan.pruned.tolist()
+        assert kept == sorted(kept) and pruned == sorted(pruned)
+        assert sorted(kept + pruned) == list(range(g.channels))
+        for producer in g.producers:
+            assert _out_width(after[producer]) == len(kept)
+        for bn in g.bns:
+            if bn is not None:
+                assert after[bn].num_features == len(kept)
+        for consumer, f in zip(g.consumers, g.features, strict=True):
+            removed_in[consumer] = removed_in.get(consumer, 0) + len(pruned) * f
+    for consumer, removed in removed_in.items():
+        assert _in_width(after[consumer]) == _in_width(before[consumer]) - removed
+
+
+@pytest.mark.parametrize("coupled", COUPLED, ids=["plain", "coupled"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_layer_is_grouped_or_skipped_with_a_reason(name: str, coupled: bool) -> None:
+    factory, x = ZOO[name]
+    model = factory()
+    groups, skipped = nm.find_groups(model, x, coupled=coupled)
+    layers = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))
+    }
+    grouped = {p for g in groups for p in (*g.producers, *g.passthrough)}
+    reasons = _skips(skipped)
+    assert layers <= grouped | set(reasons), layers - grouped - set(reasons)
+    assert all(reason and reason.strip() for reason in reasons.values())
+    assert not grouped & {s.name for s in skipped if s.name in {g.name for g in groups}}
