@@ -22,7 +22,7 @@ import torch
 from neuron_merging._io import atomic_write_bytes, atomic_write_text
 
 from . import _common as C
-from . import bench_latency, bench_merge
+from . import bench_discovery, bench_latency, bench_merge
 
 TRACE_TARGET = 1.5
 TRACE_SLACK = 1.1  # "at most about 1.5": within 10 % counts as met, and is flagged
@@ -282,7 +282,11 @@ def _threads_note(machine: dict[str, Any], load_at_start: str) -> str:
 
 
 def render(
-    merge: dict[str, Any], latency: dict[str, Any], wall: float, load_at_start: str = "n/a"
+    merge: dict[str, Any],
+    latency: dict[str, Any],
+    wall: float,
+    load_at_start: str = "n/a",
+    discovery: dict[str, Any] | None = None,
 ) -> str:
     """The whole ``docs/benchmarks.md``."""
     s1, s2, s3 = merge["section1"], merge["section2"], latency["section3"]
@@ -337,6 +341,20 @@ def render(
         "",
         LATENCY_DISCUSSION,
         "",
+        *(
+            [
+                "## 4. Discovery: one recorded forward pass",
+                "",
+                "`nm.find_groups` (record the forward pass, then find the channel groups) "
+                "next to the forward pass itself, and `torch.export.export`, the alternative "
+                "recorder (`docs/discovery.md`).",
+                "",
+                bench_discovery.to_markdown(discovery["rows"], discovery["rounds"]),
+                "",
+            ]
+            if discovery
+            else []
+        ),
         METHOD,
     ]
     return "\n".join(parts).rstrip() + "\n"
@@ -382,10 +400,14 @@ def main(argv: Sequence[str] | None = None) -> None:
              "--gm-max-n", str(args.gm_max_n)]
         )  # fmt: skip
         latency = bench_latency.main([*common, "--rounds", str(args.rounds)])
+        if threads:
+            torch.set_num_threads(threads)
+        rounds = 2 if args.smoke else 40
+        discovery = {"rows": bench_discovery.run(rounds), "rounds": rounds}
     finally:
         torch.set_num_threads(previous)
     wall = time.perf_counter() - t0
-    text = render(merge, latency, wall, load_at_start)
+    text = render(merge, latency, wall, load_at_start, discovery)
     png = (args.raw_dir / "merge_scaling.png").read_bytes()
     atomic_write_bytes(args.out_dir / "merge_scaling.png", png)
     atomic_write_text(args.out_dir / "benchmarks.md", text)

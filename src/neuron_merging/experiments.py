@@ -295,6 +295,8 @@ def sweep_settings(
     lam: float | None,
     bn_rule: str,
     checkpoint: str | Path | None = None,
+    coupled: bool = False,
+    approximate: bool = False,
 ) -> dict[str, Any]:
     """Everything of a sweep's identity but mode, criterion and ratio (see :mod:`.store`)."""
     from . import __version__
@@ -310,6 +312,8 @@ def sweep_settings(
         "threshold": threshold,
         "lam": lam,
         "bn_rule": bn_rule,
+        "coupled": coupled,
+        "approximate": approximate,
         "version": __version__,
     }
 
@@ -407,6 +411,8 @@ def run_sweep(
             lam=lam,
             bn_rule=bn_rule,
             checkpoint=checkpoint,
+            coupled=coupled,
+            approximate=approximate,
         )
         store = ResultsStore(out)
     try:

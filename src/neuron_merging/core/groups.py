@@ -40,7 +40,17 @@ from typing import Any
 from torch import nn
 
 from .errors import ModelError
-from .record import Op, Recording, Value, func_name, is_conv1d_transposed, record
+from .record import (
+    Op,
+    Recording,
+    Value,
+    check_recordable,
+    func_name,
+    has_reparametrisations,
+    is_conv1d_transposed,
+    materialise_reparametrisations,
+    record,
+)
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -1064,7 +1074,15 @@ def find_groups(
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return groups_from_recording(record(model, example_inputs), coupled)
+    modules = dict(model.named_modules())
+    if has_reparametrisations(modules):  # analyse what compress analyses: the plain weights
+        from ._copy import aliasing_copy
+
+        check_recordable(model, modules)
+        model = aliasing_copy(model)
+        materialise_reparametrisations(model)
+        modules = dict(model.named_modules())
+    return groups_from_recording(record(model, example_inputs, modules), coupled)
 
 
 def _out_channels(module: nn.Module) -> int:

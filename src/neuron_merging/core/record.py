@@ -195,6 +195,15 @@ class DimSize(int):
 
     __hash__ = int.__hash__
 
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        return int, (int.__int__(self),)  # stored sizes pickle and copy as plain ints
+
+    def __copy__(self) -> int:
+        return int.__int__(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> int:
+        return int.__int__(self)
+
 
 def _noting(name: str) -> Callable[..., Any]:
     plain = getattr(int, name)
@@ -374,6 +383,7 @@ class _Recorder(TorchFunctionMode):
         self.pending: list[tuple[Any, Any]] = []
         self.size_uses: list[tuple[Value, int | None, str]] = []
         self.shaping = 0
+        self.sized = False  # whether any DimSize was handed out
         self.disabled: Any = None
         self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
         self.leaf_names: dict[int, str] = {}
@@ -566,6 +576,7 @@ class _Recorder(TorchFunctionMode):
 
             return record_use
 
+        self.sized = True
         if isinstance(result, torch.Size):
             return torch.Size(DimSize(n, note(i)) for i, n in enumerate(result))
         if isinstance(result, int) and not isinstance(result, bool):
@@ -680,6 +691,19 @@ def materialise_reparametrisations(model: nn.Module) -> list[str]:
     return notes
 
 
+def has_reparametrisations(modules: dict[str, nn.Module]) -> bool:
+    """Whether any leaf layer is re-parametrised (see :func:`materialise_reparametrisations`)."""
+    from torch.nn.utils import parametrize
+
+    known = _known_reparam_hooks()
+    return any(
+        parametrize.is_parametrized(m)
+        or any(isinstance(h, known) for h in m._forward_pre_hooks.values())
+        for m in modules.values()
+        if isinstance(m, LEAF_TYPES) or is_conv1d_transposed(m)
+    )
+
+
 def _user_hooks(modules: dict[str, nn.Module]) -> dict[str, str]:
     found: dict[str, str] = {}
     for name, module in modules.items():
@@ -693,6 +717,25 @@ def _user_hooks(modules: dict[str, nn.Module]) -> dict[str, str]:
     return found
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, DimSize):
+        return int.__int__(value)
+    if type(value) in (tuple, list) and any(isinstance(v, DimSize) for v in value):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, torch.Size) and any(isinstance(v, DimSize) for v in value):
+        return torch.Size(int.__int__(v) for v in value)
+    return value
+
+
+def _scrub_sizes(modules: dict[str, nn.Module]) -> None:
+    """Sizes a forward pass stored on its modules (``self.n = x.shape[1]``) become plain ints."""
+    for module in modules.values():
+        for key, value in list(vars(module).items()):
+            plain = _plain(value)
+            if plain is not value:
+                module.__dict__[key] = plain
+
+
 def check_recordable(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> None:
     """Raise :class:`ModelError` for models the recorder cannot run soundly.
 
@@ -704,6 +747,11 @@ def check_recordable(model: nn.Module, modules: dict[str, nn.Module] | None = No
         )
     lazy = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
     for prefix, module in (modules if modules is not None else dict(model.named_modules())).items():
+        if isinstance(module, torch.jit.ScriptModule):
+            raise ModelError(
+                f"submodule {prefix!r} is a TorchScript module, whose operations cannot be "
+                "recorded; use its original nn.Module"
+            )
         for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
             for attr, tensor in tensors.items():
                 if tensor is None:
@@ -796,6 +844,8 @@ def record(
         for handle in handles:
             handle.remove()
     outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
+    if recorder.sized:
+        _scrub_sizes(modules)
     return Recording(
         recorder.ops,
         inputs,
@@ -817,6 +867,7 @@ __all__ = [
     "check_recordable",
     "flatten_tensors",
     "func_name",
+    "has_reparametrisations",
     "is_conv1d_transposed",
     "is_leaf",
     "materialise_reparametrisations",
