@@ -173,15 +173,31 @@ def test_d4_train_refuses_an_existing_checkpoint_without_force(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("output", "code", "message"),
     [
-        ("", 2, "--output is empty; give a file name"),
-        ("{tmp}/dir/", 2, "--output {tmp}/dir/ ends with '/'; give a file name, not a folder"),
-        ("{tmp}", 6, "{tmp} exists and is a directory; refusing to replace it"),
+        ("", 2, "--output is empty; give a directory name"),
+        (
+            "{tmp}/dir.pth.tar/",
+            2,
+            "--output {tmp}/dir.pth.tar/ ends with '/'; give a file name, not a folder",
+        ),
+        (
+            "{tmp}/isdir.pth.tar",
+            6,
+            "{tmp}/isdir.pth.tar exists and is a directory; refusing to replace it",
+        ),
+        (
+            "{tmp}/saved",
+            6,
+            "--output {tmp}/saved already holds a saved model; pass --force to replace it",
+        ),
     ],
-    ids=["empty", "trailing slash", "existing directory"],
+    ids=["empty", "trailing slash", "existing directory", "existing saved model"],
 )
 def test_d21_bad_output_names_are_refused_before_any_work(
     lenet: Path, tmp_path: Path, output: str, code: int, message: str
 ) -> None:
+    (tmp_path / "isdir.pth.tar").mkdir()
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "manifest.json").write_text("{}")
     args = ["compress", "--checkpoint", lenet, "-r", "0.5", "--quiet", "--output"]
     result = cli(*args, output.format(tmp=tmp_path))  # with evaluation: it must not start
     assert error_line(result, code) == PREFIX + message.format(tmp=tmp_path)

@@ -116,6 +116,9 @@ def check_output_dir(path: str, *, force: bool = False, option: str = "--output"
         raise ConfigError(f"{option} is empty; give a directory name")
     target = Path(path)
     if target.exists() and not target.is_dir():
+        mode = os.stat(target).st_mode
+        if not stat.S_ISREG(mode):
+            raise OutputError(f"{path} exists and is {_kind(mode)}; refusing to replace it")
         raise OutputError(
             f"{option} {path} exists and is not a directory; a compressed model is saved as a "
             "directory (or give a name ending in .pth.tar for a checkpoint file)"

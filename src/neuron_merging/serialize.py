@@ -373,7 +373,10 @@ def _manifest_path(path: PathLike) -> Path:
 def is_saved_model(path: PathLike) -> bool:
     """Whether ``path`` is a directory (or manifest) written by :func:`save`."""
     target = Path(path)
-    return (target / MANIFEST).is_file() if target.is_dir() else target.name == MANIFEST
+    try:
+        return (target / MANIFEST).is_file() if target.is_dir() else target.name == MANIFEST
+    except OSError:  # e.g. a name too long: the checkpoint loader reports it
+        return False
 
 
 def read_manifest(path: PathLike) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -537,4 +537,6 @@ def _names(exclude: Sequence[str] | None) -> Sequence[str]:
     """``exclude`` as given; a single string is left for :class:`MergeConfig` to refuse."""
     if exclude is None:
         return ()
-    return exclude if isinstance(exclude, str) else tuple(exclude)
+    if isinstance(exclude, str) or not isinstance(exclude, Iterable):
+        return exclude  # refused by MergeConfig with a clear message
+    return tuple(exclude)
