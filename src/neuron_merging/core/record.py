@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,28 @@ def func_name(func: Any) -> str:
     return name
 
 
+_KINDS: dict[Any, tuple[str, str]] = {}
+_SIZES = frozenset({"size", ".shape", "numel", "__len__"})
+
+
+def _kind(func: Any) -> tuple[str, str]:
+    """``(name, kind)`` of a torch function: kind ``meta``, ``size``, ``shape`` or ``op``."""
+    try:
+        return _KINDS[func]
+    except (KeyError, TypeError):
+        pass
+    name = func_name(func)
+    if name in _SIZES:
+        kind = "size"
+    elif name.lstrip(".") in _METADATA:
+        kind = "meta"
+    else:
+        kind = "shape" if name in _SHAPE_ARGUMENTS else "op"
+    with contextlib.suppress(TypeError):
+        _KINDS[func] = (name, kind)
+    return name, kind
+
+
 def _func_name(func: Any) -> str:
     name = getattr(func, "__name__", None)
     if name == "__get__":  # a tensor attribute such as .T or .data
@@ -226,7 +249,7 @@ for _name in (
     setattr(DimSize, _name, _noting(_name))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Value:
     """One tensor value of the recorded forward pass (a tensor object at one version).
 
@@ -252,7 +275,7 @@ class Value:
         return f"Value({list(self.shape)} from {origin})"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Op:
     """One recorded operation: a leaf layer's call or a torch function call.
 
@@ -380,10 +403,12 @@ class _Recorder(TorchFunctionMode):
         self.depth = 0  # > 0 inside a leaf layer's call
         self.calls: dict[str, int] = {}
         self.taints: dict[str, str] = {}
-        self.pending: list[tuple[Any, Any]] = []
+        self.leaf: nn.Module | None = None  # the leaf layer being called
+        self.fast_leaves: set[int] = set()  # leaves without hooks of their own
         self.size_uses: list[tuple[Value, int | None, str]] = []
         self.shaping = 0
         self.sized = False  # whether any DimSize was handed out
+        self.sized_in: list[nn.Module] = []  # modules whose code read sizes
         self.disabled: Any = None
         self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
         self.leaf_names: dict[int, str] = {}
@@ -473,8 +498,12 @@ class _Recorder(TorchFunctionMode):
         kwargs: dict[str, Any],
         inputs: list[Tensor],
         result: Any,
+        values: list[Value] | None = None,
     ) -> None:
-        """Record one call whose (wrapped) arguments are ``args``/``kwargs``."""
+        """Record one call whose (wrapped) arguments are ``args``/``kwargs``.
+
+        ``values`` are the :class:`Value`\\ s among them, when the caller has them.
+        """
         outs = flatten_tensors(result, [])
         in_ids = {id(t): t for t in inputs}
         new: list[tuple[tuple[int, int], Tensor]] = []
@@ -494,6 +523,7 @@ class _Recorder(TorchFunctionMode):
             return  # nothing new was computed: the call is an identity
         owner, owner_type = self.owner()
         op = Op(next(self.counter), kind, target, args, kwargs, [], owner, owner_type, inplace)
+        op._inputs = values
         for value in op.inputs():
             value.users.append(op)
         for key, t in new:
@@ -525,36 +555,47 @@ class _Recorder(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if self.depth:
             return func(*args, **kwargs)
-        name = func_name(func)
-        if name.lstrip(".") in _METADATA:
+        name, kind = _kind(func)
+        if kind == "meta":
+            return func(*args, **kwargs)
+        if kind == "size":
             result = func(*args, **kwargs)
-            if name in ("size", ".shape", "numel", "__len__") and args:
+            if args:
                 return self.sizes(args[0], result, args[1] if len(args) > 1 else kwargs.get("dim"))
             return result
-        if name not in _SHAPE_ARGUMENTS:
+        shaping = kind == "shape"
+        if self.sized and not shaping:
             for arg in (*args, *kwargs.values()):
                 for item in arg if isinstance(arg, (list, tuple)) else (arg,):
                     if isinstance(item, DimSize):
                         item._used(f"passed to {name}")
+        values: list[Value] | None
+        if not kwargs and all(type(a) in _FLAT for a in args):  # the common case: one pass
+            tensors = [a for a in args if isinstance(a, Tensor)]
+            wrapped_args: Any = tuple(self.value(a) if isinstance(a, Tensor) else a for a in args)
+            wrapped_kwargs: dict[str, Any] = {}
+            values = [a for a in wrapped_args if isinstance(a, Value)]
         else:
-            self.shaping += 1  # sizes passed on to a reshape: their conversions are harmless
-        tensors = flatten_tensors(list(args), [])
-        flatten_tensors(kwargs, tensors)
+            tensors = flatten_tensors(list(args), [])
+            flatten_tensors(kwargs, tensors)
+            wrapped_args, wrapped_kwargs, values = self.wrap(tuple(args)), self.wrap(kwargs), None
+        params = self.params
         for t in tensors:
-            owner = self.params.get(id(t))
+            owner = params.get(id(t))
             if owner is not None:
                 where = self.owner()
                 place = f"{where[1]}.forward" if where[0] else "forward"
                 self.taints.setdefault(
                     owner[0], f"{owner[1]} of {owner[0]} also read by {name} in {place}"
                 )
-        wrapped_args, wrapped_kwargs = self.wrap(tuple(args)), self.wrap(kwargs)
+        if shaping:
+            self.shaping += 1  # sizes passed on to a reshape: their conversions are harmless
         try:
             result = func(*args, **kwargs)
         finally:
-            if name in _SHAPE_ARGUMENTS:
+            if shaping:
                 self.shaping -= 1
-        self.add_op("function", func, wrapped_args, wrapped_kwargs, tensors, result)
+        self.add_op("function", func, wrapped_args, wrapped_kwargs, tensors, result, values)
         return result
 
     def sizes(self, tensor: Any, result: Any, dim: Any) -> Any:
@@ -577,6 +618,8 @@ class _Recorder(TorchFunctionMode):
             return record_use
 
         self.sized = True
+        if self.stack:
+            self.sized_in.append(self.stack[-1])
         if isinstance(result, torch.Size):
             return torch.Size(DimSize(n, note(i)) for i, n in enumerate(result))
         if isinstance(result, int) and not isinstance(result, bool):
@@ -587,41 +630,58 @@ class _Recorder(TorchFunctionMode):
         return result
 
     # -- module hooks
+    # -- module hooks
+    #
+    # Every module call pushes the module on ``stack`` (for naming an operation's
+    # owner). A leaf layer's call is recorded as one operation: from its entry the
+    # torch-function mode is off until it returns. Leaves without hooks of their own
+    # are caught by the two global hooks; a leaf with user hooks gets instance hooks
+    # that run after its pre-hooks and before its forward hooks, so that the user's
+    # hook code is recorded like the rest of the model's code.
     def pre_hook(self, module: nn.Module, args: Any) -> None:
         self.stack.append(module)
+        if self.leaf is None and id(module) in self.fast_leaves:
+            self.enter_leaf(module)
 
-    def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
+        if self.leaf is module and id(module) in self.fast_leaves:
+            self.exit_leaf(module, args, kwargs, output)
 
     def leaf_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        with torch._C.DisableTorchFunction():  # the recorder's own reads are not the model's
-            self._leaf_pre(module, args, kwargs)
-        if self.depth == 1:
-            # A leaf layer's own forward is one recorded operation: skip the mode's
-            # per-call overhead inside it.
-            self.disabled = torch._C.DisableTorchFunction()
-            self.disabled.__enter__()
+        if self.leaf is None:
+            self.enter_leaf(module)
 
-    def _leaf_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if self.depth == 0:
+    def leaf_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self.leaf is module:
+            self.exit_leaf(module, args, kwargs, output)
+
+    def enter_leaf(self, module: nn.Module) -> None:
+        self.leaf = module
+        self.depth = 1
+        self.disabled = torch._C.DisableTorchFunction()
+        self.disabled.__enter__()
+
+    def exit_leaf(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """Record the finished call of leaf ``module`` (the mode is still off)."""
+        try:
             name = self.leaf_names[id(module)]
             self.calls[name] = self.calls.get(name, 0) + 1
             tensors = flatten_tensors(list(args), [])
             flatten_tensors(kwargs, tensors)
-            self.pending.append((self.wrap(tuple(args)), self.wrap(dict(kwargs)), tensors))
-        self.depth += 1
+            wrapped_args, wrapped_kwargs = self.wrap(tuple(args)), self.wrap(dict(kwargs))
+            self.add_op("module", name, wrapped_args, wrapped_kwargs, tensors, output)
+        finally:
+            self.close_leaf()
 
-    def leaf_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        self.depth -= 1
-        if self.depth == 0 and self.disabled is not None:
+    def close_leaf(self) -> None:
+        """Leave the current leaf layer: the mode is on again."""
+        if self.disabled is not None:
             self.disabled.__exit__(None, None, None)
-            self.disabled = None
-        if self.depth == 0 and self.pending:
-            wrapped_args, wrapped_kwargs, tensors = self.pending.pop()
-            name = self.leaf_names[id(module)]
-            with torch._C.DisableTorchFunction():
-                self.add_op("module", name, wrapped_args, wrapped_kwargs, tensors, output)
+        self.disabled = None
+        self.leaf = None
+        self.depth = 0
 
 
 #: Classes of PyTorch's own re-parametrisations that live in forward pre-hooks.
@@ -717,8 +777,14 @@ def _user_hooks(modules: dict[str, nn.Module]) -> dict[str, str]:
     return found
 
 
+_SEQUENCES = (tuple, list, torch.Size)
+
+
 def _plain(value: Any) -> Any:
-    if isinstance(value, DimSize):
+    kind = type(value)
+    if kind is not DimSize and kind not in _SEQUENCES:
+        return value
+    if kind is DimSize:
         return int.__int__(value)
     if type(value) in (tuple, list) and any(isinstance(v, DimSize) for v in value):
         return type(value)(_plain(v) for v in value)
@@ -727,9 +793,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _scrub_sizes(modules: dict[str, nn.Module]) -> None:
-    """Sizes a forward pass stored on its modules (``self.n = x.shape[1]``) become plain ints."""
-    for module in modules.values():
+def _scrub_sizes(modules: Iterable[nn.Module]) -> None:
+    """Sizes a forward pass stored on the modules that read them (``self.n = x.shape[1]``),
+    or on the model, become plain ints."""
+    for module in modules:
         for key, value in list(vars(module).items()):
             plain = _plain(value)
             if plain is not value:
@@ -814,10 +881,14 @@ def record(
     recorder = _Recorder(modules)
     handles = [
         nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook),
-        nn.modules.module.register_module_forward_hook(recorder.post_hook, always_call=True),
+        nn.modules.module.register_module_forward_hook(
+            recorder.post_hook, with_kwargs=True, always_call=True
+        ),
     ]
     for module in modules.values():
-        if is_leaf(module):
+        if is_leaf(module) and not (module._forward_pre_hooks or module._forward_hooks):
+            recorder.fast_leaves.add(id(module))
+        elif is_leaf(module):
             # The user's pre-hooks run before ours and their forward hooks after ours,
             # so that hook code is recorded like the rest of the model's code.
             handles.append(module.register_forward_pre_hook(recorder.leaf_pre, with_kwargs=True))
@@ -827,6 +898,8 @@ def record(
                 )
             )
     runner = unwrap(model)
+    collecting = gc.isenabled()
+    gc.disable()  # the recording allocates many small objects: no collector passes meanwhile
     try:
         with torch.no_grad():
             inputs = [recorder.value(t) for t in flatten_tensors([args, kwargs], [])]
@@ -841,11 +914,14 @@ def record(
             "check their shapes and dtypes"
         ) from exc
     finally:
+        recorder.close_leaf()  # a forward that raised inside a leaf layer
         for handle in handles:
             handle.remove()
+        if collecting:
+            gc.enable()
     outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
     if recorder.sized:
-        _scrub_sizes(modules)
+        _scrub_sizes({id(m): m for m in (model, *recorder.sized_in)}.values())
     return Recording(
         recorder.ops,
         inputs,
