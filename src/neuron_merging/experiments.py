@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,19 @@ from .data import ArrayDataset
 from .metrics import count_macs
 from .training import EvalResult, evaluate
 
-PRESETS: tuple[str, ...] = ("paper", "none")
+PRESETS: tuple[str, ...] = ("paper", "none", "best")
+
+#: The options the ``best`` preset adds to the paper's widths, threshold and λ:
+#: the most accurate data-free recipe measured in ``docs/quality.md`` (chosen on
+#: held-out training images, see ``benchmarks/quality.py``).
+BEST_OPTIONS: dict[str, Any] = {
+    "selection": "lstsq",
+    "compensation": "lstsq",
+    "repair": "mean+var",
+    "gram": "propagated",
+}
+#: Calibration steps of the ``best`` preset when unlabeled images are given.
+BEST_CALIBRATE: tuple[str, ...] = ("lstsq",)
 MODES: tuple[str, ...] = ("original", "prune", "merge")
 
 #: ``threshold=NO_THRESHOLD`` merges every pruned neuron (``threshold=None`` means "the preset's").
@@ -112,13 +124,15 @@ def compression_config(
     explicit ``threshold``/``lam`` still wins, and ``threshold=NO_THRESHOLD``
     merges every pruned neuron); ``ratio=None`` selects the fixed VGG widths of the
     paper. With ``preset="none"`` the library defaults apply and ``ratio`` is used
-    uniformly.
+    uniformly. ``preset="best"`` keeps the paper's widths (the library defaults
+    where the paper has no experiment), so parameter counts are equal, and adds
+    :data:`BEST_OPTIONS` (and :data:`BEST_CALIBRATE` for calibration data).
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if mode not in ("prune", "merge"):
         raise ConfigError(f"mode must be prune or merge, got {mode!r}")
-    setting = PAPER_SETTINGS.get((arch, dataset)) if preset == "paper" else None
+    setting = PAPER_SETTINGS.get((arch, dataset)) if preset in ("paper", "best") else None
     if preset == "paper" and setting is None:
         raise ConfigError(f"the paper has no experiment for {arch} on {dataset}; use --preset none")
     keep: dict[str, int] = {}
@@ -141,7 +155,11 @@ def compression_config(
         t_value: float | None = None
     else:
         t_value = t_default if threshold is None else threshold
+    extra: dict[str, Any] = {}
+    if preset == "best":
+        extra = dict(BEST_OPTIONS, calibrate=BEST_CALIBRATE)
     return MergeConfig(
+        **extra,
         ratio=0.0 if ratio is None else ratio,
         criterion=criterion,
         threshold=t_value,
@@ -172,6 +190,29 @@ class Outcome:
     widths: list[int]
 
 
+def calibration_images(
+    dataset: str,
+    count: int,
+    data_dir: str | Path | None = None,
+    *,
+    download: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``count`` unlabeled images of the *training* split (a seeded random subset).
+
+    Only the images are returned: calibration never sees a label.
+    """
+    from .data import load_dataset
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"calibrate needs a positive number of images, got {count!r}")
+    train = load_dataset(dataset, "train", data_dir, download)
+    if count > len(train):
+        raise ConfigError(f"calibrate {count} exceeds the {len(train)} training images")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.images[order[:count]].clone()
+
+
 def run_one(
     model: nn.Module,
     arch: str,
@@ -179,11 +220,12 @@ def run_one(
     config: MergeConfig | None,
     *,
     show_progress: bool = True,
+    calibration: torch.Tensor | None = None,
 ) -> Outcome:
     """Compress ``model`` with ``config`` (``None``: leave it) and evaluate it."""
     merged, widths = 0, []
     if config is not None:
-        res = compress(model, example_input(arch), config)
+        res = compress(model, example_input(arch), config, calibration=calibration)
         compressed = res.model
         merged = sum(g.merged for g in res.report.groups)
         widths = [g.kept for g in res.report.groups]
@@ -267,6 +309,7 @@ def run_sweep(
     resume: bool = False,
     show_progress: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the original model and every criterion × ratio × mode compression of it.
 
@@ -332,7 +375,11 @@ def run_sweep(
             )
             label = f"{mode} {criterion} r={ratio if ratio is not None else 'cfg'}"
         bar.set_postfix_str(label)
-        outcome = run_one(model, arch, test_set, config, show_progress=False)
+        if config is not None and calibration is not None and not config.calibrate:
+            config = replace(config, calibrate=BEST_CALIBRATE)
+        outcome = run_one(
+            model, arch, test_set, config, show_progress=False, calibration=calibration
+        )
         record = {
             "arch": arch,
             "dataset": dataset,
@@ -343,6 +390,7 @@ def run_sweep(
             "lam": None if config is None else config.lam,
             "bn_rule": None if config is None else config.bn_rule,
             "preset": preset,
+            "calibration": 0 if calibration is None else int(calibration.shape[0]),
             "accuracy": round(outcome.result.accuracy, 2),
             "correct": outcome.result.correct,
             "total": outcome.result.total,

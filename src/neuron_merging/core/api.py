@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from ._copy import ModelTensors, aliasing_copy, check_finite, unshare
 from .assign import BNStats, Workspace, assign_bn, assign_plain
 from .build import GroupPlan, apply_plans
+from .calibrate import calibrate
+from .compensate import Extras
 from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
 from .errors import ConfigError, ModelError
 from .groups import MergeGroup, SkippedLayer, _find_groups, resolve_groups
@@ -119,6 +121,7 @@ def _plan(
     config: MergeConfig,
     criterion_fn: CriterionFn | None,
     timings: dict[str, float],
+    extras: Extras | None = None,
 ) -> list[GroupPlan]:
     """Select the kept neurons of every target group and assign partners to the rest.
 
@@ -154,6 +157,13 @@ def _plan(
             pruned = torch.zeros(b, 0, dtype=torch.long)
         else:
             kept = select_kept(rows, k, criterion_fn or config.criterion)
+            if extras is not None:  # selection beyond the criterion's top scores
+                kept = torch.stack(
+                    [
+                        extras.select(i, rows[j], k, kept[j], criterion_fn or config.criterion)
+                        for j, i in enumerate(members)
+                    ]
+                )
             mask = torch.ones(b, n, dtype=torch.bool)
             mask.scatter_(1, kept, False)
             pruned = mask.nonzero()[:, 1].view(b, n - k)
@@ -211,8 +221,9 @@ def compress(
     *,
     groups: Sequence[GroupSpec] | None = None,
     criterion_fn: CriterionFn | None = None,
+    calibration: Tensor | Sequence[Tensor] | None = None,
 ) -> MergeResult:
-    """Prune (``config.mode="prune"``) or merge (``"merge"``) ``model`` without data.
+    """Prune (``config.mode="prune"``) or merge (``"merge"``) ``model``.
 
     Args:
         model: any module built from ``nn.Linear``/``nn.Conv2d`` producers whose
@@ -222,6 +233,10 @@ def compress(
         config: the compression settings.
         groups: explicit merge groups, for models ``torch.fx`` cannot trace.
         criterion_fn: a custom criterion overriding ``config.criterion``.
+        calibration: optional unlabeled inputs (a tensor or tuple of tensors
+            ``model`` accepts, batch first). No labels and no gradients are
+            used: they give measured moments to ``selection``/``compensation``/
+            ``repair`` and run the ``config.calibrate`` steps.
 
     Returns:
         A :class:`MergeResult` with the new model, its report and the plans.
@@ -255,9 +270,12 @@ def compress(
         found, skipped = _find_groups(work, example_inputs, modules)
     timings["trace"] = time.perf_counter() - t0
     targets = _targets(config, found, skipped, modules)
+    extras = None
+    if config.beyond_paper or calibration is not None:
+        extras = Extras(config, model, example_inputs, [t[0] for t in targets], calibration)
 
     with torch.no_grad():
-        plans = _plan(targets, modules, config, criterion_fn, timings)
+        plans = _plan(targets, modules, config, criterion_fn, timings, extras)
     if not found:
         warnings.warn(
             f"{type(model).__name__} has no mergeable group; returning an unchanged copy",
@@ -266,6 +284,23 @@ def compress(
     t0 = time.perf_counter()
     apply_plans(work, plans, modules)
     timings["fold"] = time.perf_counter() - t0
+    if extras is not None:
+        t0 = time.perf_counter()
+        extras.post_build(modules, plans)
+        timings["compensate"] = time.perf_counter() - t0
+        if calibration is not None and config.calibrate:
+            t0 = time.perf_counter()
+            calibrate(
+                model,
+                work,
+                extras.groups,
+                plans,
+                calibration,
+                config.calibrate,
+                config.ridge,
+                extras.folded,
+            )
+            timings["calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for module in training:  # each module back in its own mode
         module.training = True
