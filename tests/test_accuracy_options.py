@@ -168,26 +168,47 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("criterion", nm.available_criteria())
-@pytest.mark.parametrize("bn_rule", ["paper", "exact"])
-def test_every_option_is_deterministic_and_finite(criterion: str, bn_rule: str) -> None:
+def _check_deterministic_and_finite(cfg: MergeConfig, calibration: torch.Tensor | None) -> None:
     net = _conv_net()
     x = torch.randn(1, 3, 6, 6)
     data = torch.randn(32, 3, 6, 6, generator=gen(4))
+    a = nm.compress(net, x, cfg, calibration=calibration).model
+    b = nm.compress(net, x, cfg, calibration=calibration).model
+    assert same_state(state_copy(a), state_copy(b)), cfg
+    assert all(torch.isfinite(t).all() for t in a.state_dict().values()), cfg
+    assert torch.isfinite(a(data)).all(), cfg
+
+
+def test_best_recipe_is_deterministic_and_finite() -> None:
+    opts = {"selection": "lstsq", "compensation": "lstsq", "repair": "mean+var"}
+    _check_deterministic_and_finite(MergeConfig(ratio=0.5, **opts), None)
+    data = torch.randn(24, 3, 6, 6, generator=gen(8))
+    _check_deterministic_and_finite(MergeConfig(ratio=0.5, calibrate=("lstsq",), **opts), data)
+
+
+@pytest.mark.slow
+def test_every_option_is_deterministic_and_finite() -> None:
     for opts in OPTIONS:
-        cfg = MergeConfig(ratio=0.5, criterion=criterion, bn_rule=bn_rule, **opts)
-        a = nm.compress(net, x, cfg).model
-        b = nm.compress(net, x, cfg).model
-        assert same_state(state_copy(a), state_copy(b)), opts
-        assert all(torch.isfinite(t).all() for t in a.state_dict().values()), opts
-        assert torch.isfinite(a(data)).all(), opts
-    cfg = MergeConfig(
-        ratio=0.5, criterion=criterion, bn_rule=bn_rule, calibrate=("lstsq", "repair", "bn")
-    )
-    a = nm.compress(net, x, cfg, calibration=data).model
-    b = nm.compress(net, x, cfg, calibration=data).model
-    assert same_state(state_copy(a), state_copy(b))
-    assert torch.isfinite(a(data)).all()
+        _check_deterministic_and_finite(MergeConfig(ratio=0.5, **opts), None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion", nm.available_criteria())
+@pytest.mark.parametrize("bn_rule", ["paper", "exact"])
+@pytest.mark.parametrize("mode", ["merge", "prune"])
+def test_options_compose_with_every_criterion_and_bn_rule(
+    criterion: str, bn_rule: str, mode: str
+) -> None:
+    base = MergeConfig(ratio=0.5, criterion=criterion, bn_rule=bn_rule, mode=mode)
+    for opts in (
+        {"selection": "group"},
+        {"selection": "cover", "compensation": "fold", "repair": "mean"},
+        {"selection": "lstsq", "compensation": "lstsq", "repair": "mean+var"},
+    ):
+        _check_deterministic_and_finite(replace(base, **opts), None)
+    data = torch.randn(24, 3, 6, 6, generator=gen(8))
+    cal = replace(base, selection="lstsq", calibrate=("lstsq", "repair", "bn"))
+    _check_deterministic_and_finite(cal, data)
 
 
 def test_calibration_uses_no_labels_and_no_gradients(monkeypatch: pytest.MonkeyPatch) -> None:

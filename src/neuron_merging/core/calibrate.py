@@ -124,6 +124,7 @@ def lstsq_refit(
     targets = _outputs(original, names, data)
     rows_of = dict(consumers)
     work = dict(compressed.named_modules())
+    originals = dict(original.named_modules())
     done: set[str] = set()
     handles = []
     for name in dict.fromkeys(names):
@@ -144,8 +145,16 @@ def lstsq_refit(
             if layer.bias is not None:
                 _set(layer, "bias", layer.bias.detach().to(torch.float64) + intercept)
             elif name in successors:
-                bn = work[successors[name]]
-                _set(bn, "running_mean", bn.running_mean.detach().to(torch.float64) - intercept)
+                # The target is the original's pre-BN output, so the BN gets the
+                # original's statistics back (undoing any data-free repair), with
+                # the intercept folded into its mean.
+                bn, ref = work[successors[name]], originals[successors[name]]
+                mean = ref.running_mean.detach().to(torch.float64)
+                var = ref.running_var.detach().to(torch.float64)
+                if rows is not None:
+                    mean, var = mean[rows], var[rows]
+                _set(bn, "running_mean", mean - intercept)
+                _set(bn, "running_var", var)
 
         handles.append(work[name].register_forward_pre_hook(pre))
     try:

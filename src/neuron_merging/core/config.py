@@ -58,10 +58,12 @@ class MergeConfig:
             criterion's top scores), ``"group"`` (criterion on producer rows +
             consumer columns + BN scale), ``"cover"`` (greedy k-medoids cover in
             the merge's distance, weighted by the criterion) or ``"lstsq"``
-            (greedy removal by least-squares compensation error).
+            (greedy removal by least-squares compensation error; without
+            moments, i.e. no batch norm and no data, it keeps the criterion's set).
         compensation: with ``mode="merge"``, ``"merge"`` (the paper's partner and
             scale), ``"fold"`` (k-means clusters → centroids) or ``"lstsq"`` (a
-            dense least-squares mix of the kept channels).
+            dense least-squares mix of the kept channels; without moments it
+            falls back to ``"merge"``).
         gram: data-free estimate of the channel correlations behind ``lstsq``
             and ``repair``: ``"propagated"`` (noise images through the network,
             every BN renormalising) or ``"whitened"`` (signed filter cosines).
