@@ -55,6 +55,7 @@ METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "best (data-free)": (dict(BEST_OPTIONS), False),
     "prune + BN reset (data)": ({"mode": "prune", "calibrate": ("bn",)}, True),
     "merge + REPAIR (data)": ({"calibrate": ("repair",)}, True),
+    "merge + lstsq refit (data)": ({"calibrate": ("lstsq",)}, True),
     "best + lstsq refit (data)": (dict(BEST_OPTIONS, calibrate=BEST_CALIBRATE), True),
 }
 
@@ -237,7 +238,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "docs" / "quality"))
+    p.add_argument(
+        "--combine", nargs="+", help="only write the tables of these quality.json files into --out"
+    )
     args = p.parse_args(argv)
+    if args.combine:
+        records = [r for f in args.combine for r in json.loads(Path(f).read_text())]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_tables(records, Path(args.out))
+        return
     run(args)
 
 
