@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     mods = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
     hooks = [
-        mods[n].register_forward_hook(lambda _m, _a, y, n=n: seen.__setitem__(n, y.detach()))
+        mods[n].register_forward_hook(lambda _m, _a, y, n=n: seen.__setitem__(n, y.detach().clone()))
         for n in names
     ]
     with torch.no_grad():
@@ -53,14 +53,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for n in names:
         z = seen[n].transpose(0, 1).reshape(seen[n].shape[1], -1).double()
+        live = z.std(1) > 1e-6  # channels that are constant on the data have no correlation
+        z = z[live]
         c = torch.corrcoef(z)
         off = ~torch.eye(c.shape[0], dtype=torch.bool)
         bn = mods[n]
         conv = mods[n.replace("bn1", "conv1")]
-        white = lstsq.whitened_correlation(conv.weight.reshape(c.shape[0], -1), bn.weight)
+        w = conv.weight.detach().reshape(live.numel(), -1)
+        white = lstsq.whitened_correlation(w, bn.weight.detach())[live][:, live]
         e_white = float((white - c)[off].abs().mean())
-        e_prop = float((prop[n] - c)[off].abs().mean())
-        beta, gamma = bn.bias.double(), bn.weight.double().abs()
+        e_prop = float((prop[n][live][:, live] - c)[off].abs().mean())
+        beta, gamma = bn.bias.detach().double()[live], bn.weight.detach().double().abs()[live]
         mean_err = float((z.mean(1) - beta).abs().median())
         std_ratio = float((z.std(1) / gamma).median())
         pred = relu_mean(z.mean(1), z.std(1))

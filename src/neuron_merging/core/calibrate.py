@@ -71,7 +71,7 @@ def _outputs(model: nn.Module, names: Sequence[str], data: tuple[Tensor, ...]) -
     for name in dict.fromkeys(names):
 
         def hook(_m: nn.Module, _a: object, out: Tensor, name: str = name) -> None:
-            store[name].append(out.detach())
+            store[name].append(out.detach().clone())  # a later in-place ReLU must not alter it
 
         handles.append(modules[name].register_forward_hook(hook))
     try:
