@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     mods = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
     hooks = [
-        mods[n].register_forward_hook(lambda _m, _a, y, n=n: seen.__setitem__(n, y.detach().clone()))
+        mods[n].register_forward_hook(
+            lambda _m, _a, y, n=n: seen.__setitem__(n, y.detach().clone())
+        )
         for n in names
     ]
     with torch.no_grad():

@@ -32,7 +32,17 @@ def _cli(*words: str) -> dict:
 
 
 def test_compress_best_and_calibrate(tmp_path: Path) -> None:
-    common = ["compress", "--checkpoint", str(LENET), "--data-dir", str(DATA), "-r", "0.7"]
+    common = [
+        "compress",
+        "--arch",
+        "lenet300",
+        "--checkpoint",
+        str(LENET),
+        "--data-dir",
+        str(DATA),
+        "-r",
+        "0.7",
+    ]
     paper = _cli(*common, "-t", "merge", "--json", "-q")
     best = _cli(*common, "-t", "merge", "--preset", "best", "--json", "-q")
     calib = _cli(
@@ -60,6 +70,8 @@ def test_compress_best_and_calibrate(tmp_path: Path) -> None:
 def test_sweep_best_with_calibration(tmp_path: Path) -> None:
     out = _cli(
         "sweep",
+        "--arch",
+        "lenet300",
         "--checkpoint",
         str(LENET),
         "--data-dir",
