@@ -211,18 +211,25 @@ def write_tables(records: list[dict[str, Any]], out: Path) -> None:
     for ax, arch in zip(axes[0], archs, strict=True):
         rows = [r for r in records if r["model"] == arch and r["method"] != "original"]
         crit = rows[0]["criterion"] if rows else None
-        for method in dict.fromkeys(r["method"] for r in rows):
+        colours = plt.cm.tab20.colors
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
             pts = sorted(
                 (r["params"], r["accuracy"])
                 for r in rows
                 if r["method"] == method and r["criterion"] == crit
             )
-            ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", label=method)
+            ax.plot(
+                [p for p, _ in pts],
+                [a for _, a in pts],
+                marker="o",
+                label=method,
+                color=colours[i % 20],
+            )
         ax.set_title(f"{arch} ({crit})")
         ax.set_xlabel("parameters")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_params.png", dpi=120)
 
