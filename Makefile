@@ -7,7 +7,7 @@ LENET_CKPT := $(SHARED)/checkpoints/LeNet_300_100.original.300_100.bias.pth.tar
 RESNET_CKPT := $(SHARED)/checkpoints/ResNet.cifar10.original.56.pth.tar
 DATA_ARGS := $(if $(wildcard $(SHARED)/data),--data-dir $(SHARED)/data)
 
-.PHONY: setup test test-slow lint reproduce reproduce-resnet56 demo bench bench-smoke
+.PHONY: setup test test-slow lint reproduce reproduce-resnet56 demo bench bench-smoke quality
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,3 +43,10 @@ bench: setup
 # The same benchmarks at tiny sizes, one repeat, into build/bench-smoke (under a minute).
 bench-smoke: setup
 	$(PY) -m benchmarks.run_all --smoke --out-dir build/bench-smoke --raw-dir build/bench-smoke/raw
+
+# Accuracy of every option beyond the paper (docs/quality.md). QUALITY_ARGS e.g.
+# "--models lenet300 --subset 0 --calibrate 500"; the default evaluates the first
+# 2000 test images of each model (about an hour on 2 shared cores).
+quality: setup
+	$(PY) -m benchmarks.quality --out build/quality $(QUALITY_ARGS)
+	$(PY) -m benchmarks.quality_assumptions

@@ -171,7 +171,7 @@ def test_preset_none_uses_library_defaults() -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "match"),
     [
-        (("lenet300", "fashion-mnist", "merge", "l1-norm", 0.5), {"preset": "best"}, "preset"),
+        (("lenet300", "fashion-mnist", "merge", "l1-norm", 0.5), {"preset": "magic"}, "preset"),
         (("lenet300", "fashion-mnist", "original", "l1-norm", 0.5), {}, "mode"),
         (("lenet300", "cifar10", "merge", "l1-norm", 0.5), {}, "no experiment"),
         (("resnet56", "cifar10", "merge", "l1-norm", None), {}, "ratio is required"),

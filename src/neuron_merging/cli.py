@@ -132,9 +132,17 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--preset",
-        choices=("paper", "none"),
+        choices=("paper", "none", "best"),
         default="paper",
-        help="paper: the paper's threshold/λ/widths for the model (default); none: library defaults",
+        help="paper: the paper's threshold/λ/widths for the model (default); none: library "
+        "defaults; best: the paper's widths with the most accurate compensation found "
+        "(see docs/quality.md)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        metavar="N",
+        help="use N unlabeled images of the training split (no labels, no gradients)",
     )
     parser.add_argument(
         "--threshold", type=_threshold, help="cosine threshold, or 'none' to always merge"
@@ -446,7 +454,18 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             coupled=args.coupled,
             approximate=args.approximate,
         )
-        result = compress(model, example_input(arch), config)
+        calibration = None
+        if args.calibrate:
+            from .experiments import calibration_images
+
+            calibration = calibration_images(dataset, args.calibrate, args.data_dir)
+            if not config.calibrate:
+                from dataclasses import replace
+
+                from .experiments import BEST_CALIBRATE
+
+                config = replace(config, calibrate=BEST_CALIBRATE)
+        result = compress(model, example_input(arch), config, calibration=calibration)
         model = result.model
         model.cfg = current_cfg(arch, model)
         payload["report"] = result.report.to_dict()
@@ -491,6 +510,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     check_sweep_output(Path(args.output))
     model, arch, dataset, _ = _load(args)
     test_set = load_dataset(dataset, "test", args.data_dir, args.download)
+    calibration = None
+    if args.calibrate:
+        from .experiments import calibration_images
+
+        calibration = calibration_images(dataset, args.calibrate, args.data_dir)
     records = run_sweep(
         model,
         arch,
@@ -509,6 +533,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         resume=args.resume,
         show_progress=not args.quiet,
         checkpoint=args.checkpoint,
+        calibration=calibration,
     )
     _emit(args, {"records": records, "output": args.output}, records_to_markdown(records))
     return 0

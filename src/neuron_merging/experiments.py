@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,19 @@ from .data import ArrayDataset
 from .metrics import count_macs
 from .training import EvalResult, evaluate
 
-PRESETS: tuple[str, ...] = ("paper", "none")
+PRESETS: tuple[str, ...] = ("paper", "none", "best")
+
+#: The options the ``best`` preset adds to the paper's widths, threshold and λ:
+#: the most accurate data-free recipe measured in ``docs/quality.md`` (chosen on
+#: held-out training images, see ``benchmarks/quality.py``).
+BEST_OPTIONS: dict[str, Any] = {
+    "selection": "lstsq",
+    "compensation": "lstsq",
+    "repair": "mean+var",
+    "gram": "propagated",
+}
+#: Calibration steps of the ``best`` preset when unlabeled images are given.
+BEST_CALIBRATE: tuple[str, ...] = ("lstsq",)
 MODES: tuple[str, ...] = ("original", "prune", "merge")
 
 #: ``threshold=NO_THRESHOLD`` merges every pruned neuron (``threshold=None`` means "the preset's").
@@ -118,13 +130,15 @@ def compression_config(
     merges every pruned neuron); ``ratio=None`` selects the fixed VGG widths of the
     paper. With ``preset="none"`` the library defaults apply and ``ratio`` is used
     uniformly. ``coupled`` adds the coupled channel groups (residual streams,
-    concats) and keeps the preset's threshold, λ and rounding.
+    concats) and keeps the preset's threshold, λ and rounding. ``preset="best"`` keeps the paper's widths (the library defaults
+    where the paper has no experiment), so parameter counts are equal, and adds
+    :data:`BEST_OPTIONS` (and :data:`BEST_CALIBRATE` for calibration data).
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if mode not in ("prune", "merge"):
         raise ConfigError(f"mode must be prune or merge, got {mode!r}")
-    setting = PAPER_SETTINGS.get((arch, dataset)) if preset == "paper" else None
+    setting = PAPER_SETTINGS.get((arch, dataset)) if preset in ("paper", "best") else None
     if preset == "paper" and setting is None:
         raise ConfigError(f"the paper has no experiment for {arch} on {dataset}; use --preset none")
     keep: dict[str, int] = {}
@@ -147,7 +161,11 @@ def compression_config(
         t_value: float | None = None
     else:
         t_value = t_default if threshold is None else threshold
+    extra: dict[str, Any] = {}
+    if preset == "best":
+        extra = dict(BEST_OPTIONS, calibrate=BEST_CALIBRATE)
     return MergeConfig(
+        **extra,
         ratio=0.0 if ratio is None else ratio,
         criterion=criterion,
         threshold=t_value,
@@ -180,6 +198,29 @@ class Outcome:
     widths: list[int]
 
 
+def calibration_images(
+    dataset: str,
+    count: int,
+    data_dir: str | Path | None = None,
+    *,
+    download: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``count`` unlabeled images of the *training* split (a seeded random subset).
+
+    Only the images are returned: calibration never sees a label.
+    """
+    from .data import load_dataset
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"calibrate needs a positive number of images, got {count!r}")
+    train = load_dataset(dataset, "train", data_dir, download)
+    if count > len(train):
+        raise ConfigError(f"calibrate {count} exceeds the {len(train)} training images")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.images[order[:count]].clone()
+
+
 def run_one(
     model: nn.Module,
     arch: str,
@@ -187,11 +228,12 @@ def run_one(
     config: MergeConfig | None,
     *,
     show_progress: bool = True,
+    calibration: torch.Tensor | None = None,
 ) -> Outcome:
     """Compress ``model`` with ``config`` (``None``: leave it) and evaluate it."""
     merged, widths = 0, []
     if config is not None:
-        res = compress(model, example_input(arch), config)
+        res = compress(model, example_input(arch), config, calibration=calibration)
         compressed = res.model
         merged = sum(g.merged for g in res.report.groups)
         widths = [g.kept for g in res.report.groups]
@@ -338,6 +380,7 @@ def run_sweep(
     show_progress: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     checkpoint: str | Path | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the original model and every criterion × ratio × mode compression of it.
 
@@ -414,6 +457,11 @@ def run_sweep(
             coupled=coupled,
             approximate=approximate,
         )
+        if calibration is not None:  # the images are part of every record's identity
+            settings["calibration"] = int(calibration.shape[0])
+            settings["calibration_sha256"] = hashlib.sha256(
+                calibration.detach().contiguous().numpy().tobytes()
+            ).hexdigest()
         store = ResultsStore(out)
     try:
         if store is not None:
@@ -425,7 +473,7 @@ def run_sweep(
                 remove_stale_temporaries(out, SWEEP_FILES)
         return _run_plan(
             model, arch, dataset, test_set, plan, preset, settings, store, out, resume,
-            show_progress, on_record,
+            show_progress, on_record, calibration,
         )  # fmt: skip
     finally:
         if store is not None:
@@ -445,12 +493,15 @@ def _run_plan(
     resume: bool,
     show_progress: bool,
     on_record: Callable[[dict[str, Any]], None] | None,
+    calibration: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     from .store import identity
 
     records: list[dict[str, Any]] = []
     jobs = []
     for mode, criterion, ratio, config in plan:
+        if config is not None and calibration is not None and not config.calibrate:
+            config = replace(config, calibrate=BEST_CALIBRATE)
         ident = identity(
             settings, mode, criterion, ratio, None if config is None else config.to_dict()
         )
@@ -465,7 +516,9 @@ def _run_plan(
             else f"{mode} {criterion} r={ratio if ratio is not None else 'cfg'}"
         )
         bar.set_postfix_str(label)
-        outcome = run_one(model, arch, test_set, config, show_progress=False)
+        outcome = run_one(
+            model, arch, test_set, config, show_progress=False, calibration=calibration
+        )
         loss = outcome.result.loss
         record = {
             "arch": arch,
@@ -479,6 +532,7 @@ def _run_plan(
             "preset": preset,
             "coupled": None if config is None else config.coupled,
             "approximate": None if config is None else config.approximate,
+            "calibration": 0 if calibration is None else int(calibration.shape[0]),
             "accuracy": round(outcome.result.accuracy, 2),
             "correct": outcome.result.correct,
             "total": outcome.result.total,

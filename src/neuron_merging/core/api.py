@@ -22,6 +22,8 @@ from ._copy import ModelTensors, aliasing_copy, check_finite, unshare
 from .approx import assign_approx
 from .assign import BNStats, Workspace, assign_bn, assign_plain
 from .build import GroupPlan, apply_plans
+from .calibrate import calibrate
+from .compensate import Extras
 from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
 from .errors import ConfigError, ModelError
 from .groups import (
@@ -186,6 +188,7 @@ def _plan(
     config: MergeConfig,
     criterion_fn: CriterionFn | None,
     timings: dict[str, float],
+    extras: Extras | None = None,
 ) -> list[GroupPlan]:
     """Select the kept channels of every target group and assign partners to the rest.
 
@@ -224,6 +227,15 @@ def _plan(
             pruned = torch.zeros(b, 0, dtype=torch.long)
         else:
             kept = select_kept(rows, k, criterion_fn or config.criterion)
+            if extras is not None and all(
+                _beyond_paper(targets[i][0], modules) for i in members
+            ):  # selection beyond the criterion's top scores
+                kept = torch.stack(
+                    [
+                        extras.select(i, rows[j], k, kept[j], criterion_fn or config.criterion)
+                        for j, i in enumerate(members)
+                    ]
+                )
             mask = torch.ones(b, n, dtype=torch.bool)
             mask.scatter_(1, kept, False)
             pruned = mask.nonzero()[:, 1].view(b, n - k)
@@ -279,6 +291,19 @@ def _plan(
                 approximate=_approximates(targets[i][0], config),
             )
     return [plan for plan in plans if plan is not None]  # every slot is filled
+
+
+def _beyond_paper(group: ChannelGroup, modules: dict[str, nn.Module]) -> bool:
+    """Whether the options beyond the paper (:mod:`.compensate`, :mod:`.calibrate`) apply.
+
+    They are written for the paper's groups: one producer (and its batch norm), one
+    consumer, nothing sliced in between, merged exactly, and standard weight layouts.
+    """
+    return (
+        group.simple
+        and group.mergeable
+        and not any(is_conv1d_transposed(modules[n]) for n in (group.producer, group.consumer))
+    )
 
 
 def _approximates(group: ChannelGroup, config: MergeConfig) -> bool:
@@ -343,8 +368,9 @@ def compress(
     *,
     groups: Sequence[GroupSpec] | None = None,
     criterion_fn: CriterionFn | None = None,
+    calibration: Tensor | Sequence[Tensor] | None = None,
 ) -> MergeResult:
-    """Prune (``config.mode="prune"``) or merge (``"merge"``) ``model`` without data.
+    """Prune (``config.mode="prune"``) or merge (``"merge"``) ``model``.
 
     Args:
         model: any module that runs on ``example_inputs``; its channel groups are
@@ -356,6 +382,10 @@ def compress(
         groups: explicit simple groups; validated against the recorded forward pass
             when ``example_inputs`` are given.
         criterion_fn: a custom criterion overriding ``config.criterion``.
+        calibration: optional unlabeled inputs (a tensor or tuple of tensors
+            ``model`` accepts, batch first). No labels and no gradients are
+            used: they give measured moments to ``selection``/``compensation``/
+            ``repair`` and run the ``config.calibrate`` steps.
 
     Returns:
         A :class:`MergeResult` with the new model, its report and the plans.
@@ -398,9 +428,12 @@ def compress(
             skipped = []
     timings["trace"] = time.perf_counter() - t0
     targets = _targets(config, found, skipped, modules)
+    extras = None
+    if config.beyond_paper or calibration is not None:
+        extras = Extras(config, model, example_inputs, [t[0] for t in targets], calibration)
 
     with torch.no_grad():
-        plans = _plan(targets, modules, config, criterion_fn, timings)
+        plans = _plan(targets, modules, config, criterion_fn, timings, extras)
     if not found:
         warnings.warn(
             f"{type(model).__name__} has no mergeable group; returning an unchanged copy",
@@ -409,6 +442,30 @@ def compress(
     t0 = time.perf_counter()
     apply_plans(work, plans, modules)
     timings["fold"] = time.perf_counter() - t0
+    if extras is not None:
+        t0 = time.perf_counter()
+        capable = [p for p in plans if _beyond_paper(p.group, modules)]
+        if len(capable) < len(plans):
+            notes.append(
+                f"selection, compensation, repair and calibration apply to single-producer "
+                f"groups of Linear/Conv layers without layers in between: {len(plans) - len(capable)} "
+                "other group(s) used the options of the paper"
+            )
+        extras.post_build(modules, capable)
+        timings["compensate"] = time.perf_counter() - t0
+        if calibration is not None and config.calibrate:
+            t0 = time.perf_counter()
+            calibrate(
+                model,
+                work,
+                extras.groups,
+                capable,
+                calibration,
+                config.calibrate,
+                config.ridge,
+                extras.folded,
+            )
+            timings["calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for module in training:  # each module back in its own mode
         module.training = True

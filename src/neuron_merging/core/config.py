@@ -30,6 +30,11 @@ DEFAULT_LAMBDA: float = 0.85
 BN_RULES: tuple[str, ...] = ("paper", "exact")
 ROUNDINGS: tuple[str, ...] = ("round", "floor")
 MODES: tuple[str, ...] = ("merge", "prune")
+SELECTIONS: tuple[str, ...] = ("criterion", "group", "cover", "lstsq")
+COMPENSATIONS: tuple[str, ...] = ("merge", "fold", "lstsq")
+GRAMS: tuple[str, ...] = ("propagated", "whitened")
+REPAIRS: tuple[str, ...] = ("none", "mean", "mean+var")
+CALIBRATE_STEPS: tuple[str, ...] = ("lstsq", "bn", "repair")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,29 @@ class MergeConfig:
             only because of one GELU, SiLU, ReLU6, Hardswish or gated (SwiGLU/GeGLU)
             unit, with least-squares scales under a Gaussian model (:mod:`.approx`);
             otherwise those groups are only pruned.
+        selection: how the kept set is chosen: ``"criterion"`` (the paper: the
+            criterion's top scores), ``"group"`` (criterion on producer rows +
+            consumer columns + BN scale), ``"cover"`` (greedy k-medoids cover in
+            the merge's distance, weighted by the criterion) or ``"lstsq"``
+            (greedy removal by least-squares compensation error; without
+            moments, i.e. no batch norm and no data, it keeps the criterion's set).
+        compensation: with ``mode="merge"``, ``"merge"`` (the paper's partner and
+            scale), ``"fold"`` (k-means clusters → centroids) or ``"lstsq"`` (a
+            dense least-squares mix of the kept channels; without moments it
+            falls back to ``"merge"``).
+        gram: data-free estimate of the channel correlations behind ``lstsq``
+            and ``repair``: ``"propagated"`` (noise images through the network,
+            every BN renormalising) or ``"whitened"`` (signed filter cosines).
+        repair: ``"mean"`` corrects the consumer's expected input (BN running
+            mean or bias), ``"mean+var"`` also its variance (BN running var).
+        ridge: relative ridge of the least-squares solves.
+        seed: seed of the noise images of ``gram="propagated"``.
+        calibrate: steps run when calibration data is passed to
+            :func:`~neuron_merging.core.api.compress`, in this order:
+            ``"lstsq"`` (sequential least-squares refit of every consumer),
+            ``"repair"`` (match per-channel output mean/std to the original's),
+            ``"bn"`` (reset BN statistics). Data also replaces the Gaussian
+            moments of ``selection``/``compensation``/``repair`` by measured ones.
     """
 
     ratio: float = 0.5
@@ -69,6 +97,13 @@ class MergeConfig:
     mode: str = "merge"
     coupled: bool = False
     approximate: bool = False
+    selection: str = "criterion"
+    compensation: str = "merge"
+    gram: str = "propagated"
+    repair: str = "none"
+    ridge: float = 1e-3
+    seed: int = 0
+    calibrate: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         from .select import available_criteria
@@ -118,6 +153,27 @@ class MergeConfig:
         bad = [name for name in exclude if not isinstance(name, str)]
         if bad:
             raise ConfigError(f"exclude must hold layer names (strings), got {bad[0]!r}")
+        for name, value, allowed in (
+            ("selection", self.selection, SELECTIONS),
+            ("compensation", self.compensation, COMPENSATIONS),
+            ("gram", self.gram, GRAMS),
+            ("repair", self.repair, REPAIRS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        r = self.ridge
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < math.inf:
+            raise ConfigError(f"ridge must be a finite number >= 0, got {r!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.calibrate, str):
+            raise ConfigError("calibrate must be a list of steps, not a single string")
+        for step in self.calibrate:
+            if step not in CALIBRATE_STEPS:
+                raise ConfigError(
+                    f"unknown calibrate step {step!r}; choose from {', '.join(CALIBRATE_STEPS)}"
+                )
+        object.__setattr__(self, "calibrate", tuple(self.calibrate))
         object.__setattr__(self, "keep", dict(self.keep))
         object.__setattr__(self, "exclude", exclude)
 
@@ -138,7 +194,15 @@ class MergeConfig:
         data = asdict(self)
         data["keep"] = dict(self.keep)
         data["exclude"] = list(self.exclude)
+        data["calibrate"] = list(self.calibrate)
         return data
+
+    @property
+    def beyond_paper(self) -> bool:
+        """Whether any option beyond the paper's algorithm is on."""
+        return (
+            self.selection != "criterion" or self.compensation != "merge" or self.repair != "none"
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeConfig:

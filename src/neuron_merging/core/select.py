@@ -170,3 +170,66 @@ def select_kept(rows: Tensor, keep: int, criterion: str | CriterionFn) -> Tensor
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
     kept = torch.sort(order, dim=1).values
     return kept[0] if single else kept
+
+
+# ----------------------------------------------------------------- merge-aware selection
+
+
+def _mean_normalised(score: Tensor) -> Tensor:
+    s = torch.nan_to_num(score.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    mean = s.abs().mean()
+    return s / mean if float(mean) > 0 else s
+
+
+def group_scores(
+    rows: Tensor, columns: Tensor, bn_scale: Tensor | None, criterion: str | CriterionFn
+) -> Tensor:
+    """Group importance: producer rows + BN scale + consumer columns (each mean-normalised).
+
+    The criterion scores the producer's rows and, the same way, each neuron's
+    consumer columns (``(n, out·taps)``); with batch norm, ``|γ|/σ`` is added,
+    the factor by which BN scales the neuron's output. This is the group
+    importance of Torch-Pruning (Fang et al., 2023) with any criterion.
+    """
+    fn = get_criterion(criterion) if isinstance(criterion, str) else criterion
+    total = _mean_normalised(fn(rows)) + _mean_normalised(fn(columns))
+    if bn_scale is not None:
+        total = total + _mean_normalised(bn_scale.abs())
+    return total
+
+
+def top_k(scores: Tensor, keep: int) -> Tensor:
+    """Ascending indices of the ``keep`` highest scores (ties towards the lower index)."""
+    s = torch.nan_to_num(scores.to(torch.float64), nan=float("-inf"))
+    order = torch.sort(s, descending=True, stable=True).indices[:keep]
+    return torch.sort(order).values
+
+
+def cover_select(vectors: Tensor, keep: int, weights: Tensor) -> Tensor:
+    """Kept set by a greedy weighted k-medoids cover in the merge's cosine distance.
+
+    Each neuron ``n`` is a vector whose positive multiples merge exactly into it
+    (see :func:`neuron_merging.core.compensate.merge_vectors`); the distance is
+    ``d = 1 − cos`` (``≥ 1`` for negative cosines, which cannot be merged). The
+    greedy facility-location rule adds, ``keep`` times, the neuron that most
+    lowers ``Σ_n w_n·min_{m ∈ K} d(n, m)`` (a kept neuron costs 0), with
+    ``weights`` the criterion's scores, so important neurons are kept or well
+    covered. Each step is one vectorised ``(n, n)`` reduction.
+    """
+    v = vectors.to(torch.float64)
+    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    unit = v / torch.where(norm > 0, norm, torch.ones_like(norm))
+    dist = (1.0 - unit @ unit.T).clamp_min(0.0)
+    dist.fill_diagonal_(0.0)
+    w = torch.nan_to_num(weights.to(torch.float64), nan=0.0).clamp_min(0.0)
+    w = w / w.mean() if float(w.mean()) > 0 else torch.ones_like(w)
+    n = v.shape[0]
+    best = torch.full((n,), 2.0, dtype=torch.float64)  # cost of an uncovered neuron
+    chosen = torch.zeros(n, dtype=torch.bool)
+    for _ in range(keep):
+        gain = (w[:, None] * (best[:, None] - dist).clamp_min(0.0)).sum(dim=0)
+        gain[chosen] = -1.0
+        c = int(torch.argmax(gain))
+        chosen[c] = True
+        best = torch.minimum(best, dist[:, c])
+    return chosen.nonzero().squeeze(1)

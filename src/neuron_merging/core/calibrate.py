@@ -1,0 +1,292 @@
+"""Calibration with unlabeled inputs: least-squares refit, REPAIR and BN reset.
+
+Every step uses the caller's input tensors only: no labels, no loss, no
+gradients (everything runs under ``torch.no_grad``). The steps:
+
+* ``"lstsq"``: group by group, in the order of the plans (the network's order),
+  the consumer of the compressed model is refit in closed form so that, on the
+  compressed model's *own* inputs (which already include the refits before
+  it), its output matches the original consumer's output on the original
+  inputs. The normal equations ``(XᵀX + ridge·mean(diag)·I)·β = XᵀY`` are
+  accumulated batch by batch in float64 (``X``: the unfolded input patches of a
+  convolution, or the input of a Linear, plus a constant column whose weight
+  goes into the consumer's bias or the running mean of its successor BN).
+* ``"repair"``: group by group, each consumer's output (after its successor
+  batch norm when there is one) gets the per-channel mean and standard
+  deviation of the original model's, through the BN's ``γ``/``β`` (REPAIR,
+  Jordan et al. 2022), or the consumer's own weight and bias without BN.
+* ``"bn"``: every batch norm's running statistics are recomputed on the data.
+
+Each step costs two forwards over the calibration set (one of the original,
+one of the compressed model): the sequential steps work inside forward hooks of
+a single forward of the compressed model, on the whole set as one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .compensate import _batches, _inputs, _set, group_fields, successor_bns
+
+_BATCH = 250
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+def _design(layer: nn.Module, x: Tensor) -> Tensor:
+    """``(rows, features)`` regressors of ``layer`` for input ``x``."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise ValueError("grouped convolutions cannot be refit")
+        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(x.shape[0], -1)
+
+
+def _targets(layer: nn.Module, y: Tensor) -> Tensor:
+    if y.dim() == 4:
+        return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+    return y.reshape(y.shape[0], -1)
+
+
+def _outputs(model: nn.Module, names: Sequence[str], data: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """The outputs of modules ``names`` on ``data`` (one forward, batch by batch)."""
+    modules = dict(model.named_modules())
+    store: dict[str, list[Tensor]] = {n: [] for n in names}
+    handles = []
+    for name in dict.fromkeys(names):
+
+        def hook(_m: nn.Module, _a: object, out: Tensor, name: str = name) -> None:
+            store[name].append(out.detach().clone())  # a later in-place ReLU must not alter it
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        for part in _batches(data, _BATCH):
+            model(*part)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+def _solve(layer: nn.Module, x: Tensor, y: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """Ridge least squares ``y ≈ design(x)·W + c`` in float64: ``(W as layer.weight, c)``."""
+    xtx = None
+    xty = None
+    step = max(1, _BATCH)
+    for i in range(0, x.shape[0], step):
+        d = _design(layer, x[i : i + step].to(torch.float64))
+        d = torch.cat([d, torch.ones(d.shape[0], 1, dtype=torch.float64)], dim=1)
+        t = _targets(layer, y[i : i + step].to(torch.float64))
+        xtx = d.T @ d if xtx is None else xtx + d.T @ d
+        xty = d.T @ t if xty is None else xty + d.T @ t
+    assert xtx is not None and xty is not None
+    size = xtx.shape[0]
+    lift = ridge * float(xtx.diagonal()[:-1].mean().clamp_min(1e-300))
+    system = xtx + lift * torch.eye(size, dtype=torch.float64)
+    system[-1, -1] = xtx[-1, -1]  # the intercept is not shrunk
+    beta = torch.linalg.solve(system, xty)  # (features + 1, out)
+    return beta[:-1].T.reshape(layer.weight.shape), beta[-1]
+
+
+def lstsq_refit(
+    original: nn.Module,
+    compressed: nn.Module,
+    consumers: Sequence[tuple[str, Tensor | None]],
+    data: tuple[Tensor, ...],
+    ridge: float,
+    successors: dict[str, str],
+) -> None:
+    """Sequential closed-form refit of each consumer (see the module doc).
+
+    ``consumers`` lists ``(name, rows)``: ``rows`` are the original output
+    channels the compressed layer keeps (``None``: all of them). The original's
+    consumer outputs are recorded in one forward; then one forward of the
+    compressed model refits each consumer in a pre-hook, on its actual input,
+    before the layer runs, so every later layer already sees the refit ones.
+    The whole calibration set goes through as one batch (it is small).
+    """
+    names = [c for c, _r in consumers]
+    targets = _outputs(original, names, data)
+    rows_of = dict(consumers)
+    work = dict(compressed.named_modules())
+    originals = dict(original.named_modules())
+    done: set[str] = set()
+    handles = []
+    for name in dict.fromkeys(names):
+
+        def pre(layer: nn.Module, args: tuple[Tensor, ...], name: str = name) -> None:
+            if name in done:
+                return
+            done.add(name)
+            y = targets.pop(name)
+            rows = rows_of[name]
+            if rows is not None:
+                y = y[:, rows]
+            if layer.bias is not None:  # refit around the current bias
+                shape = (1, -1) + (1,) * (y.dim() - 2)
+                y = y - layer.bias.detach().view(shape)
+            weight, intercept = _solve(layer, args[0].detach(), y, ridge)
+            _set(layer, "weight", weight)
+            if layer.bias is not None:
+                _set(layer, "bias", layer.bias.detach().to(torch.float64) + intercept)
+            elif name in successors:
+                # The target is the original's pre-BN output, so the BN gets the
+                # original's statistics back (undoing any data-free repair), with
+                # the intercept folded into its mean.
+                bn, ref = work[successors[name]], originals[successors[name]]
+                mean = ref.running_mean.detach().to(torch.float64)
+                var = ref.running_var.detach().to(torch.float64)
+                if rows is not None:
+                    mean, var = mean[rows], var[rows]
+                _set(bn, "running_mean", mean - intercept)
+                _set(bn, "running_var", var)
+
+        handles.append(work[name].register_forward_pre_hook(pre))
+    try:
+        compressed(*data)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _channel_stats(y: Tensor) -> tuple[Tensor, Tensor]:
+    flat = y.detach().transpose(0, 1).reshape(y.shape[1], -1).to(torch.float64)
+    return flat.mean(dim=1), flat.std(dim=1)
+
+
+def repair_stats(
+    original: nn.Module,
+    compressed: nn.Module,
+    targets: Sequence[tuple[str, Tensor | None]],
+    data: tuple[Tensor, ...],
+) -> None:
+    """REPAIR: match each target's per-channel output mean/std to the original's.
+
+    ``targets`` lists ``(module name, kept channels)``; a batch norm is repaired
+    through ``γ``/``β``, a layer with a bias through its weight rows and bias.
+    In one forward of the compressed model, each target is corrected in a hook
+    that also hands the corrected output on, so later targets see it.
+    """
+    names = [t for t, _r in targets]
+    reference = {n: _channel_stats(y) for n, y in _outputs(original, names, data).items()}
+    rows_of = dict(targets)
+    work = dict(compressed.named_modules())
+    done: set[str] = set()
+    handles = []
+    for name in dict.fromkeys(names):
+
+        def post(m: nn.Module, _a: object, out: Tensor, name: str = name) -> Tensor | None:
+            if name in done:
+                return None
+            done.add(name)
+            mo, so = reference[name]
+            rows = rows_of[name]
+            if rows is not None:
+                mo, so = mo[rows], so[rows]
+            mc, sc = _channel_stats(out)
+            ratio = torch.where(sc > 1e-12, so / sc.clamp_min(1e-12), torch.ones_like(sc))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                _set(m, "weight", m.weight.detach().double() * ratio)
+                _set(m, "bias", (m.bias.detach().double() - mc) * ratio + mo)
+            elif getattr(m, "bias", None) is not None:
+                shape = (-1,) + (1,) * (m.weight.dim() - 1)
+                _set(m, "weight", m.weight.detach().double() * ratio.view(shape))
+                _set(m, "bias", (m.bias.detach().double() - mc) * ratio + mo)
+            else:
+                return None
+            view = (1, -1) + (1,) * (out.dim() - 2)
+            fixed = (out.double() - mc.view(view)) * ratio.view(view) + mo.view(view)
+            return fixed.to(out.dtype)
+
+        handles.append(work[name].register_forward_hook(post))
+    try:
+        compressed(*data)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def bn_reset(model: nn.Module, data: tuple[Tensor, ...]) -> None:
+    """Recompute every batch norm's running statistics on ``data`` (exact averages)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        # The compressed model may share untouched buffers with the caller's model:
+        # give each BN its own before resetting them in place.
+        for attr in ("running_mean", "running_var", "num_batches_tracked"):
+            value = getattr(m, attr, None)
+            if value is not None:
+                setattr(m, attr, value.clone())
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for part in _batches(data, len(data[0])):  # one batch: the exact statistics
+            model(*part)
+    finally:
+        for m, (mom, t) in zip(bns, saved, strict=True):
+            m.momentum, m.training = mom, t
+
+
+def calibrate(
+    original: nn.Module,
+    compressed: nn.Module,
+    groups: Sequence[object],
+    plans: Sequence[object],
+    data: Tensor | Sequence[Tensor],
+    steps: Sequence[str],
+    ridge: float,
+    folded: frozenset[str] = frozenset(),
+) -> None:
+    """Run the calibration ``steps`` on ``compressed`` (in place), in order.
+
+    ``folded`` names producers whose rows were replaced by folding's centroids;
+    a consumer that is such a producer is not refit (its target is not a row
+    of the original layer).
+    """
+    inputs = _inputs(data)
+    producer_rows = {group_fields(p.group)[0]: p.kept for p in plans}  # type: ignore[attr-defined]
+    consumers = [group_fields(p.group)[2] for p in plans]  # type: ignore[attr-defined]
+    succ = successor_bns(original, tuple(x[:1] for x in inputs), consumers)
+    with torch.no_grad(), _eval(original), _eval(compressed):
+        for step in steps:
+            if step == "lstsq":
+                todo = [(c, producer_rows.get(c)) for c in consumers if c not in folded]
+                lstsq_refit(original, compressed, todo, inputs, ridge, succ)
+            elif step == "repair":
+                targets = []
+                for c in consumers:
+                    if c in producer_rows:
+                        continue  # repaired as the next group's producer output
+                    targets.append((succ.get(c, c), None))
+                for p in plans:
+                    _prod, bn, _c, _f = group_fields(p.group)  # type: ignore[attr-defined]
+                    if bn is not None:
+                        targets.append((bn, p.kept))  # type: ignore[attr-defined]
+                repair_stats(original, compressed, _ordered(original, targets), inputs)
+            elif step == "bn":
+                bn_reset(compressed, inputs)
+            else:
+                raise ValueError(f"unknown calibrate step {step!r}")
+
+
+def _ordered(
+    model: nn.Module, targets: list[tuple[str, Tensor | None]]
+) -> list[tuple[str, Tensor | None]]:
+    order = {name: i for i, (name, _m) in enumerate(model.named_modules())}
+    return sorted(targets, key=lambda t: order.get(t[0], 0))
