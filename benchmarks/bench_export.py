@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import neuron_merging as nm
@@ -34,12 +35,46 @@ from neuron_merging.export import FORMATS, ExportCheck, default_onnx_exporter, v
 from . import _common as C
 
 
+class _Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus an identity or 1×1 projection shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CoupledResNet(nn.Module):
+    """A small ResNet whose residual streams ``coupled=True`` compresses jointly."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
+        self.blocks = nn.Sequential(
+            _Block(width, width, 1), _Block(width, 2 * width, 2), _Block(2 * width, 2 * width, 1)
+        )
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(torch.relu(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class MobileNetStyle(nn.Module):
     """A small MobileNet-style CNN: depthwise-separable ReLU6 blocks, a ReLU head.
 
-    The depthwise convolutions are grouped, so they are left intact; the 1×1
-    head conv (→ BN → ReLU → global pool) and the hidden classifier layer are
-    merged.
+    The depthwise convolutions carry their input's channel group (sliced with it,
+    pruned, not merged: ReLU6); the 1×1 head conv (→ BN → ReLU → global pool) and the
+    hidden classifier layer are merged.
     """
 
     def __init__(self, width: int = 16, classes: int = 10) -> None:
@@ -168,6 +203,16 @@ def cases() -> dict[str, Case]:
             "MobileNet-style (r=0.5)",
             lambda: _randomize_bn(MobileNetStyle(), 0),
             lambda m: nm.merge(m, torch.randn(1, 3, 32, 32), ratio=0.5, threshold=None).model,
+            lambda seed: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),
+        ),
+        "resnet-coupled": Case(
+            "ResNet, coupled streams (r=0.5)",
+            lambda: _randomize_bn(CoupledResNet(), 0),
+            lambda m: (
+                nm.merge(
+                    m, torch.randn(1, 3, 32, 32), ratio=0.5, threshold=None, coupled=True
+                ).model
+            ),
             lambda seed: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),
         ),
         "opt": Case(
