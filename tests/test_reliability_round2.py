@@ -765,3 +765,15 @@ def test_d26_code_execution_is_still_refused(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}, protocol=5))
     with pytest.raises(DatasetError, match=r"forbidden global posix\.system"):
         read_cifar_batch(path, "cifar10")
+
+
+def test_d12_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    """D12/D20: stale temp files of a dead writer are cleaned; a live writer's are left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    stale = tmp_path / f".model.pth.tar.{int(dead.stdout)}.k1ll3d.tmp"
+    live = tmp_path / f".model.pth.tar.{os.getpid()}.inflight.tmp"
+    for path in (stale, live):
+        path.write_bytes(b"partial")
+    atomic_write_text(tmp_path / "model.pth.tar", "done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "model.pth.tar"]

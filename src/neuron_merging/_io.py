@@ -194,6 +194,9 @@ def temporary_prefix(target: Path) -> str:
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success fsync and rename it over ``path``.
 
+    A leftover temporary file of ``path`` from a writer that is gone (killed with
+    SIGKILL mid-write) is removed first.
+
     ``path`` may be a symlink (the file it points to is replaced); an existing
     non-regular file is refused. A replaced file keeps its permission bits; a new
     one gets ``0666 & ~umask``.
@@ -208,6 +211,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
         keep_mode = 0o666 & ~_umask()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(directory, [target.name])  # a killed earlier write's leftover
         fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target), suffix=".tmp", dir=directory)
     except OSError as exc:
         raise OutputError(f"cannot write to {directory}: {_strerror(exc)}") from exc

@@ -679,8 +679,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     printed and the exit status is 143 (130 for Ctrl-C), even while torch is
     still being imported. ``--debug`` adds the traceback but keeps the code.
     """
+    previous = None
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args: argparse.Namespace | None = None
     try:
         parser = build_parser()
@@ -695,12 +704,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(None, 143, f"{PROG}: terminated")
     except KeyboardInterrupt:
         return _fail(None, 130, f"{PROG}: interrupted")
-    except RecursionError as exc:
-        return _fail(
-            args,
-            70,
-            f"{PROG}: internal error: RecursionError: {exc} (rerun with --debug for the traceback)",
-        )
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         return _fail(args, 6, f"{PROG}: error: {exc.strerror or exc}{where}")

@@ -196,15 +196,16 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             logits = model(images)
             loss = nn.functional.cross_entropy(logits, labels)
-            if not torch.isfinite(loss):
+            value = loss.item()
+            if not math.isfinite(value):
                 raise ModelError(
-                    f"training diverged: the loss is {float(loss.detach())} at epoch {epoch}, batch "
+                    f"training diverged: the loss is {value} at epoch {epoch}, batch "
                     f"{step + 1} (try a smaller --lr); nothing was saved for this epoch"
                 )
             loss.backward()
             optimizer.step()
             seen += len(labels)
-            loss_sum += loss.item() * len(labels)
+            loss_sum += value * len(labels)
             correct += int((logits.argmax(dim=1) == labels).sum())
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.2f}%")
