@@ -400,7 +400,6 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[Tensor] = []  # tensors stay alive so that ids are never reused
         self.ops: list[Op] = []
         self.stack: list[nn.Module] = []
-        self.depth = 0  # > 0 inside a leaf layer's call
         self.calls: dict[str, int] = {}
         self.taints: dict[str, str] = {}
         self.leaf: nn.Module | None = None  # the leaf layer being called
@@ -553,7 +552,7 @@ class _Recorder(TorchFunctionMode):
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
         kwargs = dict(kwargs or {})
-        if self.depth:
+        if self.leaf is not None:  # inside a leaf layer (the mode is normally off there)
             return func(*args, **kwargs)
         name, kind = _kind(func)
         if kind == "meta":
@@ -659,7 +658,6 @@ class _Recorder(TorchFunctionMode):
 
     def enter_leaf(self, module: nn.Module) -> None:
         self.leaf = module
-        self.depth = 1
         self.disabled = torch._C.DisableTorchFunction()
         self.disabled.__enter__()
 
@@ -681,7 +679,6 @@ class _Recorder(TorchFunctionMode):
             self.disabled.__exit__(None, None, None)
         self.disabled = None
         self.leaf = None
-        self.depth = 0
 
 
 #: Classes of PyTorch's own re-parametrisations that live in forward pre-hooks.
