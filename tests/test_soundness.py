@@ -853,3 +853,41 @@ def test_torchscript_submodule_second_use(how: str) -> None:
     assert "fc1" not in {g.name for g in groups}
     assert "aux" in _skips(skipped)["fc1"] or "TorchScript" in _skips(skipped)["fc1"]
     assert_merge_correct(net, X)
+
+
+# ------------------------------------------------------------------ tensor identity
+
+
+class _DeepChain(nn.Module):
+    """Twelve Linear → ReLU layers whose intermediate tensors are freed as the pass goes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.layers = nn.ModuleList(nn.Linear(6, 6) for _ in range(12))
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = F.relu(layer(x)) * 1.0
+        return x
+
+
+def test_freed_tensor_ids_are_reused_without_confusing_values() -> None:
+    """The recorder keeps no tensor alive: ids of freed tensors come back for new values,
+    which must be recorded as new values (a stale one would hide the op that made it)."""
+    from _zoo import masked_copy
+
+    from neuron_merging.core.record import record
+
+    model = _DeepChain()
+    recording = record(model, X[:, :4].repeat(1, 2)[:, :6])
+    outputs = [v for op in recording.ops for v in op.outputs]
+    assert len(recording.ops) == 36  # 12 × (linear, relu, mul): none dropped as "unchanged"
+    assert len({v.tensor_id for v in outputs}) < len(outputs)  # ids were reused
+    assert len({id(v) for v in outputs}) == len(outputs)
+    x = X[:, :4].repeat(1, 2)[:, :6]
+    groups, _ = nm.find_groups(model, x)
+    assert [g.producers for g in groups] == [(f"layers.{i}",) for i in range(11)]
+    result = nm.prune(model, x, ratio=0.5)
+    assert torch.equal(run(result.model, x), run(masked_copy(model, result.plans), x))

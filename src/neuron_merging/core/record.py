@@ -14,7 +14,11 @@ Python code, so it analyses fewer models, at several times the cost of a forward
 
 Values are identified by tensor object and version counter, so an in-place operation
 (``relu_``, ``+=``) creates a new value, and a write into a tensor whose storage is
-shared with another recorded value (a view, ``.data``) is flagged. Everything the
+shared with another recorded value (a view, ``.data``) is flagged. Tensors are not kept
+alive (that would cost a ResNet-56 forward pass most of its cache locality): a weak
+reference forgets a tensor's values when it is freed, before its id or memory can be
+reused. PyTorch keeps a tensor's Python object alive as long as any C++ reference to
+the tensor exists, so a freed object can never come back. Everything the
 recording cannot prove harmless is reported, never ignored: parameters read outside
 their own layer's call (tied or functional weights), hooks, and layers called more
 than once.
@@ -26,6 +30,7 @@ import contextlib
 import dataclasses
 import gc
 import itertools
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -388,6 +393,20 @@ class Recording:
     size_uses: list[tuple[Value, int | None, str]] = field(default_factory=list)
 
 
+class _Ref(weakref.ref):
+    """A weak reference to a recorded tensor, with the value keys and storages it owns."""
+
+    __slots__ = ("keys", "ptrs")
+
+    def __new__(cls, obj: Any, callback: Any) -> _Ref:
+        return super().__new__(cls, obj, callback)
+
+    def __init__(self, obj: Any, callback: Any) -> None:
+        super().__init__(obj, callback)
+        self.keys: list[tuple[int, int]] = []
+        self.ptrs: list[int] = []
+
+
 class _Recorder(TorchFunctionMode):
     """Builds a :class:`Recording` while the model runs."""
 
@@ -397,7 +416,8 @@ class _Recorder(TorchFunctionMode):
         self.names = {id(m): name for name, m in modules.items()}
         self.values: dict[tuple[int, int], Value] = {}
         self.storage: dict[int, list[Value]] = {}
-        self.keep: list[Tensor] = []  # tensors stay alive so that ids are never reused
+        self.alive: dict[int, _Ref] = {}  # tensor id -> weak reference that forgets it
+        self.pinned: list[Tensor] = []  # tensors without weak references stay alive
         self.ops: list[Op] = []
         self.stack: list[nn.Module] = []
         self.calls: dict[str, int] = {}
@@ -451,15 +471,36 @@ class _Recorder(TorchFunctionMode):
         return found
 
     def _store(self, key: tuple[int, int], tensor: Tensor, value: Value) -> None:
-        value.tensor_id = id(tensor)
+        value.tensor_id = key[0]
         self.values[key] = value
-        self.keep.append(tensor)
+        ref = self.alive.get(key[0])
+        if ref is None:
+            try:
+                ref = self.alive[key[0]] = _Ref(tensor, self._freed)
+            except TypeError:  # no weak references: the id stays taken while it lives
+                self.pinned.append(tensor)
+        if ref is not None:
+            ref.keys.append(key)
         try:
             ptr = tensor.untyped_storage().data_ptr()
         except (RuntimeError, NotImplementedError, TypeError):
             return
         if ptr:
             self.storage.setdefault(ptr, []).append(value)
+            if ref is not None:
+                ref.ptrs.append(ptr)
+
+    def _freed(self, ref: _Ref) -> None:
+        """A recorded tensor was freed: forget its values before its id or memory is reused."""
+        tensor_id = ref.keys[0][0]
+        if self.alive.get(tensor_id) is ref:
+            del self.alive[tensor_id]
+        for key in ref.keys:
+            self.values.pop(key, None)
+        for ptr in ref.ptrs:
+            stale = self.storage.get(ptr)
+            if stale is not None:
+                stale[:] = [v for v in stale if v.tensor_id != tensor_id]
 
     def wrap(self, obj: Any, depth: int = 0) -> Any:
         """``obj`` with every tensor replaced by its value."""
@@ -917,6 +958,7 @@ def record(
         if collecting:
             gc.enable()
     outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
+    recorder.alive.clear()  # no callbacks once the recording is done
     if recorder.sized:
         _scrub_sizes({id(m): m for m in (model, *recorder.sized_in)}.values())
     return Recording(
