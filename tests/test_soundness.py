@@ -877,7 +877,6 @@ def test_freed_tensor_ids_are_reused_without_confusing_values() -> None:
     """The recorder keeps no tensor alive: ids of freed tensors come back for new values,
     which must be recorded as new values (a stale one would hide the op that made it)."""
     from _zoo import masked_copy
-
     from neuron_merging.core.record import record
 
     model = _DeepChain()
