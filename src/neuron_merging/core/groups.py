@@ -429,13 +429,19 @@ class _Analysis:
     # -- the walk
     def run(self) -> None:
         modules = self.rec.modules
+        small: dict[str, bool] = {}  # owner -> whether it has no submodules
         for op in self.rec.ops:
             infos = [self.get(v) for v in op.inputs()]
             if not any(i is not None for i in infos) and op.kind != "module":
                 continue
             if op.owner and any(i is not None for i in infos):
-                owner = modules.get(op.owner)
-                op.small_owner = owner is not None and not any(True for _ in owner.children())
+                found = small.get(op.owner)
+                if found is None:
+                    owner = modules.get(op.owner)
+                    found = small[op.owner] = owner is not None and not any(
+                        m is not None for m in owner._modules.values()
+                    )
+                op.small_owner = found
                 if op.owner in self.rec.hooked:
                     for info in infos:
                         self.break_info(info, self.rec.hooked[op.owner])

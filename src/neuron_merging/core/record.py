@@ -76,12 +76,25 @@ def is_leaf(module: nn.Module) -> bool:
     """
     if "forward" in module.__dict__:
         return False
-    if is_conv1d_transposed(module):
+    cls = type(module)
+    if cls.__name__ == "Conv1D" and is_conv1d_transposed(module):  # decided per instance
         return True
+    key = (cls, cls.forward, getattr(cls, "_conv_forward", None))  # patched classes: a new key
+    found = _LEAF_CLASSES.get(key)
+    if found is None:
+        found = _LEAF_CLASSES[key] = _leaf_class(cls)
+    return found
+
+
+#: Whether each class met so far runs a leaf layer's own forward (see :func:`is_leaf`).
+_LEAF_CLASSES: dict[tuple[type, Any, Any], bool] = {}
+
+
+def _leaf_class(cls: type) -> bool:
     for base in LEAF_TYPES:
-        if isinstance(module, base) and type(module).forward is base.forward:
+        if issubclass(cls, base) and cls.forward is base.forward:
             conv = getattr(base, "_conv_forward", None)
-            return conv is None or type(module)._conv_forward is conv
+            return conv is None or cls._conv_forward is conv
     return False
 
 
@@ -544,8 +557,8 @@ class _Recorder(TorchFunctionMode):
 
         ``values`` are the :class:`Value`\\ s among them, when the caller has them.
         """
-        outs = flatten_tensors(result, [])
-        in_ids = {id(t): t for t in inputs}
+        outs = [result] if type(result) is Tensor else flatten_tensors(result, [])
+        in_ids = {id(t) for t in inputs}
         new: list[tuple[tuple[int, int], Tensor]] = []
         inplace = False
         for t in outs:
@@ -556,7 +569,7 @@ class _Recorder(TorchFunctionMode):
             key = (id(t), version)
             if key in self.values:
                 continue  # returned an input unchanged (dropout in eval, .to(same dtype))
-            if id(t) in in_ids:
+            if key[0] in in_ids:
                 inplace = True
             new.append((key, t))
         if not new and outs:
@@ -568,7 +581,7 @@ class _Recorder(TorchFunctionMode):
             value.users.append(op)
         for key, t in new:
             value = Value(tuple(t.shape), producer=op)
-            if inplace and id(t) in in_ids:
+            if inplace and key[0] in in_ids:
                 self._clobber(t)
             self._store(key, t, value)
             op.outputs.append(value)
@@ -707,6 +720,10 @@ class _Recorder(TorchFunctionMode):
         try:
             name = self.leaf_names[id(module)]
             self.calls[name] = self.calls.get(name, 0) + 1
+            if not kwargs and len(args) == 1 and type(args[0]) is Tensor:  # the common call
+                value = self.value(args[0])
+                self.add_op("module", name, (value,), {}, [args[0]], output, [value])
+                return
             tensors = flatten_tensors(list(args), [])
             flatten_tensors(kwargs, tensors)
             wrapped_args, wrapped_kwargs = self.wrap(tuple(args)), self.wrap(dict(kwargs))
