@@ -342,3 +342,23 @@ def test_keeping_every_neuron_is_the_identity() -> None:
     result = nm.merge(model, x[:1], keep={name: 8}, bn_rule="exact")
     assert torch.equal(result.model(x), model(x))
     assert result.report.groups[0].pruned == 0
+
+
+@pytest.mark.parametrize("n", [10, 1 << 15])  # concatenated small tensors, and one large one
+def test_finite_check_is_exact(n: int) -> None:
+    """The finite check sums first (fast); an overflowing sum of finite values is not a NaN."""
+    from neuron_merging.core._copy import check_finite
+
+    model = nn.Linear(n, 2)
+    with torch.no_grad():
+        model.weight.fill_(3e38)  # every value finite, their sum overflows to +Inf
+    check_finite(model)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with torch.no_grad():
+            model.weight[1, -1] = bad
+        with pytest.raises(nm.ModelError, match="'weight' contains NaN or Inf"):
+            check_finite(model)
+    with torch.no_grad():  # +Inf and -Inf: their sum is NaN, still caught
+        model.weight[0, 0], model.weight[1, -1] = float("inf"), float("-inf")
+    with pytest.raises(nm.ModelError, match="NaN or Inf"):
+        check_finite(model)

@@ -22,8 +22,15 @@ _FINITE_SMALL = 1 << 14
 
 
 def _finite(flat: Tensor) -> bool:
-    """Whether a 1-D floating tensor holds no NaN or Inf (one pass, no temporary)."""
+    """Whether a 1-D floating tensor holds no NaN or Inf (one pass, no temporary).
+
+    A sum is finite only if every term is (NaN and ±Inf propagate), and it is about
+    three times faster than ``aminmax``; a non-finite sum may still be an overflow of
+    finite values, so that case is decided by the extremes.
+    """
     if flat.numel() == 0:
+        return True
+    if bool(torch.isfinite(flat.sum())):
         return True
     lo, hi = torch.aminmax(flat)  # NaN propagates, ±Inf shows up as an extreme
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
