@@ -26,8 +26,35 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuron_merging as nm
+from neuron_merging.core.record import record
 
 from . import _common as C
+
+
+class _NoOpMode(torch.overrides.TorchFunctionMode):
+    """A torch-function mode that only forwards every call: the recorder's interception
+    without its bookkeeping."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return func(*args, **(kwargs or {}))
+
+
+def _intercepted(call: Callable[[], Any]) -> None:
+    """``call()`` under a no-op mode and no-op global module hooks: the floor of any
+    recorder built on them (every module call takes the hooked path, every torch
+    function goes through Python)."""
+    hooks = [
+        nn.modules.module.register_module_forward_pre_hook(lambda module, args: None),
+        nn.modules.module.register_module_forward_hook(
+            lambda module, args, kwargs, out: None, with_kwargs=True, always_call=True
+        ),
+    ]
+    try:
+        with torch.no_grad(), _NoOpMode():
+            call()
+    finally:
+        for handle in hooks:
+            handle.remove()
 
 
 class _Block(nn.Module):
@@ -129,10 +156,20 @@ def run(rounds: int) -> list[dict[str, Any]]:
         def discover(model: nn.Module = model, x: Any = x) -> None:
             nm.find_groups(model, x)
 
+        def recorded(model: nn.Module = model, x: Any = x) -> None:
+            record(model, x)
+
+        def floor(call: Callable[[], Any] = call) -> None:
+            _intercepted(call)
+
         for _ in range(3):
             forward()
             discover()
+            recorded()
+            floor()
         timed = C.side_by_side(forward, discover, rounds)
+        timed_record = C.side_by_side(forward, recorded, rounds)
+        timed_floor = C.side_by_side(forward, floor, rounds)
         groups, _ = nm.find_groups(model, x)
         export = _export_seconds(model, x)
         fwd = C.median(timed.first)
@@ -142,6 +179,8 @@ def run(rounds: int) -> list[dict[str, Any]]:
                 "forward_ms": 1e3 * fwd,
                 "discovery_ms": 1e3 * C.median(timed.second),
                 "ratio": C.median(timed.ratios),
+                "record_ratio": C.median(timed_record.ratios),
+                "floor_ratio": C.median(timed_floor.ratios),
                 "export_ms": 1e3 * export if isinstance(export, float) else export,
                 "export_ratio": export / fwd if isinstance(export, float) else None,
                 "groups": len(groups),
@@ -154,10 +193,15 @@ def to_markdown(rows: list[dict[str, Any]], rounds: int) -> str:
     """The discovery table."""
     lines = [
         f"Batch 1, {torch.get_num_threads()} thread(s), medians over {rounds} interleaved rounds "
-        "(ratio: median of per-round ratios); `torch.export.export`: median of 3 calls.",
+        "(ratio: median of per-round ratios); `torch.export.export`: median of 3 calls. "
+        "*Recording* is `core.record.record` alone (the rest of discovery is the group "
+        "analysis); *interception floor* is the forward pass under a no-op torch-function "
+        "mode and no-op global module hooks, what any recorder built on them costs before "
+        "it records anything.",
         "",
-        "| model | forward pass | nm.find_groups | discovery / forward | torch.export | export / forward | groups |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | forward pass | nm.find_groups | discovery / forward | recording / forward "
+        "| interception floor / forward | torch.export | export / forward | groups |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         export = r["export_ms"]
@@ -165,7 +209,8 @@ def to_markdown(rows: list[dict[str, Any]], rounds: int) -> str:
         ratio = f"{r['export_ratio']:.0f}×" if r["export_ratio"] else "—"
         lines.append(
             f"| {r['model']} | {r['forward_ms']:.2f} ms | {r['discovery_ms']:.2f} ms "
-            f"| **{r['ratio']:.2f}** | {shown} | {ratio} | {r['groups']} |"
+            f"| **{r['ratio']:.2f}** | {r['record_ratio']:.2f} | {r['floor_ratio']:.2f} "
+            f"| {shown} | {ratio} | {r['groups']} |"
         )
     return "\n".join(lines)
 
