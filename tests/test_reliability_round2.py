@@ -777,3 +777,33 @@ def test_d12_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_pat
         path.write_bytes(b"partial")
     atomic_write_text(tmp_path / "model.pth.tar", "done")
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "model.pth.tar"]
+
+
+@needs_lenet
+def test_reproduce_never_retrains_over_a_baseline_it_holds(tmp_path: Path) -> None:
+    """A second ``reproduce`` into a folder with a trained baseline used to overwrite it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    baseline = out / "baseline.pth.tar"
+    shutil.copyfile(LENET, baseline)
+    before = baseline.read_bytes()
+    args = ["reproduce", "lenet300", "--output", out, "--data-dir", FMNIST.parent.parent]
+    args += ["--ratios", "0.5", "--criteria", "l1-norm", "--quiet"]
+    result = cli(*args)
+    assert error_line(result, 6) == (
+        f"{PREFIX}{baseline} holds a baseline trained earlier; pass --resume to reuse it, "
+        "--force to train a new one over it, or choose another --output"
+    )
+    assert baseline.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["baseline.pth.tar"]
+    result = cli(*args, "--resume")  # reused: no training, the sweep runs on it
+    assert result.returncode == 0, result.stderr
+    assert "| baseline | 266,610 | 89.80 | — |" in result.stdout
+    assert "| 50% | 125,810 | 88.40 | 88.69 |" in result.stdout
+    assert baseline.read_bytes() == before
+    if (FMNIST / "train-images-idx3-ubyte").exists() or (
+        FMNIST / "train-images-idx3-ubyte.gz"
+    ).exists():
+        result = cli(*args, "--force", "--epochs", "1", "--max-batches", "2")
+        assert result.returncode == 0, result.stderr
+        assert baseline.read_bytes() != before  # a new baseline, trained on purpose

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._io import check_output_dir, check_output_file, remove_created_dirs
-from .core.errors import ConfigError, NeuronMergingError
+from .core.errors import ConfigError, NeuronMergingError, OutputError
 
 PROG = "neuron-merging"
 
@@ -253,7 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="baseline training epochs (default: the paper's)")
     p.add_argument("--max-batches", type=_positive, help="limit batches per epoch (smoke runs)")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip finished configurations; reuse a baseline this folder already holds",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="train a new baseline over the one this folder holds"
+    )
     _common(p)
 
     p = sub.add_parser("results", help="list every record in a sweep folder's results store")
@@ -540,7 +547,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from .core.errors import OutputError
     from .reporting import records_to_markdown
     from .store import STORE_NAME, ResultsStore, describe_settings
 
@@ -589,6 +595,17 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         candidate = Path(os.environ[_CHECKPOINT_ENV]) / exp.checkpoint
         checkpoint = str(candidate) if candidate.is_file() else None
     trained: dict[str, Any] | None = None
+    baseline = out / "baseline.pth.tar"
+    if checkpoint is None and os.path.lexists(baseline):
+        if args.resume:
+            checkpoint = str(baseline)  # trained by an earlier run of this command
+        elif not args.force:
+            raise OutputError(
+                f"{baseline} holds a baseline trained earlier; pass --resume to reuse it, "
+                "--force to train a new one over it, or choose another --output"
+            )
+        else:
+            check_output_file(str(baseline), force=True)
     if checkpoint is not None:
         model, _ = load_model(checkpoint, arch=exp.arch)
     else:
@@ -596,7 +613,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         model = models.create(exp.arch, num_classes=dataset_info(dataset).num_classes)
         recipe = recipe_for(dataset, epochs=args.epochs)
         train_set = load_dataset(dataset, "train", args.data_dir, args.download)
-        checkpoint = str(out / "baseline.pth.tar")
+        checkpoint = str(baseline)
         result = train(
             model,
             train_set,
