@@ -481,10 +481,11 @@ def hf_t5() -> nn.Module:
     return T5ForConditionalGeneration(cfg).eval()
 
 
-def hf_bert() -> nn.Module:
+def hf_bert(seed: int = 0, **config: Any) -> nn.Module:
+    """A tiny BERT; ``config`` overrides the defaults (e.g. ``hidden_act="relu"``)."""
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(
+    defaults: dict[str, Any] = dict(
         vocab_size=50,
         hidden_size=16,
         num_hidden_layers=2,
@@ -493,18 +494,19 @@ def hf_bert() -> nn.Module:
         max_position_embeddings=32,
         attn_implementation="eager",
     )
-    torch.manual_seed(0)
-    return BertModel(cfg).eval()
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(**{**defaults, **config})).eval()
 
 
-def hf_gpt2() -> nn.Module:
+def hf_gpt2(seed: int = 0, **config: Any) -> nn.Module:
+    """A tiny GPT-2 with its ``Conv1D`` layers; ``config`` overrides the defaults."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(
+    defaults: dict[str, Any] = dict(
         vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32, attn_implementation="eager"
     )
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg).eval()
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**{**defaults, **config})).eval()
 
 
 def hf_llama() -> nn.Module:
@@ -650,6 +652,22 @@ def planted(model: nn.Module, x: Any, coupled: bool) -> tuple[nn.Module, dict[st
     groups, _ = nm.find_groups(model, x, coupled=coupled)
     keep = {g.name: plant_group(model, g) for g in groups if g.mergeable}
     return model, keep, groups
+
+
+def merge_planted(
+    model: nn.Module, x: Any, keep: dict[str, int], coupled: bool = False
+) -> nm.MergeResult:
+    """Merge a :func:`planted` copy back to its distinct neurons (exact BN rule, no threshold)."""
+    return nm.merge(
+        model,
+        x,
+        ratio=0.0,
+        keep=keep,
+        criterion=keep_first,
+        threshold=None,
+        bn_rule="exact",
+        coupled=coupled,
+    )
 
 
 def rel_error(out: Tensor, ref: Tensor) -> float:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import neuron_merging as nm
-from _zoo import keep_first, masked_copy, planted, run
+from _zoo import masked_copy, merge_planted, planted, run
 
 FAST_EXAMPLES = 30
 SLOW_EXAMPLES = 300
@@ -252,16 +252,7 @@ def check(spec: Spec, coupled: bool, ratio: float) -> None:
         if not keep:
             return
         planted_ref = run(twin, x)
-        result = nm.merge(
-            twin,
-            x,
-            ratio=0.0,
-            keep=keep,
-            criterion=keep_first,
-            threshold=None,
-            bn_rule="exact",
-            coupled=coupled,
-        )
+        result = merge_planted(twin, x, keep, coupled)
         merged = {g.producer: g.merged for g in result.report.groups}
         assert all(merged[name] == groups_n - k for name, k, groups_n in _sizes(groups, keep))
         out = run(result.model, x)

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils import prune as torch_prune
 
 import neuron_merging as nm
-from _zoo import keep_first, planted, rel_error, run
+from _zoo import keep_first, merge_planted, planted, rel_error, run
 
 X = torch.randn(2, 4, generator=torch.Generator().manual_seed(5))
 
@@ -111,16 +111,7 @@ def assert_merge_correct(model: nn.Module, x, coupled: bool = False) -> None:
     """Merging with duplicates planted in every mergeable group is lossless; plain merge runs."""
     copy_, keep, _ = planted(model, x, coupled)
     ref = run(copy_, x)
-    result = nm.merge(
-        copy_,
-        x,
-        ratio=0.0,
-        keep=keep,
-        criterion=keep_first,
-        threshold=None,
-        bn_rule="exact",
-        coupled=coupled,
-    )
+    result = merge_planted(copy_, x, keep, coupled)
     assert rel_error(run(result.model, x), ref) < 1e-5
     result = nm.merge(model, x, ratio=0.5, coupled=coupled)
     assert run(result.model, x).shape == run(model, x).shape

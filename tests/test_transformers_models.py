@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import neuron_merging as nm
-from _zoo import HF_ZOO, keep_first, masked_copy, planted, rel_error, run
+from _zoo import HF_ZOO, hf_bert, hf_gpt2, keep_first, masked_copy, planted, rel_error, run
 
 pytest.importorskip("transformers")
 
@@ -150,24 +150,9 @@ def test_conv1d_producers_of_equal_width() -> None:
 
 
 def _relu_variant(kind: str) -> torch.nn.Module:
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(11)
     if kind == "bert":
-        cfg = BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-            hidden_act="relu",
-        )
-        return BertModel(cfg).eval()
-    cfg = GPT2Config(
-        vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32, activation_function="relu"
-    )
-    return GPT2LMHeadModel(cfg).eval()
+        return hf_bert(seed=11, hidden_act="relu", attn_implementation=None)
+    return hf_gpt2(seed=11, activation_function="relu", attn_implementation=None)
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])

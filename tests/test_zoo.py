@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import neuron_merging as nm
-from _zoo import ZOO, keep_first, masked_copy, planted, rel_error, run
+from _zoo import ZOO, keep_first, masked_copy, merge_planted, planted, rel_error, run
 
 NAMES = sorted(ZOO)
 COUPLED = [False, True]
@@ -66,16 +66,7 @@ def test_merging_lossless_on_planted_duplicates(name: str, coupled: bool) -> Non
     if not keep:
         pytest.skip(f"{name} has no mergeable group (coupled={coupled})")
     ref = run(model, x)
-    result = nm.merge(
-        model,
-        x,
-        ratio=0.0,
-        keep=keep,
-        criterion=keep_first,
-        threshold=None,
-        bn_rule="exact",
-        coupled=coupled,
-    )
+    result = merge_planted(model, x, keep, coupled)
     merged = {g.producer: g for g in result.report.groups if g.method == "merged"}
     assert set(merged) == set(keep)
     for name_, k in keep.items():

@@ -73,8 +73,32 @@ class MergeGroup:
     features_per_channel: int | None = None
 
 
+class FirstOfEach:
+    """``producer``, ``bn`` and ``consumer``: the first of ``producers``, ``bns`` and
+    ``consumers`` (the only ones in a simple group), for groups and their reports."""
+
+    producers: tuple[str, ...]
+    bns: tuple[str | None, ...]
+    consumers: tuple[str, ...]
+
+    @property
+    def producer(self) -> str:
+        """The first producer (the group's name)."""
+        return self.producers[0]
+
+    @property
+    def bn(self) -> str | None:
+        """The first producer's batch norm."""
+        return self.bns[0]
+
+    @property
+    def consumer(self) -> str:
+        """The first consumer."""
+        return self.consumers[0]
+
+
 @dataclass(frozen=True)
-class ChannelGroup:
+class ChannelGroup(FirstOfEach):
     """One channel group, as found by :func:`find_groups`.
 
     Attributes:
@@ -127,21 +151,6 @@ class ChannelGroup:
     def name(self) -> str:
         """The group's name: its first producer."""
         return self.producers[0]
-
-    @property
-    def producer(self) -> str:
-        """The first producer (the only one in a simple group)."""
-        return self.producers[0]
-
-    @property
-    def bn(self) -> str | None:
-        """The first producer's batch norm."""
-        return self.bns[0]
-
-    @property
-    def consumer(self) -> str:
-        """The first consumer (the only one in a simple group)."""
-        return self.consumers[0]
 
     @property
     def simple(self) -> bool:

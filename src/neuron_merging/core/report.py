@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .groups import SkippedLayer
+from .groups import FirstOfEach, SkippedLayer
 
 if TYPE_CHECKING:
     from .build import GroupPlan
 
 
 @dataclass(frozen=True)
-class GroupReport:
+class GroupReport(FirstOfEach):
     """The outcome for one channel group.
 
     Attributes:
@@ -61,21 +61,6 @@ class GroupReport:
             "merged" if merges else "approximate" if approximate else "pruned",
             g.coupled,
         )
-
-    @property
-    def producer(self) -> str:
-        """The group's name: its first producer."""
-        return self.producers[0]
-
-    @property
-    def bn(self) -> str | None:
-        """The first producer's batch norm."""
-        return self.bns[0]
-
-    @property
-    def consumer(self) -> str:
-        """The first consumer."""
-        return self.consumers[0]
 
 
 @dataclass
