@@ -76,6 +76,15 @@ DEVELOPMENT_METHODS: dict[str, tuple[dict[str, Any], bool]] = {
         {"selection": "lstsq", "compensation": "lstsq", "repair": "mean"},
         False,
     ),
+    "merge + block refit (data)": ({"calibrate": ("lstsq-block",)}, True),
+    "merge + producer + block refit (data)": (
+        {"calibrate": ("lstsq-producer", "lstsq-block")},
+        True,
+    ),
+    "merge + producer + refit (data)": ({"calibrate": ("lstsq-producer", "lstsq")}, True),
+    "merge + flip + block refit (data)": ({"calibrate": ("flip", "lstsq-block")}, True),
+    "merge + flip + refit (data)": ({"calibrate": ("flip", "lstsq")}, True),
+    "best + block refit (data)": (dict(BEST_OPTIONS, calibrate=("lstsq-block",)), True),
 }
 
 MODELS: dict[str, dict[str, Any]] = {

@@ -34,7 +34,14 @@ SELECTIONS: tuple[str, ...] = ("criterion", "group", "cover", "lstsq")
 COMPENSATIONS: tuple[str, ...] = ("merge", "fold", "lstsq")
 GRAMS: tuple[str, ...] = ("propagated", "whitened")
 REPAIRS: tuple[str, ...] = ("none", "mean", "mean+var")
-CALIBRATE_STEPS: tuple[str, ...] = ("lstsq", "bn", "repair")
+CALIBRATE_STEPS: tuple[str, ...] = (
+    "lstsq",
+    "lstsq-block",
+    "lstsq-producer",
+    "flip",
+    "bn",
+    "repair",
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,10 @@ class MergeConfig:
         calibrate: steps run when calibration data is passed to
             :func:`~neuron_merging.core.api.compress`, in this order:
             ``"lstsq"`` (sequential least-squares refit of every consumer),
+            ``"lstsq-block"`` (the same, to the residual block's output where
+            the consumer's BN output enters a residual sum),
+            ``"lstsq-producer"`` (refit every producer's kept rows),
+            ``"flip"`` (later steps also use the mirrored images),
             ``"repair"`` (match per-channel output mean/std to the original's),
             ``"bn"`` (reset BN statistics). Data also replaces the Gaussian
             moments of ``selection``/``compensation``/``repair`` by measured ones.
