@@ -77,11 +77,7 @@ DEVELOPMENT_METHODS: dict[str, tuple[dict[str, Any], bool]] = {
         False,
     ),
     "merge + block refit (data)": ({"calibrate": ("lstsq-block",)}, True),
-    "merge + producer + block refit (data)": (
-        {"calibrate": ("lstsq-producer", "lstsq-block")},
-        True,
-    ),
-    "merge + producer + refit (data)": ({"calibrate": ("lstsq-producer", "lstsq")}, True),
+    "merge + joint refit (data)": ({"calibrate": ("lstsq-joint",)}, True),
     "merge + flip + block refit (data)": ({"calibrate": ("flip", "lstsq-block")}, True),
     "merge + flip + refit (data)": ({"calibrate": ("flip", "lstsq")}, True),
     "best + block refit (data)": (dict(BEST_OPTIONS, calibrate=("lstsq-block",)), True),

@@ -209,7 +209,7 @@ def test_options_compose_with_every_criterion_and_bn_rule(
     data = torch.randn(24, 3, 6, 6, generator=gen(8))
     cal = replace(base, selection="lstsq", calibrate=("lstsq", "repair", "bn"))
     _check_deterministic_and_finite(cal, data)
-    steps = ("flip", "lstsq-producer", "lstsq-block", "repair", "bn")
+    steps = ("flip", "lstsq-joint", "lstsq-block", "repair", "bn")
     _check_deterministic_and_finite(replace(base, selection="lstsq", calibrate=steps), data)
     _check_residual_deterministic_and_finite(replace(base, calibrate=steps))
 
@@ -392,7 +392,7 @@ def test_block_refit_minimises_the_block_output_error() -> None:
 
 
 def test_producer_refit_matches_the_kept_rows() -> None:
-    """After ``lstsq-producer`` the second producer's kept outputs are closer to the original's."""
+    """After ``lstsq-joint`` the second producer's kept outputs are closer to the original's."""
     net = _res_net()
     data = torch.randn(96, 3, 6, 6, generator=gen(6))
     base = MergeConfig(ratio=0.5, ridge=1e-9)
@@ -414,7 +414,7 @@ def test_producer_refit_matches_the_kept_rows() -> None:
         return float(((got["new"] - mn) - (got["ref"][:, kept] - mo)).pow(2).mean())
 
     # least squares on the compressed model's own inputs; the unrefit rows are one candidate
-    assert conv1_error(("lstsq-producer",)) < 0.9 * conv1_error(())
+    assert conv1_error(("lstsq-joint",)) < 0.9 * conv1_error(())
 
 
 def test_flip_step_is_the_mirrored_data() -> None:

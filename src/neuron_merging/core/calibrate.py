@@ -19,10 +19,11 @@ gradients (everything runs under ``torch.no_grad``). The steps:
   the compressed model's residual, so each block also absorbs the drift that
   the residual stream brought from the blocks before it. Other consumers are
   refit as in ``"lstsq"``.
-* ``"lstsq-producer"``: one sequential pass that refits every producer's kept
-  rows, on the compressed model's own inputs, to the original's (pre-BN)
-  outputs of those channels; run before ``"lstsq"`` it corrects the drift of
-  the producer's input before the consumers are refit.
+* ``"lstsq-joint"``: ``"lstsq-block"`` that also refits, in the same
+  sequential pass, every producer's kept rows on the compressed model's own
+  inputs to the original's (pre-BN) outputs of those channels, so each block's
+  producer first corrects the drift of its input, then its consumer is refit
+  on top of it.
 * ``"flip"``: every later step also uses the horizontal mirror image of each
   calibration input (4-D image tensors only; others are left as they are):
   twice the rows for the same images.
@@ -420,7 +421,9 @@ def calibrate(
     inputs = _inputs(data)
     producer_rows = {group_fields(p.group)[0]: p.kept for p in plans}  # type: ignore[attr-defined]
     consumers = [group_fields(p.group)[2] for p in plans]  # type: ignore[attr-defined]
-    succ = successor_bns(original, tuple(x[:1] for x in inputs), consumers)
+    succ = successor_bns(
+        original, tuple(x[:1] for x in inputs), list(dict.fromkeys(consumers + list(producer_rows)))
+    )
     with torch.no_grad(), _eval(original), _eval(compressed):
         for step in steps:
             if step == "flip":
@@ -428,19 +431,20 @@ def calibrate(
                     torch.cat([x, x.flip(-1)]) if x.dim() == 4 and x.is_floating_point() else x
                     for x in inputs
                 )
-            elif step in ("lstsq", "lstsq-block"):
+            elif step in ("lstsq", "lstsq-block", "lstsq-joint"):
                 todo = [(c, producer_rows.get(c)) for c in consumers if c not in folded]
                 parents = {}
-                if step == "lstsq-block":  # consumers that are producers keep their own target
+                if step != "lstsq":  # consumers that are producers keep their own target
                     plain = [c for c, rows in todo if rows is None]
                     parents = residual_parents(original, inputs, plain, succ)
+                if step == "lstsq-joint":  # the producers' kept rows too, in the same pass
+                    listed = {c for c, _r in todo}
+                    todo += [
+                        (p, rows)
+                        for p, rows in producer_rows.items()
+                        if p not in folded and p not in listed
+                    ]
                 lstsq_refit(original, compressed, todo, inputs, ridge, succ, parents)
-            elif step == "lstsq-producer":
-                prods = [(p, rows) for p, rows in producer_rows.items() if p not in folded]
-                prod_succ = successor_bns(
-                    original, tuple(x[:1] for x in inputs), list(producer_rows)
-                )
-                lstsq_refit(original, compressed, prods, inputs, ridge, prod_succ)
             elif step == "repair":
                 targets = []
                 for c in consumers:

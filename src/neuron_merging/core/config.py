@@ -37,7 +37,7 @@ REPAIRS: tuple[str, ...] = ("none", "mean", "mean+var")
 CALIBRATE_STEPS: tuple[str, ...] = (
     "lstsq",
     "lstsq-block",
-    "lstsq-producer",
+    "lstsq-joint",
     "flip",
     "bn",
     "repair",
@@ -90,7 +90,8 @@ class MergeConfig:
             ``"lstsq"`` (sequential least-squares refit of every consumer),
             ``"lstsq-block"`` (the same, to the residual block's output where
             the consumer's BN output enters a residual sum),
-            ``"lstsq-producer"`` (refit every producer's kept rows),
+            ``"lstsq-joint"`` (``"lstsq-block"`` + each producer's kept rows in
+            the same pass),
             ``"flip"`` (later steps also use the mirrored images),
             ``"repair"`` (match per-channel output mean/std to the original's),
             ``"bn"`` (reset BN statistics). Data also replaces the Gaussian
