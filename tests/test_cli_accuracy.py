@@ -60,7 +60,15 @@ def test_compress_best_and_calibrate(tmp_path: Path) -> None:
     )
     assert paper["params"] == best["params"] == calib["params"]  # same widths as the paper
     assert best["report"]["config"]["selection"] == "lstsq"
-    assert calib["report"]["config"]["calibrate"] == ["lstsq"]
+    from neuron_merging.experiments import BEST_CALIBRATE, BEST_CALIBRATED_OPTIONS
+
+    # with images, best is the calibrated recipe (its own start and refit steps)
+    assert calib["report"]["config"]["calibrate"] == list(BEST_CALIBRATE)
+    for key, value in BEST_CALIBRATED_OPTIONS.items():
+        assert calib["report"]["config"][key] == value
+    assert calib["report"]["config"]["selection"] == BEST_CALIBRATED_OPTIONS.get(
+        "selection", "criterion"
+    )
     # LeNet has no batch norm: without data, best keeps the paper's merge (never below it)
     assert best["accuracy"] >= paper["accuracy"] - 0.2
     assert calib["accuracy"] > paper["accuracy"]

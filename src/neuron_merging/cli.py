@@ -454,6 +454,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             bn_rule=args.bn_rule,
             coupled=args.coupled,
             approximate=args.approximate,
+            calibrated=bool(args.calibrate),
         )
         calibration = None
         if args.calibrate:

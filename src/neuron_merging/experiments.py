@@ -43,7 +43,12 @@ BEST_OPTIONS: dict[str, Any] = {
     "gram": "propagated",
 }
 #: Calibration steps of the ``best`` preset when unlabeled images are given.
-BEST_CALIBRATE: tuple[str, ...] = ("lstsq",)
+BEST_CALIBRATE: tuple[str, ...] = ("flip", "lstsq-joint")
+#: What the ``best`` preset uses *instead of* :data:`BEST_OPTIONS` when unlabeled
+#: images are given: the paper's selection and merge as the start of the refit
+#: (on the validation split the data-free recipe was a worse start for it; see
+#: ``docs/quality.md``).
+BEST_CALIBRATED_OPTIONS: dict[str, Any] = {}
 MODES: tuple[str, ...] = ("original", "prune", "merge")
 
 #: ``threshold=NO_THRESHOLD`` merges every pruned neuron (``threshold=None`` means "the preset's").
@@ -122,6 +127,7 @@ def compression_config(
     bn_rule: str = "paper",
     coupled: bool = False,
     approximate: bool = False,
+    calibrated: bool = False,
 ) -> MergeConfig:
     """The :class:`MergeConfig` of one experiment.
 
@@ -132,7 +138,8 @@ def compression_config(
     uniformly. ``coupled`` adds the coupled channel groups (residual streams,
     concats) and keeps the preset's threshold, λ and rounding. ``preset="best"`` keeps the paper's widths (the library defaults
     where the paper has no experiment), so parameter counts are equal, and adds
-    :data:`BEST_OPTIONS` (and :data:`BEST_CALIBRATE` for calibration data).
+    :data:`BEST_OPTIONS`; with ``calibrated=True`` (unlabeled images will be passed)
+    it uses :data:`BEST_CALIBRATED_OPTIONS` and :data:`BEST_CALIBRATE` instead.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -163,7 +170,8 @@ def compression_config(
         t_value = t_default if threshold is None else threshold
     extra: dict[str, Any] = {}
     if preset == "best":
-        extra = dict(BEST_OPTIONS, calibrate=BEST_CALIBRATE)
+        options = BEST_CALIBRATED_OPTIONS if calibrated else BEST_OPTIONS
+        extra = dict(options, calibrate=BEST_CALIBRATE)
     return MergeConfig(
         **extra,
         ratio=0.0 if ratio is None else ratio,
@@ -481,6 +489,7 @@ def run_sweep(
                 bn_rule=bn_rule,
                 coupled=coupled,
                 approximate=approximate,
+                calibrated=calibration is not None,
             )
         plan.append((mode, criterion, ratio, config))
 

@@ -23,7 +23,8 @@ gradients (everything runs under ``torch.no_grad``). The steps:
   sequential pass, every producer's kept rows on the compressed model's own
   inputs to the original's (pre-BN) outputs of those channels, so each block's
   producer first corrects the drift of its input, then its consumer is refit
-  on top of it.
+  on top of it (a producer whose input is still the original's is left as it
+  is: its rows already fit exactly).
 * ``"flip"``: every later step also uses the horizontal mirror image of each
   calibration input (4-D image tensors only; others are left as they are):
   twice the rows for the same images.
@@ -97,6 +98,37 @@ def _outputs(model: nn.Module, names: Sequence[str], data: tuple[Tensor, ...]) -
         for h in handles:
             h.remove()
     return {n: torch.cat(v) for n, v in store.items()}
+
+
+def _fingerprint(x: Tensor) -> tuple[bytes, float, float]:
+    """A summary of an input that equal tensors share (see :func:`lstsq_refit`)."""
+    d = x.detach()
+    head = d[:16].contiguous().cpu().numpy().tobytes()
+    flat = d.to(torch.float64)
+    return head, float(flat.sum()), float(flat.square().sum())
+
+
+def _input_prints(
+    model: nn.Module, names: Sequence[str], data: tuple[Tensor, ...]
+) -> dict[str, tuple[bytes, float, float]]:
+    """Fingerprints of the inputs of modules ``names`` on ``data`` (one batch, one forward)."""
+    if not names:
+        return {}
+    modules = dict(model.named_modules())
+    out: dict[str, tuple[bytes, float, float]] = {}
+    handles = []
+    for name in dict.fromkeys(names):
+
+        def pre(_m: nn.Module, args: tuple[Tensor, ...], name: str = name) -> None:
+            out.setdefault(name, _fingerprint(args[0]))
+
+        handles.append(modules[name].register_forward_pre_hook(pre))
+    try:
+        model(*data)  # the whole set as one batch, as the compressed model's pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out
 
 
 def _solve(layer: nn.Module, x: Tensor, y: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
@@ -223,6 +255,7 @@ def lstsq_refit(
     ridge: float,
     successors: dict[str, str],
     parents: dict[str, str] | None = None,
+    skip_unchanged: Sequence[str] = (),
 ) -> None:
     """Sequential closed-form refit of each consumer (see the module doc).
 
@@ -238,10 +271,18 @@ def lstsq_refit(
     and in the parent's forward hook, when the compressed residual ``r'`` is
     known (the parent's output minus the BN output), the consumer is refit to
     ``bn⁻¹(O − r')`` and the parent's output is replaced by the refit one.
+
+    A layer named in ``skip_unchanged`` is left as it is when its input in the
+    compressed model is the original's (nothing before it changed): its
+    original rows are then already the exact fit, and a refit could only add
+    noise (an underdetermined first layer overfits the calibration images).
+    Inputs are compared by a fingerprint (the first 16 samples exactly, plus
+    the float64 sum and sum of squares of all of them).
     """
     parents = parents or {}
     names = [c for c, _r in consumers]
     targets = _outputs(original, [n for n in names if n not in parents], data)
+    prints = _input_prints(original, [n for n in skip_unchanged if n in names], data)
     blocks = _outputs(original, list(dict.fromkeys(parents.values())), data) if parents else {}
     rows_of = dict(consumers)
     work = dict(compressed.named_modules())
@@ -288,6 +329,8 @@ def lstsq_refit(
                 return
             done.add(name)
             y = targets.pop(name)
+            if name in prints and _fingerprint(args[0]) == prints[name]:
+                return  # same input as the original: its rows already fit exactly
             rows = rows_of[name]
             if rows is not None:
                 y = y[:, rows]
@@ -437,14 +480,24 @@ def calibrate(
                 if step != "lstsq":  # consumers that are producers keep their own target
                     plain = [c for c, rows in todo if rows is None]
                     parents = residual_parents(original, inputs, plain, succ)
+                extra: list[tuple[str, Tensor | None]] = []
                 if step == "lstsq-joint":  # the producers' kept rows too, in the same pass
                     listed = {c for c, _r in todo}
-                    todo += [
+                    extra = [
                         (p, rows)
                         for p, rows in producer_rows.items()
                         if p not in folded and p not in listed
                     ]
-                lstsq_refit(original, compressed, todo, inputs, ridge, succ, parents)
+                lstsq_refit(
+                    original,
+                    compressed,
+                    todo + extra,
+                    inputs,
+                    ridge,
+                    succ,
+                    parents,
+                    skip_unchanged=[p for p, _r in extra],
+                )
             elif step == "repair":
                 targets = []
                 for c in consumers:
