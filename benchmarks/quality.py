@@ -35,7 +35,6 @@ from neuron_merging.checkpoint import load_model
 from neuron_merging.data import ArrayDataset, load_dataset
 from neuron_merging.experiments import (
     BEST_CALIBRATE,
-    BEST_CALIBRATED_OPTIONS,
     BEST_OPTIONS,
     calibration_images,
     compression_config,
@@ -62,8 +61,11 @@ METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "prune + BN reset (data)": ({"mode": "prune", "calibrate": ("bn",)}, True),
     "merge + REPAIR (data)": ({"calibrate": ("repair",)}, True),
     "merge + lstsq refit (data)": ({"calibrate": ("lstsq",)}, True),
-    "best + lstsq refit (data)": (dict(BEST_OPTIONS, calibrate=("lstsq",)), True),
-    "best (data)": (dict(BEST_CALIBRATED_OPTIONS, calibrate=BEST_CALIBRATE), True),
+    "best + lstsq refit (data)": (
+        dict(BEST_OPTIONS, selection="lstsq", calibrate=("lstsq",)),
+        True,
+    ),
+    "best (data)": (dict(BEST_OPTIONS, calibrate=BEST_CALIBRATE), True),
 }
 
 #: The other recipes of the development table of docs/quality.md (the runners-up
@@ -84,7 +86,10 @@ DEVELOPMENT_METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "merge + flip + block refit (data)": ({"calibrate": ("flip", "lstsq-block")}, True),
     "merge + flip + refit (data)": ({"calibrate": ("flip", "lstsq")}, True),
     "best + block refit (data)": (dict(BEST_OPTIONS, calibrate=("lstsq-block",)), True),
-    "best + joint refit (data)": (dict(BEST_OPTIONS, calibrate=("lstsq-joint",)), True),
+    "lstsq selection + joint refit (data)": (
+        dict(BEST_OPTIONS, selection="lstsq", calibrate=("lstsq-joint",)),
+        True,
+    ),
 }
 
 MODELS: dict[str, dict[str, Any]] = {

@@ -427,43 +427,23 @@ def test_flip_step_is_the_mirrored_data() -> None:
     assert same_state(state_copy(a), state_copy(b))
 
 
-def test_best_preset_with_and_without_calibration() -> None:
-    """``best`` keeps the paper's widths either way; images switch it to the calibrated recipe."""
-    from neuron_merging.experiments import (
-        BEST_CALIBRATE,
-        BEST_CALIBRATED_OPTIONS,
-        BEST_OPTIONS,
-        compression_config,
-    )
+def test_auto_selection_keeps_the_closer_candidate() -> None:
+    """``selection="auto"``: lstsq without data; with data, the lower calibration output error."""
+    from neuron_merging.core.api import calibration_error
 
-    args = ("resnet56", "cifar10", "merge", "l1-norm", 0.5)
-    paper = compression_config(*args)
-    free = compression_config(*args, preset="best")
-    cal = compression_config(*args, preset="best", calibrated=True)
-    assert compression_config(*args, calibrated=True) == paper  # paper ignores it
-    for cfg in (free, cal):
-        assert (cfg.ratio, cfg.keep, cfg.threshold, cfg.lam, cfg.rounding) == (
-            paper.ratio,
-            paper.keep,
-            paper.threshold,
-            paper.lam,
-            paper.rounding,
-        )
-        assert cfg.calibrate == BEST_CALIBRATE
-    assert all(getattr(free, k) == v for k, v in BEST_OPTIONS.items())
-    assert all(getattr(cal, k) == v for k, v in BEST_CALIBRATED_OPTIONS.items())
-
-
-def test_joint_refit_leaves_a_producer_with_unchanged_input() -> None:
-    """The first producer of an MLP sees the original input: ``lstsq-joint`` is ``lstsq`` there."""
-    from _factories import mlp
-
-    net = mlp([10, 16, 12, 4], seed=2).eval()
-    data = torch.randn(40, 10, generator=gen(11))
-    cfg = MergeConfig(ratio=0.5, calibrate=("lstsq",))
-    a = nm.compress(net, data[:1], cfg, calibration=data).model
-    b = nm.compress(net, data[:1], replace(cfg, calibrate=("lstsq-joint",)), calibration=data)
-    assert same_state(state_copy(a), state_copy(b.model))
-    # the first layer keeps the original's kept rows, bit for bit
-    kept = b.plans[0].kept
-    assert torch.equal(b.model[0].weight, net[0].weight[kept])
+    net = _res_net()
+    data = torch.randn(48, 3, 6, 6, generator=gen(12))
+    base = MergeConfig(ratio=0.5, compensation="lstsq", repair="mean+var", calibrate=("lstsq",))
+    free = nm.compress(net, data[:1], replace(base, selection="auto"))
+    lsq = nm.compress(net, data[:1], replace(base, selection="lstsq"))
+    assert same_state(state_copy(free.model), state_copy(lsq.model))
+    assert free.report.config["selection"] == "auto"
+    auto = nm.compress(net, data[:1], replace(base, selection="auto"), calibration=data)
+    errors = {}
+    for how in ("criterion", "lstsq"):
+        res = nm.compress(net, data[:1], replace(base, selection=how), calibration=data)
+        errors[how] = (calibration_error(net, res.model, data), state_copy(res.model))
+    chosen = min(errors, key=lambda h: errors[h][0])
+    assert same_state(state_copy(auto.model), errors[chosen][1])
+    assert calibration_error(net, auto.model, data) == min(e for e, _s in errors.values())
+    assert any(f"chose {chosen}" in n for n in auto.report.notes)

@@ -59,16 +59,12 @@ def test_compress_best_and_calibrate(tmp_path: Path) -> None:
         str(tmp_path / "small.pth.tar"),
     )
     assert paper["params"] == best["params"] == calib["params"]  # same widths as the paper
-    assert best["report"]["config"]["selection"] == "lstsq"
-    from neuron_merging.experiments import BEST_CALIBRATE, BEST_CALIBRATED_OPTIONS
+    assert best["report"]["config"]["selection"] == "auto"
+    from neuron_merging.experiments import BEST_CALIBRATE
 
-    # with images, best is the calibrated recipe (its own start and refit steps)
     assert calib["report"]["config"]["calibrate"] == list(BEST_CALIBRATE)
-    for key, value in BEST_CALIBRATED_OPTIONS.items():
-        assert calib["report"]["config"][key] == value
-    assert calib["report"]["config"]["selection"] == BEST_CALIBRATED_OPTIONS.get(
-        "selection", "criterion"
-    )
+    assert calib["report"]["config"]["selection"] == "auto"
+    assert any("selection=auto chose" in n for n in calib["report"]["notes"])
     # LeNet has no batch norm: without data, best keeps the paper's merge (never below it)
     assert best["accuracy"] >= paper["accuracy"] - 0.2
     assert calib["accuracy"] > paper["accuracy"]

@@ -454,7 +454,6 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             bn_rule=args.bn_rule,
             coupled=args.coupled,
             approximate=args.approximate,
-            calibrated=bool(args.calibrate),
         )
         calibration = None
         if args.calibrate:

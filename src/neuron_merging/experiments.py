@@ -34,21 +34,19 @@ from .training import EvalResult, evaluate
 PRESETS: tuple[str, ...] = ("paper", "none", "best")
 
 #: The options the ``best`` preset adds to the paper's widths, threshold and λ:
-#: the most accurate data-free recipe measured in ``docs/quality.md`` (chosen on
-#: held-out training images, see ``benchmarks/quality.py``).
+#: the most accurate recipe measured in ``docs/quality.md``. Without data,
+#: ``selection="auto"`` is the greedy least-squares selection under the
+#: propagated Gaussian moments; with calibration images it also tries the
+#: criterion's selection and keeps whichever reproduces the original's outputs
+#: on those images better (checked on the held-out validation split).
 BEST_OPTIONS: dict[str, Any] = {
-    "selection": "lstsq",
+    "selection": "auto",
     "compensation": "lstsq",
     "repair": "mean+var",
     "gram": "propagated",
 }
 #: Calibration steps of the ``best`` preset when unlabeled images are given.
-BEST_CALIBRATE: tuple[str, ...] = ("flip", "lstsq-joint")
-#: What the ``best`` preset uses *instead of* :data:`BEST_OPTIONS` when unlabeled
-#: images are given: the paper's selection and merge as the start of the refit
-#: (on the validation split the data-free recipe was a worse start for it; see
-#: ``docs/quality.md``).
-BEST_CALIBRATED_OPTIONS: dict[str, Any] = {}
+BEST_CALIBRATE: tuple[str, ...] = ("lstsq-joint",)
 MODES: tuple[str, ...] = ("original", "prune", "merge")
 
 #: ``threshold=NO_THRESHOLD`` merges every pruned neuron (``threshold=None`` means "the preset's").
@@ -127,7 +125,6 @@ def compression_config(
     bn_rule: str = "paper",
     coupled: bool = False,
     approximate: bool = False,
-    calibrated: bool = False,
 ) -> MergeConfig:
     """The :class:`MergeConfig` of one experiment.
 
@@ -138,8 +135,7 @@ def compression_config(
     uniformly. ``coupled`` adds the coupled channel groups (residual streams,
     concats) and keeps the preset's threshold, λ and rounding. ``preset="best"`` keeps the paper's widths (the library defaults
     where the paper has no experiment), so parameter counts are equal, and adds
-    :data:`BEST_OPTIONS`; with ``calibrated=True`` (unlabeled images will be passed)
-    it uses :data:`BEST_CALIBRATED_OPTIONS` and :data:`BEST_CALIBRATE` instead.
+    :data:`BEST_OPTIONS` (and :data:`BEST_CALIBRATE` for calibration data).
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -170,8 +166,7 @@ def compression_config(
         t_value = t_default if threshold is None else threshold
     extra: dict[str, Any] = {}
     if preset == "best":
-        options = BEST_CALIBRATED_OPTIONS if calibrated else BEST_OPTIONS
-        extra = dict(options, calibrate=BEST_CALIBRATE)
+        extra = dict(BEST_OPTIONS, calibrate=BEST_CALIBRATE)
     return MergeConfig(
         **extra,
         ratio=0.0 if ratio is None else ratio,
@@ -489,7 +484,6 @@ def run_sweep(
                 bn_rule=bn_rule,
                 coupled=coupled,
                 approximate=approximate,
-                calibrated=calibration is not None,
             )
         plan.append((mode, criterion, ratio, config))
 
