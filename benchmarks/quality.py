@@ -85,7 +85,10 @@ DEVELOPMENT_METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "merge + flip + joint refit (data)": ({"calibrate": ("flip", "lstsq-joint")}, True),
     "merge + flip + block refit (data)": ({"calibrate": ("flip", "lstsq-block")}, True),
     "merge + flip + refit (data)": ({"calibrate": ("flip", "lstsq")}, True),
-    "best + block refit (data)": (dict(BEST_OPTIONS, calibrate=("lstsq-block",)), True),
+    "best + block refit (data)": (
+        dict(BEST_OPTIONS, selection="lstsq", calibrate=("lstsq-block",)),
+        True,
+    ),
     "lstsq selection + joint refit (data)": (
         dict(BEST_OPTIONS, selection="lstsq", calibrate=("lstsq-joint",)),
         True,
