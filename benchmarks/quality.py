@@ -219,10 +219,15 @@ def _split_name(record: dict[str, Any]) -> str:
 
 
 def write_tables(records: list[dict[str, Any]], out: Path) -> None:
-    """quality.md (one table per model and split) and accuracy_vs_params.png."""
+    """quality.md (one table per model, split and image count) and accuracy_vs_params.png."""
     lines: list[str] = []
-    for arch, split in dict.fromkeys((r["model"], r.get("split", "test")) for r in records):
-        same = [r for r in records if r["model"] == arch and r.get("split", "test") == split]
+
+    def where(r: dict[str, Any]) -> tuple[str, str, int]:
+        return r["model"], r.get("split", "test"), r["test_images"]
+
+    for key in dict.fromkeys(where(r) for r in records):
+        arch = key[0]
+        same = [r for r in records if where(r) == key]
         rows = [r for r in same if r["method"] != "original"]
         orig = next(r for r in same if r["method"] == "original")
         cols = sorted({(r["ratio"], r["criterion"]) for r in rows})
