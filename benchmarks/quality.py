@@ -202,6 +202,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "test_images": len(test),
                         "split": args.split,
                         "config": cfg.to_dict(),
+                        "notes": list(res.report.notes),
                     }
                     records.append(rec)
                     print(
