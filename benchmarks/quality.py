@@ -89,6 +89,10 @@ DEVELOPMENT_METHODS: dict[str, tuple[dict[str, Any], bool]] = {
         dict(BEST_OPTIONS, selection="lstsq", calibrate=("lstsq-block",)),
         True,
     ),
+    "auto selection + joint refit (data)": (
+        dict(BEST_OPTIONS, selection="auto", calibrate=("lstsq-joint",)),
+        True,
+    ),
     "lstsq selection + joint refit (data)": (
         dict(BEST_OPTIONS, selection="lstsq", calibrate=("lstsq-joint",)),
         True,

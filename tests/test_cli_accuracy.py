@@ -59,12 +59,11 @@ def test_compress_best_and_calibrate(tmp_path: Path) -> None:
         str(tmp_path / "small.pth.tar"),
     )
     assert paper["params"] == best["params"] == calib["params"]  # same widths as the paper
-    assert best["report"]["config"]["selection"] == "auto"
+    assert best["report"]["config"]["selection"] == "lstsq"
     from neuron_merging.experiments import BEST_CALIBRATE
 
     assert calib["report"]["config"]["calibrate"] == list(BEST_CALIBRATE)
-    assert calib["report"]["config"]["selection"] == "auto"
-    assert any("selection=auto chose" in n for n in calib["report"]["notes"])
+    assert calib["report"]["config"]["selection"] == "lstsq"
     # LeNet has no batch norm: without data, best keeps the paper's merge (never below it)
     assert best["accuracy"] >= paper["accuracy"] - 0.2
     assert calib["accuracy"] > paper["accuracy"]
