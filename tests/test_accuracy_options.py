@@ -209,6 +209,9 @@ def test_options_compose_with_every_criterion_and_bn_rule(
     data = torch.randn(24, 3, 6, 6, generator=gen(8))
     cal = replace(base, selection="lstsq", calibrate=("lstsq", "repair", "bn"))
     _check_deterministic_and_finite(cal, data)
+    steps = ("flip", "lstsq-joint", "lstsq-block", "repair", "bn")
+    _check_deterministic_and_finite(replace(base, selection="lstsq", calibrate=steps), data)
+    _check_residual_deterministic_and_finite(replace(base, calibrate=steps))
 
 
 def test_calibration_uses_no_labels_and_no_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,3 +275,175 @@ def test_config_round_trip_and_errors() -> None:
     ):
         with pytest.raises(nm.ConfigError):
             MergeConfig(**bad)
+
+
+# ----------------------------------------------------- calibration: block target, producers, flip
+
+
+class _Block(nn.Module):
+    """A pre-activated residual block (the released ResNet-56 layout): ``bn2(conv2(..)) + x``."""
+
+    def __init__(self, c: int, mid: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, mid, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(mid, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(x)
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x
+
+
+class _ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = _Block(8, 12)
+        self.b2 = _Block(8, 12)
+        self.head = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.b2(self.b1(self.stem(x)))).flatten(1))
+
+
+def _res_net(seed: int = 0) -> _ResNet:
+    torch.manual_seed(seed)
+    net = _ResNet()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return net.eval()
+
+
+def _check_residual_deterministic_and_finite(cfg: MergeConfig) -> None:
+    net = _res_net()
+    data = torch.randn(32, 3, 6, 6, generator=gen(4))
+    a = nm.compress(net, data[:1], cfg, calibration=data).model
+    b = nm.compress(net, data[:1], cfg, calibration=data).model
+    assert same_state(state_copy(a), state_copy(b)), cfg
+    assert all(torch.isfinite(t).all() for t in a.state_dict().values()), cfg
+    assert torch.isfinite(a(data)).all(), cfg
+
+
+def _block_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    hooks = [
+        getattr(model, n).register_forward_hook(
+            lambda _m, _a, o, n=n: out.__setitem__(n, o.detach())
+        )
+        for n in ("b1", "b2")
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_residual_parents_are_found_by_the_probe() -> None:
+    from neuron_merging.core.calibrate import residual_parents
+    from neuron_merging.core.compensate import successor_bns
+
+    net, data = _res_net(), torch.randn(4, 3, 6, 6, generator=gen(1))
+    succ = successor_bns(net, data[:1], ["b1.conv2", "b2.conv2", "b1.conv1"])
+    assert succ == {"b1.conv2": "b1.bn2", "b2.conv2": "b2.bn2", "b1.conv1": "b1.bn1"}
+    with torch.no_grad():
+        found = residual_parents(net, (data,), list(succ), succ)
+    # conv1's BN output goes through a ReLU and conv2 before the sum: not additive.
+    assert found == {"b1.conv2": "b1", "b2.conv2": "b2"}
+    seq = _conv_net()  # conv → BN → ReLU in a Sequential: nothing additive
+    x = torch.randn(4, 3, 6, 6, generator=gen(2))
+    s2 = successor_bns(seq, x[:1], ["3"])
+    with torch.no_grad():
+        assert residual_parents(seq, (x,), ["3"], s2) == {}
+
+
+def test_block_refit_minimises_the_block_output_error() -> None:
+    """With the same inputs, the block-target refit's block output is the least-squares best."""
+    net = _res_net()
+    data = torch.randn(96, 3, 6, 6, generator=gen(3))
+    base = MergeConfig(ratio=0.5, ridge=1e-9)
+    ref = _block_outputs(net, data)["b1"]
+    errors = {}
+    for steps in (("lstsq",), ("lstsq-block",)):
+        model = nm.compress(net, data[:1], replace(base, calibrate=steps), calibration=data).model
+        errors[steps[0]] = float((_block_outputs(model, data)["b1"] - ref).pow(2).mean())
+    assert errors["lstsq-block"] < errors["lstsq"]
+    # and on held-out inputs the whole network is closer to the original
+    held = torch.randn(400, 3, 6, 6, generator=gen(5))
+    with torch.no_grad():
+        y = net(held)
+        out = {
+            s: float(
+                nm.compress(net, data[:1], replace(base, calibrate=(s,)), calibration=data)
+                .model(held)
+                .sub(y)
+                .pow(2)
+                .mean()
+            )
+            for s in ("lstsq", "lstsq-block")
+        }
+    assert out["lstsq-block"] < out["lstsq"]
+
+
+def test_producer_refit_matches_the_kept_rows() -> None:
+    """After ``lstsq-joint`` the second producer's kept outputs are closer to the original's."""
+    net = _res_net()
+    data = torch.randn(96, 3, 6, 6, generator=gen(6))
+    base = MergeConfig(ratio=0.5, ridge=1e-9)
+
+    def conv1_error(steps: tuple[str, ...]) -> float:
+        res = nm.compress(net, data[:1], replace(base, calibrate=steps), calibration=data)
+        kept = next(p.kept for p in res.plans if p.group.producer == "b2.conv1")
+        got: dict[str, torch.Tensor] = {}
+        for name, model in (("ref", net), ("new", res.model)):
+            h = model.b2.conv1.register_forward_hook(
+                lambda _m, _a, o, name=name: got.__setitem__(name, o.detach())
+            )
+            with torch.no_grad():
+                model(data)
+            h.remove()
+        # pre-BN outputs: compare after each model's own BN mean (the intercept lives there)
+        mo = net.b2.bn1.running_mean[kept].view(1, -1, 1, 1)
+        mn = res.model.b2.bn1.running_mean.view(1, -1, 1, 1)
+        return float(((got["new"] - mn) - (got["ref"][:, kept] - mo)).pow(2).mean())
+
+    # least squares on the compressed model's own inputs; the unrefit rows are one candidate
+    assert conv1_error(("lstsq-joint",)) < 0.9 * conv1_error(())
+
+
+def test_flip_step_is_the_mirrored_data() -> None:
+    net = _res_net()
+    data = torch.randn(24, 3, 6, 6, generator=gen(7))
+    cfg = MergeConfig(ratio=0.5, calibrate=("flip", "lstsq-block"))
+    a = nm.compress(net, data[:1], cfg, calibration=data).model
+    both = torch.cat([data, data.flip(-1)])
+    b = nm.compress(net, data[:1], replace(cfg, calibrate=("lstsq-block",)), calibration=both).model
+    assert same_state(state_copy(a), state_copy(b))
+
+
+def test_auto_selection_keeps_the_closer_candidate() -> None:
+    """``selection="auto"``: lstsq without data; with data, the lower calibration output error."""
+    from neuron_merging.core.api import calibration_error
+
+    net = _res_net()
+    data = torch.randn(48, 3, 6, 6, generator=gen(12))
+    base = MergeConfig(ratio=0.5, compensation="lstsq", repair="mean+var", calibrate=("lstsq",))
+    free = nm.compress(net, data[:1], replace(base, selection="auto"))
+    lsq = nm.compress(net, data[:1], replace(base, selection="lstsq"))
+    assert same_state(state_copy(free.model), state_copy(lsq.model))
+    assert free.report.config["selection"] == "auto"
+    auto = nm.compress(net, data[:1], replace(base, selection="auto"), calibration=data)
+    errors = {}
+    for how in ("criterion", "lstsq"):
+        res = nm.compress(net, data[:1], replace(base, selection=how), calibration=data)
+        errors[how] = (calibration_error(net, res.model, data), state_copy(res.model))
+    chosen = min(errors, key=lambda h: errors[h][0])
+    assert same_state(state_copy(auto.model), errors[chosen][1])
+    assert calibration_error(net, auto.model, data) == min(e for e, _s in errors.values())
+    assert any(f"chose {chosen}" in n for n in auto.report.notes)

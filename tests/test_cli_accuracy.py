@@ -60,7 +60,10 @@ def test_compress_best_and_calibrate(tmp_path: Path) -> None:
     )
     assert paper["params"] == best["params"] == calib["params"]  # same widths as the paper
     assert best["report"]["config"]["selection"] == "lstsq"
-    assert calib["report"]["config"]["calibrate"] == ["lstsq"]
+    from neuron_merging.experiments import BEST_CALIBRATE
+
+    assert calib["report"]["config"]["calibrate"] == list(BEST_CALIBRATE)
+    assert calib["report"]["config"]["selection"] == "lstsq"
     # LeNet has no batch norm: without data, best keeps the paper's merge (never below it)
     assert best["accuracy"] >= paper["accuracy"] - 0.2
     assert calib["accuracy"] > paper["accuracy"]
@@ -94,3 +97,31 @@ def test_sweep_best_with_calibration(tmp_path: Path) -> None:
     merged = [r for r in out["records"] if r["mode"] == "merge"]
     assert len(merged) == 1 and merged[0]["calibration"] == 100 and merged[0]["preset"] == "best"
     assert (tmp_path / "sweep" / "results.json").is_file()
+
+
+def test_calibration_images_avoid_the_validation_split() -> None:
+    """Calibration draws only from training images outside the held-out validation split."""
+    import torch
+
+    from neuron_merging.data import load_dataset
+    from neuron_merging.experiments import (
+        VALIDATION_SIZE,
+        calibration_images,
+        calibration_indices,
+        validation_split,
+    )
+
+    train = load_dataset("fashion-mnist", "train", DATA)
+    val = validation_split("fashion-mnist", DATA)
+    assert len(val) == VALIDATION_SIZE
+    assert torch.equal(val.images, train.images[-VALIDATION_SIZE:])
+    assert torch.equal(val.labels, train.labels[-VALIDATION_SIZE:])
+    idx = calibration_indices(len(train), 3000)
+    assert idx.unique().numel() == 3000  # without replacement
+    assert int(idx.max()) < len(train) - VALIDATION_SIZE  # never a validation image
+    assert torch.equal(calibration_images("fashion-mnist", 3000, DATA), train.images[idx])
+    assert torch.equal(calibration_indices(len(train), 3000), idx)  # seeded
+    from neuron_merging import ConfigError
+
+    with pytest.raises(ConfigError, match="validation split"):
+        calibration_indices(len(train), len(train) - VALIDATION_SIZE + 1)

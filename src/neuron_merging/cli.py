@@ -142,7 +142,8 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
         "--calibrate",
         type=int,
         metavar="N",
-        help="use N unlabeled images of the training split (no labels, no gradients)",
+        help="use N unlabeled images of the training split, outside its held-out "
+        "validation part (the last 5,000); no labels, no gradients",
     )
     parser.add_argument(
         "--threshold", type=_threshold, help="cosine threshold, or 'none' to always merge"

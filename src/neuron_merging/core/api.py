@@ -9,6 +9,7 @@ the copy is modified; the input model is never touched.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -390,6 +391,8 @@ def compress(
     Returns:
         A :class:`MergeResult` with the new model, its report and the plans.
     """
+    if config.selection == "auto":
+        return _compress_auto(model, example_inputs, config, groups, criterion_fn, calibration)
     timings = {
         "trace": 0.0,
         "select": 0.0,
@@ -487,6 +490,89 @@ def compress(
         notes=notes,
     )
     return MergeResult(work, report, plans)
+
+
+#: The selections ``selection="auto"`` chooses between when calibration data is given.
+AUTO_SELECTIONS: tuple[str, ...] = ("criterion", "lstsq")
+
+
+def _output_tensors(out: object) -> list[Tensor]:
+    """Every floating-point tensor in a model output (a tensor, or nested tuples/lists/dicts)."""
+    if isinstance(out, Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _output_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _output_tensors(v)]
+    return []
+
+
+def calibration_error(
+    original: nn.Module, compressed: nn.Module, calibration: Tensor | Sequence[Tensor]
+) -> float:
+    """Mean squared difference of the two models' outputs on the calibration inputs.
+
+    Label-free (the original's outputs are the reference), in evaluation mode and
+    without gradients, batch by batch; ``inf`` when the outputs hold no float tensor.
+    """
+    data = (calibration,) if isinstance(calibration, Tensor) else tuple(calibration)
+    total, count = 0.0, 0
+    saved = {m: m.training for m in (*original.modules(), *compressed.modules())}
+    original.eval()
+    compressed.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, data[0].shape[0], 250):
+                part = tuple(d[i : i + 250] for d in data)
+                ref, got = _output_tensors(original(*part)), _output_tensors(compressed(*part))
+                for a, b in zip(ref, got, strict=True):
+                    total += float((a.double() - b.double()).pow(2).sum())
+                    count += a.numel()
+    finally:
+        for m, t in saved.items():
+            m.training = t
+    return total / count if count else math.inf
+
+
+def _compress_auto(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    config: MergeConfig,
+    groups: Sequence[GroupSpec] | None,
+    criterion_fn: CriterionFn | None,
+    calibration: Tensor | Sequence[Tensor] | None,
+) -> MergeResult:
+    """``selection="auto"``: ``lstsq`` without data; with data, the better of both.
+
+    With calibration inputs, the whole compression (selection, compensation,
+    repair and the ``calibrate`` steps) runs once per selection of
+    :data:`AUTO_SELECTIONS`, and the result whose outputs on those inputs are
+    closest to the original's (:func:`calibration_error`) is kept; ties go to
+    the first. No labels: the reference is the original model's own output.
+    """
+    if calibration is None:
+        res = compress(
+            model, example_inputs, replace(config, selection="lstsq"),
+            groups=groups, criterion_fn=criterion_fn,
+        )  # fmt: skip
+        res.report.config["selection"] = "auto"
+        res.report.notes.append("selection=auto without calibration data: lstsq")
+        return res
+    tried: list[tuple[float, str, MergeResult]] = []
+    for how in AUTO_SELECTIONS:
+        res = compress(
+            model, example_inputs, replace(config, selection=how),
+            groups=groups, criterion_fn=criterion_fn, calibration=calibration,
+        )  # fmt: skip
+        tried.append((calibration_error(model, res.model, calibration), how, res))
+    _err, how, best = min(tried, key=lambda t: t[0])  # min keeps the first of equal errors
+    best.report.config["selection"] = "auto"
+    others = ", ".join(f"{h} {e:.6g}" for e, h, _r in tried)
+    best.report.notes.append(f"selection=auto chose {how} (calibration output MSE: {others})")
+    best.report.timings["auto"] = (
+        sum(r.report.timings["total"] for _e, _h, r in tried) - (best.report.timings["total"])
+    )
+    return best
 
 
 def _config(

@@ -347,7 +347,7 @@ class Extras:
             if mom is None:  # no batch norm and no data: nothing to estimate C with
                 return default
             return lstsq.lstsq_select(mom[1], _colgram(cols), keep)
-        raise ValueError(f"unknown selection {how!r}")
+        raise ValueError(f"unknown selection {how!r} (auto is resolved by compress)")
 
     @staticmethod
     def _cover_weights(fn: object, rows: Tensor, cols: Tensor) -> Tensor:

@@ -30,11 +30,18 @@ DEFAULT_LAMBDA: float = 0.85
 BN_RULES: tuple[str, ...] = ("paper", "exact")
 ROUNDINGS: tuple[str, ...] = ("round", "floor")
 MODES: tuple[str, ...] = ("merge", "prune")
-SELECTIONS: tuple[str, ...] = ("criterion", "group", "cover", "lstsq")
+SELECTIONS: tuple[str, ...] = ("criterion", "group", "cover", "lstsq", "auto")
 COMPENSATIONS: tuple[str, ...] = ("merge", "fold", "lstsq")
 GRAMS: tuple[str, ...] = ("propagated", "whitened")
 REPAIRS: tuple[str, ...] = ("none", "mean", "mean+var")
-CALIBRATE_STEPS: tuple[str, ...] = ("lstsq", "bn", "repair")
+CALIBRATE_STEPS: tuple[str, ...] = (
+    "lstsq",
+    "lstsq-block",
+    "lstsq-joint",
+    "flip",
+    "bn",
+    "repair",
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,11 @@ class MergeConfig:
             consumer columns + BN scale), ``"cover"`` (greedy k-medoids cover in
             the merge's distance, weighted by the criterion) or ``"lstsq"``
             (greedy removal by least-squares compensation error; without
-            moments, i.e. no batch norm and no data, it keeps the criterion's set).
+            moments, i.e. no batch norm and no data, it keeps the criterion's set)
+            or ``"auto"`` (``"lstsq"`` without calibration data; with it, the
+            compression runs with ``"criterion"`` and with ``"lstsq"`` and keeps
+            the one whose outputs on the calibration inputs are closest to the
+            original's).
         compensation: with ``mode="merge"``, ``"merge"`` (the paper's partner and
             scale), ``"fold"`` (k-means clusters → centroids) or ``"lstsq"`` (a
             dense least-squares mix of the kept channels; without moments it
@@ -81,6 +92,11 @@ class MergeConfig:
         calibrate: steps run when calibration data is passed to
             :func:`~neuron_merging.core.api.compress`, in this order:
             ``"lstsq"`` (sequential least-squares refit of every consumer),
+            ``"lstsq-block"`` (the same, to the residual block's output where
+            the consumer's BN output enters a residual sum),
+            ``"lstsq-joint"`` (``"lstsq-block"`` + each producer's kept rows in
+            the same pass),
+            ``"flip"`` (later steps also use the mirrored images),
             ``"repair"`` (match per-channel output mean/std to the original's),
             ``"bn"`` (reset BN statistics). Data also replaces the Gaussian
             moments of ``selection``/``compensation``/``repair`` by measured ones.
