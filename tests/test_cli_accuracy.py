@@ -125,3 +125,8 @@ def test_calibration_images_avoid_the_validation_split() -> None:
 
     with pytest.raises(ConfigError, match="validation split"):
         calibration_indices(len(train), len(train) - VALIDATION_SIZE + 1)
+    # A small training split holds out a tenth of itself.
+    small = calibration_indices(200, 180)
+    assert int(small.max()) < 180 and small.unique().numel() == 180
+    with pytest.raises(ConfigError, match=r"exceeds the 180 training images .*the last 20\)"):
+        calibration_indices(200, 181)

@@ -210,14 +210,21 @@ class Outcome:
 VALIDATION_SIZE: int = 5000
 
 
+def validation_size(train_size: int) -> int:
+    """How many of ``train_size`` training images are held out: :data:`VALIDATION_SIZE`,
+    or a tenth of a smaller training split."""
+    return min(VALIDATION_SIZE, train_size // 10)
+
+
 def validation_split(
     dataset: str,
     data_dir: str | Path | None = None,
     *,
     download: bool = False,
-    size: int = VALIDATION_SIZE,
+    size: int | None = None,
 ) -> ArrayDataset:
-    """The held-out validation split: the last ``size`` training images, with labels.
+    """The held-out validation split: the last ``size`` training images, with labels
+    (default :func:`validation_size`).
 
     Its labels are only for *evaluating* a compressed model (as the test set's
     are); no compression step ever receives them.
@@ -225,6 +232,7 @@ def validation_split(
     from .data import load_dataset
 
     train = load_dataset(dataset, "train", data_dir, download)
+    size = validation_size(len(train)) if size is None else size
     if not 0 < size < len(train):
         raise ConfigError(f"validation size {size} must be in (0, {len(train)})")
     return ArrayDataset(train.images[-size:].clone(), train.labels[-size:].clone(), train.info)
@@ -247,25 +255,29 @@ def calibration_images(
     """
     from .data import load_dataset
 
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ConfigError(f"calibrate needs a positive number of images, got {count!r}")
+    _check_count(count)  # before the data is read
     train = load_dataset(dataset, "train", data_dir, download)
     return train.images[calibration_indices(len(train), count, seed=seed)].clone()
+
+
+def _check_count(count: object) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"calibrate needs a positive number of images, got {count!r}")
 
 
 def calibration_indices(train_size: int, count: int, *, seed: int = 0) -> torch.Tensor:
     """Indices of :func:`calibration_images` in a training split of ``train_size`` images.
 
-    A seeded random draw without replacement from ``range(train_size - VALIDATION_SIZE)``,
-    so it never touches the validation split.
+    A seeded random draw without replacement from the images before the validation
+    split (:func:`validation_size`), so it never touches that split.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ConfigError(f"calibrate needs a positive number of images, got {count!r}")
-    pool = train_size - VALIDATION_SIZE
+    _check_count(count)
+    held_out = validation_size(train_size)
+    pool = train_size - held_out
     if count > pool:
         raise ConfigError(
             f"calibrate {count} exceeds the {max(pool, 0)} training images outside the "
-            f"validation split (the last {VALIDATION_SIZE})"
+            f"validation split (the last {held_out})"
         )
     order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))
     return order[:count]
