@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from typing import TypeVar
 
 import pytest
 import torch
@@ -14,6 +15,19 @@ from _factories import assert_lossless, gen, same_state, state_copy
 from neuron_merging.core import lstsq
 from neuron_merging.core.config import MergeConfig
 from neuron_merging.core.moments import relu_cross_moments, relu_mean, relu_second
+
+_Net = TypeVar("_Net", bound=nn.Module)
+
+
+def _random_bn_stats(net: _Net) -> _Net:
+    """``net`` in eval mode with random batch-norm statistics and affine parameters."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return net.eval()
 
 
 def _conv_net(seed: int = 0) -> nn.Sequential:
@@ -28,13 +42,7 @@ def _conv_net(seed: int = 0) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(10 * 6 * 6, 7),
     )
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-    return net.eval()
+    return _random_bn_stats(net)
 
 
 def _planted_linear(bn: bool) -> nn.Sequential:
@@ -311,13 +319,7 @@ class _ResNet(nn.Module):
 def _res_net(seed: int = 0) -> _ResNet:
     torch.manual_seed(seed)
     net = _ResNet()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-    return net.eval()
+    return _random_bn_stats(net)
 
 
 def _check_residual_deterministic_and_finite(cfg: MergeConfig) -> None:
