@@ -223,10 +223,16 @@ def test_d22_a_failed_run_removes_the_folders_it_created(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- D20
 
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C reaches the child even when these tests run as a background job (which starts
+    with SIGINT ignored, and a CLI must leave an inherited ignore alone)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[object], cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         _command(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=cwd,
+        cwd=cwd, preexec_fn=_as_in_a_terminal,
     )  # fmt: skip
 
 

@@ -438,3 +438,31 @@ def test_d23_nan_loss_is_exported_as_null(tmp_path: Path) -> None:
         raise AssertionError(f"results.json holds {constant}, which is not JSON")
 
     json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+
+
+def test_d2_stores_opened_while_another_creates_them(tmp_path: Path) -> None:
+    """Opening a store while another thread creates it used to read its id before the
+    creator's commit and its tables after: 'an SQLite database of another application'."""
+    import threading
+
+    from neuron_merging.store import ResultsStore
+
+    errors: list[BaseException] = []
+    for round_ in range(30):
+        folder = tmp_path / str(round_)
+        folder.mkdir()
+        start = threading.Barrier(6)
+
+        def open_store(folder: Path = folder, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                ResultsStore(folder).close()
+            except BaseException as exc:  # collected: a thread's failure must fail the test
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_store) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []

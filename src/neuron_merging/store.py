@@ -77,6 +77,15 @@ CREATE INDEX IF NOT EXISTS records_by_settings ON records (settings);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+
+def _busy(exc: BaseException) -> bool:
+    """Whether an SQLite error is another connection's lock (transient), not a bad file."""
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower()
+
+
+#: The tables and indexes of :data:`_SCHEMA` (SQLite adds ``sqlite_*`` ones itself).
+_OWN_NAMES = frozenset({"records", "records_by_settings", "meta"})
+
 _MODES = ("original", "prune", "merge")
 
 
@@ -171,7 +180,17 @@ class ResultsStore:
         except sqlite3.Error as exc:
             raise OutputError(f"{self.path}: cannot open the results store: {exc}") from exc
         try:
-            self._setup()
+            deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+            while True:
+                try:
+                    self._setup()
+                    break
+                except sqlite3.OperationalError as exc:  # only busy errors get here
+                    if (
+                        not _busy(exc) or time.monotonic() > deadline
+                    ):  # a lock held this long is not a race
+                        raise OutputError(f"{self.path}: {exc}") from exc
+                    time.sleep(0.01)  # another sweep is creating the store or changing its mode
         except BaseException:
             self._db.close()
             raise
@@ -180,8 +199,11 @@ class ResultsStore:
         try:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
-            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
-            if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):
+            names = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+            # Without our id, only our own tables may be there: another sweep is creating
+            # the store right now (its tables can be read a moment after its id was).
+            foreign = {n for n in names if n not in _OWN_NAMES and not n.startswith("sqlite_")}
+            if app_id not in (0, APPLICATION_ID) or (app_id == 0 and foreign):
                 raise _refuse(self.path, "is an SQLite database of another application")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -197,6 +219,8 @@ class ResultsStore:
                 self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
+            if _busy(exc):
+                raise  # retried by __init__
             raise _refuse(self.path, f"is corrupt ({exc})") from exc
 
     # ------------------------------------------------------------------ plumbing
