@@ -37,6 +37,7 @@ from .groups import (
 from .record import (
     as_inputs,
     check_recordable,
+    collection_paused,
     is_conv1d_transposed,
     materialise_reparametrisations,
     record,
@@ -423,12 +424,16 @@ def compress(
             raise ConfigError("example_inputs are required to analyse the model (or pass groups=)")
         found, skipped = resolve_groups(work, groups), []
     else:
-        recording = record(work, example_inputs, modules)
-        found, skipped = groups_from_recording(recording, config.coupled)
-        if groups is not None:
-            simple = (found, skipped) if not config.coupled else groups_from_recording(recording)
-            found = resolve_groups(work, groups, simple)
-            skipped = []
+        with collection_paused():
+            recording = record(work, example_inputs, modules)
+            found, skipped = groups_from_recording(recording, config.coupled)
+            if groups is not None:
+                simple = (
+                    (found, skipped) if not config.coupled else groups_from_recording(recording)
+                )
+                found = resolve_groups(work, groups, simple)
+                skipped = []
+            recording.release()
     timings["trace"] = time.perf_counter() - t0
     targets = _targets(config, found, skipped, modules)
     extras = None

@@ -45,6 +45,7 @@ from .record import (
     Recording,
     Value,
     check_recordable,
+    collection_paused,
     func_name,
     has_reparametrisations,
     is_conv1d_transposed,
@@ -1097,7 +1098,12 @@ def find_groups(
         model = aliasing_copy(model)
         materialise_reparametrisations(model)
         modules = dict(model.named_modules())
-    return groups_from_recording(record(model, example_inputs, modules), coupled)
+    with collection_paused():
+        recording = record(model, example_inputs, modules)
+        try:
+            return groups_from_recording(recording, coupled)
+        finally:
+            recording.release()
 
 
 def _out_channels(module: nn.Module) -> int:

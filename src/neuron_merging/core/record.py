@@ -31,7 +31,7 @@ import dataclasses
 import gc
 import itertools
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -404,6 +404,29 @@ class Recording:
     modules: dict[str, nn.Module]
     hooked: dict[str, str]
     size_uses: list[tuple[Value, int | None, str]] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Break the references from operations to values once the recording is used.
+
+        Values and operations point at each other (producer, users, arguments), so a
+        dropped recording would otherwise wait for the cyclic garbage collector, whose
+        passes over a large model's objects cost more than the recording itself.
+        """
+        for op in self.ops:
+            op.args, op.kwargs, op.outputs, op._inputs = (), {}, [], None
+
+
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: recording and analysis allocate many small
+    objects, all freed by reference counting after :meth:`Recording.release`."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class _Ref(weakref.ref):
@@ -953,10 +976,8 @@ def record(
                 )
             )
     runner = unwrap(model)
-    collecting = gc.isenabled()
-    gc.disable()  # the recording allocates many small objects: no collector passes meanwhile
     try:
-        with torch.no_grad():
+        with collection_paused(), torch.no_grad():
             inputs = [recorder.value(t) for t in flatten_tensors([args, kwargs], [])]
             for value in inputs:
                 value.is_input = True
@@ -972,8 +993,6 @@ def record(
         recorder.close_leaf()  # a forward that raised inside a leaf layer
         for handle in handles:
             handle.remove()
-        if collecting:
-            gc.enable()
     outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
     recorder.alive.clear()  # no callbacks once the recording is done
     if recorder.sized:
@@ -997,6 +1016,7 @@ __all__ = [
     "Value",
     "as_inputs",
     "check_recordable",
+    "collection_paused",
     "flatten_tensors",
     "func_name",
     "has_reparametrisations",
