@@ -468,28 +468,37 @@ class _Recorder(TorchFunctionMode):
         self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
         self.leaf_names: dict[int, str] = {}
         self.counter = itertools.count()
+        self.hooked_leaves: list[nn.Module] = []  # leaves with user hooks of their own
+        self.hooked: dict[str, str] = {}  # modules with user hooks, described
         for name, module in modules.items():
-            if is_leaf(module):
-                self.leaf_names[id(module)] = name
-                if module._modules:
-                    owned: Any = itertools.chain(
-                        module.named_parameters(recurse=True), module.named_buffers(recurse=True)
+            if module._forward_pre_hooks or module._forward_hooks:
+                self.hooked[name] = _hook_description(name, module)
+            if not is_leaf(module):
+                continue
+            self.leaf_names[id(module)] = name
+            if name in self.hooked:
+                self.hooked_leaves.append(module)
+            else:
+                self.fast_leaves.add(id(module))
+            if module._modules:
+                owned: Any = itertools.chain(
+                    module.named_parameters(recurse=True), module.named_buffers(recurse=True)
+                )
+            else:  # the common case, without the generic walk
+                owned = itertools.chain(module._parameters.items(), module._buffers.items())
+            for attr, tensor in owned:
+                if tensor is None:
+                    continue
+                previous = self.params.get(id(tensor))
+                if previous is not None and previous[0] != name:
+                    why = f"{attr} of {name} is shared with {previous[0]} (tied weights)"
+                    self.taints.setdefault(name, why)
+                    self.taints.setdefault(
+                        previous[0],
+                        f"{previous[1]} of {previous[0]} is shared with {name} (tied weights)",
                     )
-                else:  # the common case, without the generic walk
-                    owned = itertools.chain(module._parameters.items(), module._buffers.items())
-                for attr, tensor in owned:
-                    if tensor is None:
-                        continue
-                    previous = self.params.get(id(tensor))
-                    if previous is not None and previous[0] != name:
-                        why = f"{attr} of {name} is shared with {previous[0]} (tied weights)"
-                        self.taints.setdefault(name, why)
-                        self.taints.setdefault(
-                            previous[0],
-                            f"{previous[1]} of {previous[0]} is shared with {name} (tied weights)",
-                        )
-                    else:
-                        self.params[id(tensor)] = (name, attr)
+                else:
+                    self.params[id(tensor)] = (name, attr)
 
     # -- values
     def value(self, tensor: Tensor) -> Value:
@@ -781,14 +790,13 @@ def materialise_reparametrisations(model: nn.Module) -> list[str]:
     weight they compute now. Runs on the caller's private copy; returns one line per
     layer changed, for the report.
     """
-    from torch.nn.utils import parametrize
 
     known = _known_reparam_hooks()
     notes: list[str] = []
     for name, module in model.named_modules():
-        if not isinstance(module, LEAF_TYPES) and not is_conv1d_transposed(module):
+        if not _reparametrised(module, known):
             continue
-        if parametrize.is_parametrized(module):
+        if _parametrized(module):
             # parametrize swaps the class for a generated subclass of the original one;
             # that class is shared with the caller's model, so it is left as it is.
             lists = module.parametrizations
@@ -829,30 +837,36 @@ def materialise_reparametrisations(model: nn.Module) -> list[str]:
     return notes
 
 
-def has_reparametrisations(modules: dict[str, nn.Module]) -> bool:
-    """Whether any leaf layer is re-parametrised (see :func:`materialise_reparametrisations`)."""
-    from torch.nn.utils import parametrize
+def _parametrized(module: nn.Module) -> bool:
+    """``parametrize.is_parametrized``, without a failing attribute lookup per module."""
+    found = module._modules.get("parametrizations")
+    return isinstance(found, nn.ModuleDict) and len(found) > 0
 
-    known = _known_reparam_hooks()
-    return any(
-        parametrize.is_parametrized(m)
-        or any(isinstance(h, known) for h in m._forward_pre_hooks.values())
-        for m in modules.values()
-        if isinstance(m, LEAF_TYPES) or is_conv1d_transposed(m)
+
+def _reparametrised(module: nn.Module, known: tuple[type, ...]) -> bool:
+    return (
+        bool(module._modules or module._forward_pre_hooks)
+        and (isinstance(module, LEAF_TYPES) or is_conv1d_transposed(module))
+        and (
+            _parametrized(module)
+            or any(isinstance(h, known) for h in module._forward_pre_hooks.values())
+        )
     )
 
 
-def _user_hooks(modules: dict[str, nn.Module]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for name, module in modules.items():
-        kinds = []
-        if module._forward_pre_hooks:
-            kinds.append("forward pre-hook")
-        if module._forward_hooks:
-            kinds.append("forward hook")
-        if kinds:
-            found[name] = f"a {' and a '.join(kinds)} on {name or 'the model'}"
-    return found
+def has_reparametrisations(modules: dict[str, nn.Module]) -> bool:
+    """Whether any leaf layer is re-parametrised (see :func:`materialise_reparametrisations`)."""
+    known = _known_reparam_hooks()
+    return any(_reparametrised(m, known) for m in modules.values())
+
+
+def _hook_description(name: str, module: nn.Module) -> str:
+    kinds = []
+    if module._forward_pre_hooks:
+        kinds.append("forward pre-hook")
+    if module._forward_hooks:
+        kinds.append("forward hook")
+    return f"a {' and a '.join(kinds)} on {name or 'the model'}"
 
 
 _SEQUENCES = (tuple, list, torch.Size)
@@ -891,6 +905,7 @@ def check_recordable(model: nn.Module, modules: dict[str, nn.Module] | None = No
             f"{type(model).__name__} is a TorchScript module; pass the original nn.Module"
         )
     lazy = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
+    plain = (Tensor, nn.Parameter)  # neither lazy: no metaclass instance check needed
     for prefix, module in (modules if modules is not None else dict(model.named_modules())).items():
         if isinstance(module, torch.jit.ScriptModule):
             raise ModelError(
@@ -899,7 +914,7 @@ def check_recordable(model: nn.Module, modules: dict[str, nn.Module] | None = No
             )
         for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
             for attr, tensor in tensors.items():
-                if tensor is None:
+                if tensor is None or (type(tensor) in plain and not tensor.is_meta):
                     continue
                 name = f"{prefix}.{attr}" if prefix else attr
                 if isinstance(tensor, lazy):
@@ -949,32 +964,29 @@ def record(
     modules = modules if modules is not None else dict(model.named_modules())
     check_recordable(model, modules)
     args, kwargs = as_inputs(example_inputs)
-    hooked = _user_hooks(modules)
     from torch.nn.modules import module as module_impl
 
+    recorder = _Recorder(modules)
+    hooked = recorder.hooked
     if getattr(module_impl, "_global_forward_hooks", None) or getattr(
         module_impl, "_global_forward_pre_hooks", None
     ):
         hooked.setdefault("*", "a global forward hook")
-    recorder = _Recorder(modules)
     handles = [
         nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook),
         nn.modules.module.register_module_forward_hook(
             recorder.post_hook, with_kwargs=True, always_call=True
         ),
     ]
-    for module in modules.values():
-        if is_leaf(module) and not (module._forward_pre_hooks or module._forward_hooks):
-            recorder.fast_leaves.add(id(module))
-        elif is_leaf(module):
-            # The user's pre-hooks run before ours and their forward hooks after ours,
-            # so that hook code is recorded like the rest of the model's code.
-            handles.append(module.register_forward_pre_hook(recorder.leaf_pre, with_kwargs=True))
-            handles.append(
-                module.register_forward_hook(
-                    recorder.leaf_post, with_kwargs=True, always_call=True, prepend=True
-                )
+    for module in recorder.hooked_leaves:
+        # The user's pre-hooks run before ours and their forward hooks after ours,
+        # so that hook code is recorded like the rest of the model's code.
+        handles.append(module.register_forward_pre_hook(recorder.leaf_pre, with_kwargs=True))
+        handles.append(
+            module.register_forward_hook(
+                recorder.leaf_post, with_kwargs=True, always_call=True, prepend=True
             )
+        )
     runner = unwrap(model)
     try:
         with collection_paused(), torch.no_grad():
