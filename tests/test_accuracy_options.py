@@ -194,13 +194,11 @@ def test_best_recipe_is_deterministic_and_finite() -> None:
     _check_deterministic_and_finite(MergeConfig(ratio=0.5, calibrate=("lstsq",), **opts), data)
 
 
-@pytest.mark.slow
 def test_every_option_is_deterministic_and_finite() -> None:
     for opts in OPTIONS:
         _check_deterministic_and_finite(MergeConfig(ratio=0.5, **opts), None)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("criterion", nm.available_criteria())
 @pytest.mark.parametrize("bn_rule", ["paper", "exact"])
 @pytest.mark.parametrize("mode", ["merge", "prune"])
