@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuron_merging as nm
+from neuron_merging.core import record as record_module
 from neuron_merging.core.record import record
 
 from . import _common as C
@@ -55,6 +56,30 @@ def _intercepted(call: Callable[[], Any]) -> None:
     finally:
         for handle in hooks:
             handle.remove()
+
+
+class _Skeleton(record_module._Recorder):
+    """The recorder with its bookkeeping switched off: its own hooks, leaf switching and
+    setup, but no operation or value is recorded."""
+
+    def add_op(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def exit_leaf(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self.close_leaf()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return func(*args, **(kwargs or {}))
+
+
+def _skeleton(model: nn.Module, x: Any) -> None:
+    """``record(model, x)`` run by :class:`_Skeleton`."""
+    real = record_module._Recorder
+    record_module._Recorder = _Skeleton  # type: ignore[misc]
+    try:
+        record(model, x)
+    finally:
+        record_module._Recorder = real  # type: ignore[misc]
 
 
 class _Block(nn.Module):
@@ -162,14 +187,19 @@ def run(rounds: int) -> list[dict[str, Any]]:
         def floor(call: Callable[[], Any] = call) -> None:
             _intercepted(call)
 
+        def skeleton(model: nn.Module = model, x: Any = x) -> None:
+            _skeleton(model, x)
+
         for _ in range(3):
             forward()
             discover()
             recorded()
             floor()
+            skeleton()
         timed = C.side_by_side(forward, discover, rounds)
         timed_record = C.side_by_side(forward, recorded, rounds)
         timed_floor = C.side_by_side(forward, floor, rounds)
+        timed_skeleton = C.side_by_side(forward, skeleton, rounds)
         groups, _ = nm.find_groups(model, x)
         export = _export_seconds(model, x)
         fwd = C.median(timed.first)
@@ -181,6 +211,7 @@ def run(rounds: int) -> list[dict[str, Any]]:
                 "ratio": C.median(timed.ratios),
                 "record_ratio": C.median(timed_record.ratios),
                 "floor_ratio": C.median(timed_floor.ratios),
+                "skeleton_ratio": C.median(timed_skeleton.ratios),
                 "export_ms": 1e3 * export if isinstance(export, float) else export,
                 "export_ratio": export / fwd if isinstance(export, float) else None,
                 "groups": len(groups),
@@ -195,13 +226,15 @@ def to_markdown(rows: list[dict[str, Any]], rounds: int) -> str:
         f"Batch 1, {torch.get_num_threads()} thread(s), medians over {rounds} interleaved rounds "
         "(ratio: median of per-round ratios); `torch.export.export`: median of 3 calls. "
         "*Recording* is `core.record.record` alone (the rest of discovery is the group "
-        "analysis); *interception floor* is the forward pass under a no-op torch-function "
-        "mode and no-op global module hooks, what any recorder built on them costs before "
-        "it records anything.",
+        "analysis); *recorder without bookkeeping* is `record` with its operation and value "
+        "bookkeeping switched off (its hooks, leaf switching and setup remain); *interception "
+        "floor* is the forward pass under a no-op torch-function mode and no-op global module "
+        "hooks, what any recorder built on them costs before it records anything.",
         "",
         "| model | forward pass | nm.find_groups | discovery / forward | recording / forward "
-        "| interception floor / forward | torch.export | export / forward | groups |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| recorder without bookkeeping / forward | interception floor / forward "
+        "| torch.export | export / forward | groups |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         export = r["export_ms"]
@@ -209,7 +242,8 @@ def to_markdown(rows: list[dict[str, Any]], rounds: int) -> str:
         ratio = f"{r['export_ratio']:.0f}×" if r["export_ratio"] else "—"
         lines.append(
             f"| {r['model']} | {r['forward_ms']:.2f} ms | {r['discovery_ms']:.2f} ms "
-            f"| **{r['ratio']:.2f}** | {r['record_ratio']:.2f} | {r['floor_ratio']:.2f} "
+            f"| **{r['ratio']:.2f}** | {r['record_ratio']:.2f} | {r['skeleton_ratio']:.2f} "
+            f"| {r['floor_ratio']:.2f} "
             f"| {shown} | {ratio} | {r['groups']} |"
         )
     return "\n".join(lines)
