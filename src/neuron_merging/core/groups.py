@@ -1101,9 +1101,11 @@ def find_groups(
     with collection_paused():
         recording = record(model, example_inputs, modules)
         try:
-            return groups_from_recording(recording, coupled)
+            found = groups_from_recording(recording, coupled)
         finally:
             recording.release()
+            del recording  # freed before the collector resumes, which then has nothing to do
+    return found
 
 
 def _out_channels(module: nn.Module) -> int:

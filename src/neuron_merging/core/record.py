@@ -655,11 +655,28 @@ class _Recorder(TorchFunctionMode):
                     if isinstance(item, DimSize):
                         item._used(f"passed to {name}")
         values: list[Value] | None
-        if not kwargs and all(type(a) in _FLAT for a in args):  # the common case: one pass
-            tensors = [a for a in args if isinstance(a, Tensor)]
-            wrapped_args: Any = tuple(self.value(a) if isinstance(a, Tensor) else a for a in args)
+        if all(type(a) in _FLAT for a in args) and all(
+            type(a) in _FLAT for a in kwargs.values()
+        ):  # the common case (``relu(x, inplace=False)``): tensors and plain values only
+            tensors = []
+            values = []
+            wrapped: list[Any] = []
+            for a in args:
+                if isinstance(a, Tensor):
+                    value = self.value(a)
+                    tensors.append(a)
+                    values.append(value)
+                    a = value
+                wrapped.append(a)
+            wrapped_args: Any = tuple(wrapped)
             wrapped_kwargs: dict[str, Any] = {}
-            values = [a for a in wrapped_args if isinstance(a, Value)]
+            for k, a in kwargs.items():
+                if isinstance(a, Tensor):
+                    value = self.value(a)
+                    tensors.append(a)
+                    values.append(value)
+                    a = value
+                wrapped_kwargs[k] = a
         else:
             tensors = flatten_tensors(list(args), [])
             flatten_tensors(kwargs, tensors)
