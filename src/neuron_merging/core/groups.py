@@ -440,11 +440,13 @@ class _Analysis:
     def run(self) -> None:
         modules = self.rec.modules
         small: dict[str, bool] = {}  # owner -> whether it has no submodules
+        info_of = self.info
         for op in self.rec.ops:
-            infos = [self.get(v) for v in op.inputs()]
-            if not any(i is not None for i in infos) and op.kind != "module":
+            infos = [info_of.get(id(v)) for v in op.inputs()]  # inputs are all Values
+            live = any(i is not None for i in infos)
+            if not live and op.kind != "module":
                 continue
-            if op.owner and any(i is not None for i in infos):
+            if op.owner and live:
                 found = small.get(op.owner)
                 if found is None:
                     owner = modules.get(op.owner)

@@ -429,6 +429,18 @@ def collection_paused() -> Iterator[None]:
             gc.enable()
 
 
+_SCALARS = frozenset({int, float, bool, str, type(None), DimSize})
+_AS_IS = _FLAT | _SCALARS
+
+
+def _passed_as_is(arg: Any) -> bool:
+    """Whether a call argument is a tensor or holds none (``(768,)``, ``eps=1e-5``)."""
+    kind = type(arg)
+    return kind in _AS_IS or (
+        (kind is tuple or kind is list) and all(type(item) in _SCALARS for item in arg)
+    )
+
+
 class _Ref(weakref.ref):
     """A weak reference to a recorded tensor, with the value keys and storages it owns."""
 
@@ -655,8 +667,8 @@ class _Recorder(TorchFunctionMode):
                     if isinstance(item, DimSize):
                         item._used(f"passed to {name}")
         values: list[Value] | None
-        if all(type(a) in _FLAT for a in args) and all(
-            type(a) in _FLAT for a in kwargs.values()
+        if all(_passed_as_is(a) for a in args) and all(
+            _passed_as_is(a) for a in kwargs.values()
         ):  # the common case (``relu(x, inplace=False)``): tensors and plain values only
             tensors = []
             values = []
