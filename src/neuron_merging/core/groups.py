@@ -469,13 +469,10 @@ class _Analysis:
                 self.break_info(
                     info, f"its channel count (.shape/.size()) is used as a number ({what})"
                 )
-        # values written in place through an alias
-        for op in self.rec.ops:
-            for value in (*op.inputs(), *op.outputs):
-                if value.clobbered:
-                    self.break_info(
-                        self.get(value), "its output is written in place through a view or alias"
-                    )
+        for value in self.rec.clobbered:  # values written in place through an alias
+            self.break_info(
+                self.get(value), "its output is written in place through a view or alias"
+            )
 
     # -- leaf layers
     def module_op(self, op: Op, module: nn.Module) -> None:

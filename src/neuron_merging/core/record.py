@@ -394,6 +394,8 @@ class Recording:
             outside its own call, sharing with another layer, a hook).
         modules: the model's modules by qualified name.
         hooked: modules carrying user forward hooks or pre-hooks, with a description.
+        size_uses: sizes read from values and then used as numbers (see :class:`DimSize`).
+        clobbered: values made stale by an in-place write through another alias.
     """
 
     ops: list[Op]
@@ -404,6 +406,7 @@ class Recording:
     modules: dict[str, nn.Module]
     hooked: dict[str, str]
     size_uses: list[tuple[Value, int | None, str]] = field(default_factory=list)
+    clobbered: list[Value] = field(default_factory=list)
 
     def release(self) -> None:
         """Break the references from operations to values once the recording is used.
@@ -444,15 +447,9 @@ def _passed_as_is(arg: Any) -> bool:
 class _Ref(weakref.ref):
     """A weak reference to a recorded tensor, with the value keys and storages it owns."""
 
-    __slots__ = ("keys", "ptrs")
-
-    def __new__(cls, obj: Any, callback: Any) -> _Ref:
-        return super().__new__(cls, obj, callback)
-
-    def __init__(self, obj: Any, callback: Any) -> None:
-        super().__init__(obj, callback)
-        self.keys: list[tuple[int, int]] = []
-        self.ptrs: list[int] = []
+    __slots__ = ("keys", "ptrs")  # set by the creator: no Python-level constructor
+    keys: list[tuple[int, int]]
+    ptrs: list[int]
 
 
 class _Recorder(TorchFunctionMode):
@@ -473,6 +470,7 @@ class _Recorder(TorchFunctionMode):
         self.leaf: nn.Module | None = None  # the leaf layer being called
         self.fast_leaves: set[int] = set()  # leaves without hooks of their own
         self.size_uses: list[tuple[Value, int | None, str]] = []
+        self.clobbered: list[Value] = []  # values made stale by an in-place write elsewhere
         self.shaping = 0
         self.sized = False  # whether any DimSize was handed out
         self.sized_in: list[nn.Module] = []  # modules whose code read sizes
@@ -534,6 +532,7 @@ class _Recorder(TorchFunctionMode):
         if ref is None:
             try:
                 ref = self.alive[key[0]] = _Ref(tensor, self._freed)
+                ref.keys, ref.ptrs = [], []
             except TypeError:  # no weak references: the id stays taken while it lives
                 self.pinned.append(tensor)
         if ref is not None:
@@ -602,7 +601,7 @@ class _Recorder(TorchFunctionMode):
         ``values`` are the :class:`Value`\\ s among them, when the caller has them.
         """
         outs = [result] if type(result) is Tensor else flatten_tensors(result, [])
-        in_ids = {id(t) for t in inputs}
+        in_ids = (id(inputs[0]),) if len(inputs) == 1 else {id(t) for t in inputs}
         new: list[tuple[tuple[int, int], Tensor]] = []
         inplace = False
         for t in outs:
@@ -618,7 +617,11 @@ class _Recorder(TorchFunctionMode):
             new.append((key, t))
         if not new and outs:
             return  # nothing new was computed: the call is an identity
-        owner, owner_type = self.owner()
+        if self.stack:
+            module = self.stack[-1]
+            owner, owner_type = self.names.get(id(module), ""), type(module).__name__
+        else:
+            owner = owner_type = ""
         op = Op(next(self.counter), kind, target, args, kwargs, [], owner, owner_type, inplace)
         op._inputs = values
         for value in op.inputs():
@@ -640,6 +643,7 @@ class _Recorder(TorchFunctionMode):
         for value in self.storage.get(ptr, ()):
             if value.tensor_id != id(tensor):  # earlier versions of the tensor itself are fine
                 value.clobbered = True
+                self.clobbered.append(value)
 
     # -- torch functions
     def __torch_function__(
@@ -1047,6 +1051,7 @@ def record(
         modules,
         hooked,
         recorder.size_uses,
+        recorder.clobbered,
     )
 
 
