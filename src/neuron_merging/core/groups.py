@@ -570,7 +570,8 @@ class _Analysis:
         data = op.args[0]
         producer = self.producer_of_value.get(id(data))
         space = self.space_of_output.get(id(data))
-        stats = module.running_mean is not None and module.running_var is not None
+        buffers = module._buffers
+        stats = buffers.get("running_mean") is not None and buffers.get("running_var") is not None
         if (
             producer is not None
             and space is not None

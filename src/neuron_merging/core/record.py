@@ -553,9 +553,14 @@ class _Recorder(TorchFunctionMode):
             del self.alive[tensor_id]
         for key in ref.keys:
             self.values.pop(key, None)
+        storage = self.storage
         for ptr in ref.ptrs:
-            stale = self.storage.get(ptr)
-            if stale is not None:
+            stale = storage.get(ptr)
+            if stale is None:
+                continue
+            if len(stale) == 1 and stale[0].tensor_id == tensor_id:
+                del storage[ptr]  # the common case: the storage held only this tensor
+            else:
                 stale[:] = [v for v in stale if v.tensor_id != tensor_id]
 
     def wrap(self, obj: Any, depth: int = 0) -> Any:
