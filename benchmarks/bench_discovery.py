@@ -147,6 +147,24 @@ def _export_seconds(model: nn.Module, x: Any) -> float | str:
         return f"fails ({type(exc).__name__})"
 
 
+def _jit_trace_seconds(model: nn.Module, x: Any) -> float | str:
+    """``torch.jit.trace`` (PyTorch's C++ recorder), for comparison only."""
+    import warnings
+
+    def run() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if isinstance(x, torch.Tensor):
+                torch.jit.trace(model, x, check_trace=False)
+            else:
+                torch.jit.trace(model, example_kwarg_inputs=x, check_trace=False, strict=False)
+
+    try:
+        return C.repeat_median(run, 3, warmup=1)
+    except Exception as exc:  # report, do not hide, what the tracer refuses
+        return f"fails ({type(exc).__name__})"
+
+
 def _transformers_case() -> tuple[str, nn.Module, dict[str, torch.Tensor]] | None:
     try:
         from transformers import BertConfig, BertModel
@@ -202,6 +220,7 @@ def run(rounds: int) -> list[dict[str, Any]]:
         timed_skeleton = C.side_by_side(forward, skeleton, rounds)
         groups, _ = nm.find_groups(model, x)
         export = _export_seconds(model, x)
+        traced = _jit_trace_seconds(model, x)
         fwd = C.median(timed.first)
         rows.append(
             {
@@ -214,6 +233,7 @@ def run(rounds: int) -> list[dict[str, Any]]:
                 "skeleton_ratio": C.median(timed_skeleton.ratios),
                 "export_ms": 1e3 * export if isinstance(export, float) else export,
                 "export_ratio": export / fwd if isinstance(export, float) else None,
+                "jit_trace_ratio": traced / fwd if isinstance(traced, float) else traced,
                 "groups": len(groups),
             }
         )
@@ -224,7 +244,8 @@ def to_markdown(rows: list[dict[str, Any]], rounds: int) -> str:
     """The discovery table."""
     lines = [
         f"Batch 1, {torch.get_num_threads()} thread(s), medians over {rounds} interleaved rounds "
-        "(ratio: median of per-round ratios); `torch.export.export`: median of 3 calls. "
+        "(ratio: median of per-round ratios); `torch.export.export` and `torch.jit.trace`: "
+        "median of 3 calls. "
         "*Recording* is `core.record.record` alone (the rest of discovery is the group "
         "analysis); *recorder without bookkeeping* is `record` with its operation and value "
         "bookkeeping switched off (its hooks, leaf switching and setup remain); *interception "
@@ -233,18 +254,20 @@ def to_markdown(rows: list[dict[str, Any]], rounds: int) -> str:
         "",
         "| model | forward pass | nm.find_groups | discovery / forward | recording / forward "
         "| recorder without bookkeeping / forward | interception floor / forward "
-        "| torch.export | export / forward | groups |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| torch.export | export / forward | torch.jit.trace / forward | groups |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         export = r["export_ms"]
         shown = f"{export:.1f} ms" if isinstance(export, float) else export
         ratio = f"{r['export_ratio']:.0f}×" if r["export_ratio"] else "—"
+        jit = r["jit_trace_ratio"]
+        traced = f"{jit:.0f}×" if isinstance(jit, float) else jit
         lines.append(
             f"| {r['model']} | {r['forward_ms']:.2f} ms | {r['discovery_ms']:.2f} ms "
             f"| **{r['ratio']:.2f}** | {r['record_ratio']:.2f} | {r['skeleton_ratio']:.2f} "
             f"| {r['floor_ratio']:.2f} "
-            f"| {shown} | {ratio} | {r['groups']} |"
+            f"| {shown} | {ratio} | {traced} | {r['groups']} |"
         )
     return "\n".join(lines)
 
