@@ -426,14 +426,17 @@ def compress(
     else:
         with collection_paused():
             recording = record(work, example_inputs, modules)
-            found, skipped = groups_from_recording(recording, config.coupled)
-            if groups is not None:
-                simple = (
-                    (found, skipped) if not config.coupled else groups_from_recording(recording)
-                )
-                found = resolve_groups(work, groups, simple)
-                skipped = []
-            recording.release()
+            try:
+                found, skipped = groups_from_recording(recording, config.coupled)
+                if groups is not None:
+                    simple = (
+                        (found, skipped) if not config.coupled else groups_from_recording(recording)
+                    )
+                    found = resolve_groups(work, groups, simple)
+                    skipped = []
+            finally:
+                recording.release()
+                del recording  # freed before the collector resumes
     timings["trace"] = time.perf_counter() - t0
     targets = _targets(config, found, skipped, modules)
     extras = None
