@@ -183,3 +183,25 @@ def test_compare_plans_reports_a_difference() -> None:
     ref_plans[0].scale = ref_plans[0].scale * 1.01
     problems = reference.compare_plans(result.plans, ref_plans)
     assert len(problems) == 1 and "scales differ" in problems[0]
+
+
+def test_ab_discovery_compares_against_an_earlier_commit() -> None:
+    """The in-process comparison imports the package of another commit under another
+    name; against HEAD both sides run the same code, so the ratio is near 1."""
+    import shutil
+    import subprocess
+
+    if (
+        shutil.which("git") is None
+        or subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("needs a git checkout")
+    ab = _bench("ab_discovery")
+    rows = ab.run("HEAD", 3)
+    assert [r["model"] for r in rows][:3] == ["LeNet-300-100", "VGG-16", "ResNet-56"]
+    assert sys.modules[ab._BASE].find_groups is not nm.find_groups
+    for row in rows:
+        assert row["base_ratio"] > 0 and row["this_ratio"] > 0
+        assert 0.2 < row["this_over_base"] < 5  # same code: no order-of-magnitude gap
