@@ -900,6 +900,12 @@ def test_discovery_and_compression_leave_no_cyclic_garbage() -> None:
         assert groups and gc.collect() == 0
         result = nm.merge(model, x, ratio=0.5)
         assert result.plans and gc.collect() == 0
+        from neuron_merging.core.record import recorded
+
+        with recorded(model, x) as recording:
+            assert recording.ops and recording.outputs
+        assert recording.ops == [] and recording.outputs == []  # released: nothing held
+        assert gc.collect() == 0
         assert not gc.isenabled()  # the pause restores the collector's state
     finally:
         if was:

@@ -37,10 +37,9 @@ from .groups import (
 from .record import (
     as_inputs,
     check_recordable,
-    collection_paused,
     is_conv1d_transposed,
     materialise_reparametrisations,
-    record,
+    recorded,
 )
 from .report import GroupReport, MergeReport
 from .select import CriterionFn, select_kept
@@ -424,19 +423,14 @@ def compress(
             raise ConfigError("example_inputs are required to analyse the model (or pass groups=)")
         found, skipped = resolve_groups(work, groups), []
     else:
-        with collection_paused():
-            recording = record(work, example_inputs, modules)
-            try:
-                found, skipped = groups_from_recording(recording, config.coupled)
-                if groups is not None:
-                    simple = (
-                        (found, skipped) if not config.coupled else groups_from_recording(recording)
-                    )
-                    found = resolve_groups(work, groups, simple)
-                    skipped = []
-            finally:
-                recording.release()
-                del recording  # freed before the collector resumes
+        with recorded(work, example_inputs, modules) as recording:
+            found, skipped = groups_from_recording(recording, config.coupled)
+            if groups is not None:
+                simple = (
+                    (found, skipped) if not config.coupled else groups_from_recording(recording)
+                )
+                found = resolve_groups(work, groups, simple)
+                skipped = []
     timings["trace"] = time.perf_counter() - t0
     targets = _targets(config, found, skipped, modules)
     extras = None

@@ -45,12 +45,11 @@ from .record import (
     Recording,
     Value,
     check_recordable,
-    collection_paused,
     func_name,
     has_reparametrisations,
     is_conv1d_transposed,
     materialise_reparametrisations,
-    record,
+    recorded,
 )
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -1098,14 +1097,8 @@ def find_groups(
         model = aliasing_copy(model)
         materialise_reparametrisations(model)
         modules = dict(model.named_modules())
-    with collection_paused():
-        recording = record(model, example_inputs, modules)
-        try:
-            found = groups_from_recording(recording, coupled)
-        finally:
-            recording.release()
-            del recording  # freed before the collector resumes, which then has nothing to do
-    return found
+    with recorded(model, example_inputs, modules) as recording:
+        return groups_from_recording(recording, coupled)
 
 
 def _out_channels(module: nn.Module) -> int:

@@ -409,7 +409,7 @@ class Recording:
     clobbered: list[Value] = field(default_factory=list)
 
     def release(self) -> None:
-        """Break the references from operations to values once the recording is used.
+        """Empty the recording once it is used, freeing its values and operations at once.
 
         Values and operations point at each other (producer, users, arguments), so a
         dropped recording would otherwise wait for the cyclic garbage collector, whose
@@ -417,6 +417,8 @@ class Recording:
         """
         for op in self.ops:
             op.args, op.kwargs, op.outputs, op._inputs = (), {}, [], None
+        for values in (self.ops, self.inputs, self.outputs, self.size_uses, self.clobbered):
+            values.clear()
 
 
 @contextlib.contextmanager
@@ -442,6 +444,20 @@ def _passed_as_is(arg: Any) -> bool:
     return kind in _AS_IS or (
         (kind is tuple or kind is list) and all(type(item) in _SCALARS for item in arg)
     )
+
+
+@contextlib.contextmanager
+def recorded(
+    model: nn.Module, example_inputs: Any, modules: dict[str, nn.Module] | None = None
+) -> Iterator[Recording]:
+    """:func:`record`, as a context whose recording is released when it ends, all with
+    the cyclic collector paused (see :meth:`Recording.release`)."""
+    with collection_paused():
+        recording = record(model, example_inputs, modules)
+        try:
+            yield recording
+        finally:
+            recording.release()
 
 
 class _Ref(weakref.ref):
@@ -622,11 +638,7 @@ class _Recorder(TorchFunctionMode):
             new.append((key, t))
         if not new and outs:
             return  # nothing new was computed: the call is an identity
-        if self.stack:
-            module = self.stack[-1]
-            owner, owner_type = self.names.get(id(module), ""), type(module).__name__
-        else:
-            owner = owner_type = ""
+        owner, owner_type = self.owner()
         op = Op(next(self.counter), kind, target, args, kwargs, [], owner, owner_type, inplace)
         op._inputs = values
         for value in op.inputs():
@@ -828,7 +840,6 @@ def materialise_reparametrisations(model: nn.Module) -> list[str]:
     weight they compute now. Runs on the caller's private copy; returns one line per
     layer changed, for the report.
     """
-
     known = _known_reparam_hooks()
     notes: list[str] = []
     for name, module in model.named_modules():
@@ -1075,5 +1086,6 @@ __all__ = [
     "is_leaf",
     "materialise_reparametrisations",
     "record",
+    "recorded",
     "unwrap",
 ]
