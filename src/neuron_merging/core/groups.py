@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -317,24 +317,45 @@ def _display(op: Op, fallback: str) -> str:
 # ---------------------------------------------------------------- channel spaces
 
 
-@dataclass(eq=False)
 class _Space:
-    """Union-find node: a set of ``n`` channels that are pruned together."""
+    """Union-find node: a set of ``n`` channels that are pruned together.
 
-    n: int
-    order: int
-    parent: _Space | None = None
-    producers: list[str] = field(default_factory=list)
-    bns: dict[str, str] = field(default_factory=dict)
-    consumers: list[tuple[str, int, int]] = field(default_factory=list)  # name, offset, features
-    passthrough: list[tuple[str, int]] = field(default_factory=list)
-    broken: str | None = None
-    nonhomogeneous: str | None = None
-    coupled: list[str] = field(default_factory=list)
-    modules_seen: set[str] = field(default_factory=set)
-    reasons: list[str] = field(default_factory=list)  # every non-homogeneous operation
-    activations: list[tuple[str, str]] = field(default_factory=list)  # (activation, producer)
-    gated: list[tuple[str, str, str]] = field(default_factory=list)  # (activation, gate, up)
+    A plain slotted class: one is made per producer call, and literal empty lists are
+    cheaper than a dataclass's default factories.
+    """
+
+    __slots__ = (
+        "activations",
+        "bns",
+        "broken",
+        "consumers",
+        "coupled",
+        "gated",
+        "modules_seen",
+        "n",
+        "nonhomogeneous",
+        "order",
+        "parent",
+        "passthrough",
+        "producers",
+        "reasons",
+    )  # fmt: skip
+
+    def __init__(self, n: int, order: int, producers: list[str] | None = None) -> None:
+        self.n = n
+        self.order = order
+        self.parent: _Space | None = None
+        self.producers: list[str] = producers if producers is not None else []
+        self.bns: dict[str, str] = {}
+        self.consumers: list[tuple[str, int, int]] = []  # name, offset, features
+        self.passthrough: list[tuple[str, int]] = []
+        self.broken: str | None = None
+        self.nonhomogeneous: str | None = None
+        self.coupled: list[str] = []
+        self.modules_seen: set[str] = set()
+        self.reasons: list[str] = []  # every non-homogeneous operation
+        self.activations: list[tuple[str, str]] = []  # (activation, producer)
+        self.gated: list[tuple[str, str, str]] = []  # (activation, gate, up)
 
     def root(self) -> _Space:
         node = self
@@ -368,23 +389,24 @@ def _union(a: _Space, b: _Space, why: str | None) -> _Space:
     return ra
 
 
-@dataclass(frozen=True)
 class _Info:
     """Which groups a value's channels belong to.
 
     ``segments`` lay the channel axis out as consecutive blocks, each a whole group
     (``_Space``) or ``None`` for channels that cannot be pruned; ``axis`` is the
     channel dimension and ``block`` how many consecutive elements of it each channel
-    owns (``H·W`` after a channel-major flatten).
+    owns (``H·W`` after a channel-major flatten). Never changed once made.
     """
 
-    segments: tuple[tuple[_Space | None, int], ...]
-    axis: int
-    block: int = 1
+    __slots__ = ("axis", "block", "segments", "width")
 
-    @property
-    def width(self) -> int:
-        return sum(length for _, length in self.segments)
+    def __init__(
+        self, segments: tuple[tuple[_Space | None, int], ...], axis: int, block: int = 1
+    ) -> None:
+        self.segments = segments
+        self.axis = axis
+        self.block = block
+        self.width = segments[0][1] if len(segments) == 1 else sum(n for _, n in segments)
 
     def spaces(self) -> list[_Space]:
         return [s.root() for s, _ in self.segments if s is not None]
@@ -438,28 +460,33 @@ class _Analysis:
     # -- the walk
     def run(self) -> None:
         modules = self.rec.modules
+        hooked = self.rec.hooked
         small: dict[str, bool] = {}  # owner -> whether it has no submodules
-        info_of = self.info
+        get = self.info.get
+        module_op, function_op = self.module_op, self.function_op
         for op in self.rec.ops:
-            infos = [info_of.get(id(v)) for v in op.inputs()]  # inputs are all Values
-            live = any(i is not None for i in infos)
-            if not live and op.kind != "module":
+            inputs = op._inputs if op._inputs is not None else op.inputs()
+            infos = [get(id(v)) for v in inputs]  # inputs are all Values
+            live = infos.count(None) != len(infos)
+            is_module = op.kind == "module"
+            if not live and not is_module:
                 continue
-            if op.owner and live:
-                found = small.get(op.owner)
+            owner_name = op.owner
+            if owner_name and live:
+                found = small.get(owner_name)
                 if found is None:
-                    owner = modules.get(op.owner)
-                    found = small[op.owner] = owner is not None and not any(
+                    owner = modules.get(owner_name)
+                    found = small[owner_name] = owner is not None and not any(
                         m is not None for m in owner._modules.values()
                     )
                 op.small_owner = found
-                if op.owner in self.rec.hooked:
+                if owner_name in hooked:
                     for info in infos:
-                        self.break_info(info, self.rec.hooked[op.owner])
-            if op.kind == "module":
-                self.module_op(op, modules[op.target])
+                        self.break_info(info, hooked[owner_name])
+            if is_module:
+                module_op(op, modules[op.target])
             else:
-                self.function_op(op)
+                function_op(op)
         for value in self.rec.outputs:
             self.break_info(self.get(value), "its output reaches the model output")
         for value, dim, what in self.rec.size_uses:
@@ -478,13 +505,16 @@ class _Analysis:
         name = op.target
         data = op.args[0] if op.args else None
         info = self.get(data)
-        extra = [v for v in op.inputs() if v is not data]
-        for value in extra:
-            self.break_info(
-                self.get(value), f"it is passed to {op.describe()} as a non-data argument"
-            )
-        calls = self.rec.calls.get(name, 1)
-        taint = self.rec.taints.get(name) or self.rec.hooked.get(name)
+        inputs = op.inputs()
+        if len(inputs) != 1 or inputs[0] is not data:
+            for value in inputs:
+                if value is not data:
+                    self.break_info(
+                        self.get(value), f"it is passed to {op.describe()} as a non-data argument"
+                    )
+        rec = self.rec
+        calls = rec.calls.get(name, 1)
+        taint = rec.taints.get(name) or rec.hooked.get(name) if rec.taints or rec.hooked else None
         if calls > 1:
             taint = (
                 taint
@@ -706,7 +736,8 @@ class _Analysis:
             return
         operands = list(op.args[:2])
         tensors = [a for a in operands if isinstance(a, Value)]
-        if [v for v in op.inputs() if not any(v is t for t in tensors)]:
+        inputs = op.inputs()
+        if len(inputs) != len(tensors) and [v for v in inputs if not any(v is t for t in tensors)]:
             raise _Break(
                 f"its output passes through {func_name(op.target)} with extra tensor arguments"
             )
@@ -753,6 +784,8 @@ class _Analysis:
                 return
 
     def aligned(self, info: _Info, ndim: int, out_ndim: int) -> _Info:
+        if ndim == out_ndim:
+            return info
         return _Info(info.segments, info.axis + (out_ndim - ndim), info.block)
 
     def against_constant(self, info: _Info, value: Value, out_ndim: int, op: Op) -> None:
@@ -772,7 +805,9 @@ class _Analysis:
     def join(self, a: _Info, b: _Info, why: str | None, op: Op) -> _Info:
         if a.axis != b.axis or a.block != b.block:
             raise _Break(f"{func_name(op.target)} combines channels along different dimensions")
-        if [length for _, length in a.segments] != [length for _, length in b.segments]:
+        if len(a.segments) != len(b.segments) or any(
+            x[1] != y[1] for x, y in zip(a.segments, b.segments, strict=True)
+        ):
             raise _Break(f"{func_name(op.target)} combines differently laid out channels")
         for (sa, _), (sb, _) in zip(a.segments, b.segments, strict=True):
             if sa is not None and sb is not None:
@@ -1013,27 +1048,27 @@ def groups_from_recording(
     skipped: list[SkippedLayer] = []
     seen: set[int] = set()
     reported: set[str] = set()
+    hooked = rec.hooked
     for space in analysis.spaces:
         root = space.root()
         if id(root) in seen:
             continue
         seen.add(id(root))
-        for name in root.modules_seen:
-            if name in rec.hooked and root.broken is None:
-                root.broken = rec.hooked[name]
-        if "*" in rec.hooked and root.broken is None:
-            root.broken = rec.hooked["*"]
+        if hooked and root.broken is None:
+            for name in (*root.modules_seen, "*"):
+                if name in hooked:
+                    root.broken = hooked[name]
+                    break
         reason = root.broken
         if reason is None and not root.consumers:
             reason = "its output is not read by any prunable layer"
-        if reason is None and not coupled:
-            why = _needs_coupled(root)
-            if why is not None:
-                reason = (
-                    f"its output reaches {why}"
-                    if why.startswith("a ")
-                    else f"its output is read by {why}"
-                ) + " (coupled channels: pass coupled=True to prune them jointly)"
+        why = _needs_coupled(root) if reason is None else None
+        if reason is None and not coupled and why is not None:
+            reason = (
+                f"its output reaches {why}"
+                if why.startswith("a ")
+                else f"its output is read by {why}"
+            ) + " (coupled channels: pass coupled=True to prune them jointly)"
         if reason is not None:
             for name in [*root.producers, *(p[0] for p in root.passthrough)]:
                 if name not in reported:
@@ -1051,7 +1086,7 @@ def groups_from_recording(
                 mergeable=root.nonhomogeneous is None,
                 reason=root.nonhomogeneous,
                 passthrough=tuple(p[0] for p in root.passthrough),
-                coupled=bool(_needs_coupled(root)),
+                coupled=why is not None,
                 consumer_offsets=tuple(c[1] for c in consumers),
                 features=tuple(c[2] for c in consumers),
                 passthrough_offsets=tuple(p[1] for p in root.passthrough),
@@ -1059,8 +1094,9 @@ def groups_from_recording(
                 gate=gate,
             )
         )
-    order = {name: i for i, name in enumerate(rec.modules)}
-    skipped.sort(key=lambda s: order.get(s.name, 0))
+    if len(skipped) > 1:
+        order = {name: i for i, name in enumerate(rec.modules)}
+        skipped.sort(key=lambda s: order.get(s.name, 0))
     return groups, skipped
 
 

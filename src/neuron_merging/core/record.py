@@ -14,10 +14,10 @@ Python code, so it analyses fewer models, at several times the cost of a forward
 
 Values are identified by tensor object and version counter, so an in-place operation
 (``relu_``, ``+=``) creates a new value, and a write into a tensor whose storage is
-shared with another recorded value (a view, ``.data``) is flagged. Tensors are not kept
-alive (that would cost a ResNet-56 forward pass most of its cache locality): a weak
-reference forgets a tensor's values when it is freed, before its id or memory can be
-reused. PyTorch keeps a tensor's Python object alive as long as any C++ reference to
+shared with another live recorded tensor (a view, ``.data``) is flagged: the storages
+are compared at the write, which is rare. Tensors are not kept alive (that would grow
+the memory of a forward pass to that of every activation at once): a weak reference
+forgets a tensor's value when it is freed, before its id can be reused. PyTorch keeps a tensor's Python object alive as long as any C++ reference to
 the tensor exists, so a freed object can never come back. Everything the
 recording cannot prove harmless is reported, never ignored: parameters read outside
 their own layer's call (tied or functional weights), hooks, and layers called more
@@ -33,6 +33,7 @@ import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -438,12 +439,21 @@ _SCALARS = frozenset({int, float, bool, str, type(None), DimSize})
 _AS_IS = _FLAT | _SCALARS
 
 
-def _passed_as_is(arg: Any) -> bool:
-    """Whether a call argument is a tensor or holds none (``(768,)``, ``eps=1e-5``)."""
-    kind = type(arg)
-    return kind in _AS_IS or (
-        (kind is tuple or kind is list) and all(type(item) in _SCALARS for item in arg)
-    )
+def _all_passed_as_is(args: Iterable[Any]) -> bool:
+    """Whether every call argument is a tensor or holds none (``(768,)``, ``eps=1e-5``)."""
+    for arg in args:
+        kind = type(arg)
+        if kind in _AS_IS:
+            continue
+        if kind is not tuple and kind is not list:
+            return False
+        for item in arg:
+            if type(item) not in _SCALARS:
+                return False
+    return True
+
+
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 
 @contextlib.contextmanager
@@ -461,11 +471,10 @@ def recorded(
 
 
 class _Ref(weakref.ref):
-    """A weak reference to a recorded tensor, with the value keys and storages it owns."""
+    """A weak reference to a recorded tensor, with the tensor's id."""
 
-    __slots__ = ("keys", "ptrs")  # set by the creator: no Python-level constructor
-    keys: list[tuple[int, int]]
-    ptrs: list[int]
+    __slots__ = ("tensor_id",)  # set by the creator: no Python-level constructor
+    tensor_id: int
 
 
 class _Recorder(TorchFunctionMode):
@@ -475,8 +484,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.modules = modules
         self.names = {id(m): name for name, m in modules.items()}
-        self.values: dict[tuple[int, int], Value] = {}
-        self.storage: dict[int, list[Value]] = {}
+        self.values: dict[int, tuple[int, Value]] = {}  # tensor id -> (version, its value)
         self.alive: dict[int, _Ref] = {}  # tensor id -> weak reference that forgets it
         self.pinned: list[Tensor] = []  # tensors without weak references stay alive
         self.ops: list[Op] = []
@@ -532,52 +540,31 @@ class _Recorder(TorchFunctionMode):
             version = tensor._version
         except (RuntimeError, AttributeError):  # inference tensors have no version counter
             version = 0
-        key = (id(tensor), version)
-        found = self.values.get(key)
-        if found is not None:
-            return found
+        found = self.values.get(id(tensor))
+        if found is not None and found[0] == version:
+            return found[1]
         owner = self.params.get(id(tensor))
-        found = Value(tuple(tensor.shape), param=f"{owner[0]}.{owner[1]}" if owner else None)
-        self._store(key, tensor, found)
-        return found
+        value = Value(tuple(tensor.shape), param=f"{owner[0]}.{owner[1]}" if owner else None)
+        self._store(version, tensor, value)
+        return value
 
-    def _store(self, key: tuple[int, int], tensor: Tensor, value: Value) -> None:
-        value.tensor_id = key[0]
-        self.values[key] = value
-        ref = self.alive.get(key[0])
-        if ref is None:
+    def _store(self, version: int, tensor: Tensor, value: Value) -> None:
+        """``value`` is now ``tensor``'s current value (earlier versions are never read again)."""
+        tensor_id = value.tensor_id = id(tensor)
+        self.values[tensor_id] = (version, value)
+        if tensor_id not in self.alive:
             try:
-                ref = self.alive[key[0]] = _Ref(tensor, self._freed)
-                ref.keys, ref.ptrs = [], []
+                ref = self.alive[tensor_id] = _Ref(tensor, self._freed)
+                ref.tensor_id = tensor_id
             except TypeError:  # no weak references: the id stays taken while it lives
                 self.pinned.append(tensor)
-        if ref is not None:
-            ref.keys.append(key)
-        try:
-            ptr = tensor.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError, TypeError):
-            return
-        if ptr:
-            self.storage.setdefault(ptr, []).append(value)
-            if ref is not None:
-                ref.ptrs.append(ptr)
 
     def _freed(self, ref: _Ref) -> None:
-        """A recorded tensor was freed: forget its values before its id or memory is reused."""
-        tensor_id = ref.keys[0][0]
+        """A recorded tensor was freed: forget its value before its id can be reused."""
+        tensor_id = ref.tensor_id
         if self.alive.get(tensor_id) is ref:
             del self.alive[tensor_id]
-        for key in ref.keys:
-            self.values.pop(key, None)
-        storage = self.storage
-        for ptr in ref.ptrs:
-            stale = storage.get(ptr)
-            if stale is None:
-                continue
-            if len(stale) == 1 and stale[0].tensor_id == tensor_id:
-                del storage[ptr]  # the common case: the storage held only this tensor
-            else:
-                stale[:] = [v for v in stale if v.tensor_id != tensor_id]
+            self.values.pop(tensor_id, None)
 
     def wrap(self, obj: Any, depth: int = 0) -> Any:
         """``obj`` with every tensor replaced by its value."""
@@ -623,19 +610,20 @@ class _Recorder(TorchFunctionMode):
         """
         outs = [result] if type(result) is Tensor else flatten_tensors(result, [])
         in_ids = (id(inputs[0]),) if len(inputs) == 1 else {id(t) for t in inputs}
-        new: list[tuple[tuple[int, int], Tensor]] = []
+        new: list[tuple[int, Tensor]] = []
         inplace = False
+        values_of = self.values
         for t in outs:
             try:
                 version = t._version
             except (RuntimeError, AttributeError):
                 version = 0
-            key = (id(t), version)
-            if key in self.values:
+            found = values_of.get(id(t))
+            if found is not None and found[0] == version:
                 continue  # returned an input unchanged (dropout in eval, .to(same dtype))
-            if key[0] in in_ids:
+            if id(t) in in_ids:
                 inplace = True
-            new.append((key, t))
+            new.append((version, t))
         if not new and outs:
             return  # nothing new was computed: the call is an identity
         owner, owner_type = self.owner()
@@ -643,24 +631,32 @@ class _Recorder(TorchFunctionMode):
         op._inputs = values
         for value in op.inputs():
             value.users.append(op)
-        for key, t in new:
+        for version, t in new:
             value = Value(tuple(t.shape), producer=op)
-            if inplace and key[0] in in_ids:
+            if inplace and id(t) in in_ids:
                 self._clobber(t)
-            self._store(key, t, value)
+            self._store(version, t, value)
             op.outputs.append(value)
         self.ops.append(op)
 
     def _clobber(self, tensor: Tensor) -> None:
-        """An in-place write into ``tensor``: every other value on its storage is stale."""
-        try:
-            ptr = tensor.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError, TypeError):
+        """An in-place write into ``tensor``: the value of every other live tensor on its
+        storage (a view, ``.data``) is stale.
+
+        Writes in place are rare and few recorded tensors are alive at once, so they
+        are compared here rather than every value's storage being tracked.
+        """
+        ptr = _storage_ptr(tensor)
+        if not ptr:
             return
-        for value in self.storage.get(ptr, ()):
-            if value.tensor_id != id(tensor):  # earlier versions of the tensor itself are fine
-                value.clobbered = True
-                self.clobbered.append(value)
+        live = [(i, ref()) for i, ref in self.alive.items()] + [(id(t), t) for t in self.pinned]
+        for tensor_id, other in live:
+            if other is None or tensor_id == id(tensor) or _storage_ptr(other) != ptr:
+                continue
+            found = self.values.get(tensor_id)
+            if found is not None and not found[1].clobbered:
+                found[1].clobbered = True
+                self.clobbered.append(found[1])
 
     # -- torch functions
     def __torch_function__(
@@ -670,7 +666,7 @@ class _Recorder(TorchFunctionMode):
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
-        kwargs = dict(kwargs or {})
+        kwargs = kwargs or _NO_KWARGS
         if self.leaf is not None:  # inside a leaf layer (the mode is normally off there)
             return func(*args, **kwargs)
         name, kind = _kind(func)
@@ -688,8 +684,8 @@ class _Recorder(TorchFunctionMode):
                     if isinstance(item, DimSize):
                         item._used(f"passed to {name}")
         values: list[Value] | None
-        if all(_passed_as_is(a) for a in args) and all(
-            _passed_as_is(a) for a in kwargs.values()
+        if _all_passed_as_is(args) and (
+            not kwargs or _all_passed_as_is(kwargs.values())
         ):  # the common case (``relu(x, inplace=False)``): tensors and plain values only
             tensors = []
             values = []
@@ -713,16 +709,15 @@ class _Recorder(TorchFunctionMode):
         else:
             tensors = flatten_tensors(list(args), [])
             flatten_tensors(kwargs, tensors)
-            wrapped_args, wrapped_kwargs, values = self.wrap(tuple(args)), self.wrap(kwargs), None
+            wrapped_args, wrapped_kwargs, values = (
+                self.wrap(tuple(args)),
+                self.wrap(dict(kwargs)),
+                None,
+            )
         params = self.params
         for t in tensors:
-            owner = params.get(id(t))
-            if owner is not None:
-                where = self.owner()
-                place = f"{where[1]}.forward" if where[0] else "forward"
-                self.taints.setdefault(
-                    owner[0], f"{owner[1]} of {owner[0]} also read by {name} in {place}"
-                )
+            if id(t) in params:
+                self.taint_read(t, name)
         if shaping:
             self.shaping += 1  # sizes passed on to a reshape: their conversions are harmless
         try:
@@ -733,17 +728,28 @@ class _Recorder(TorchFunctionMode):
         self.add_op("function", func, wrapped_args, wrapped_kwargs, tensors, result, values)
         return result
 
+    def taint_read(self, tensor: Tensor, name: str) -> None:
+        """Parameter ``tensor`` of a leaf layer is read by ``name`` outside that layer's call."""
+        owner = self.params.get(id(tensor))
+        if owner is not None:
+            where = self.owner()
+            place = f"{where[1]}.forward" if where[0] else "forward"
+            self.taints.setdefault(
+                owner[0], f"{owner[1]} of {owner[0]} also read by {name} in {place}"
+            )
+
     def sizes(self, tensor: Any, result: Any, dim: Any) -> Any:
         """``result`` of a size query, with sizes that note their use (see :class:`DimSize`)."""
         if not isinstance(tensor, Tensor):
             return result
         try:
-            key = (id(tensor), tensor._version)
+            version = tensor._version
         except (RuntimeError, AttributeError):
             return result
-        value = self.values.get(key)
-        if value is None or value.producer is None:
+        found = self.values.get(id(tensor))
+        if found is None or found[0] != version or found[1].producer is None:
             return result
+        value = found[1]
 
         def note(d: int | None) -> Callable[[str], None]:
             def record_use(what: str) -> None:
@@ -819,6 +825,14 @@ class _Recorder(TorchFunctionMode):
             self.disabled.__exit__(None, None, None)
         self.disabled = None
         self.leaf = None
+
+
+def _storage_ptr(tensor: Tensor) -> int:
+    """Where ``tensor``'s storage starts (0 for tensors without one)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return 0
 
 
 #: Classes of PyTorch's own re-parametrisations that live in forward pre-hooks.
