@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +45,15 @@ class ModelTensors:
     buffers: list[Tensor]
 
     @classmethod
-    def of(cls, model: nn.Module) -> ModelTensors:
-        """Walk ``model`` once (a tensor shared by several modules is listed once)."""
+    def of(cls, model: nn.Module, modules: Iterable[nn.Module] | None = None) -> ModelTensors:
+        """Walk ``model`` once (a tensor shared by several modules is listed once).
+
+        ``modules`` are ``model.modules()`` if the caller has them.
+        """
         seen: set[int] = set()
         params: list[Tensor] = []
         buffers: list[Tensor] = []
-        for module in model.modules():
+        for module in model.modules() if modules is None else modules:
             for bucket, values in ((params, module._parameters), (buffers, module._buffers)):
                 for tensor in values.values():
                     if tensor is not None and id(tensor) not in seen:
@@ -135,15 +139,15 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         kind = type(value)
         if kind in _ATOMIC:
             continue
-        if key == "_modules":
+        if kind in _CONTAINERS and not value:  # most of a module's state: empty hook dicts
+            state[key] = kind()
+        elif key == "_modules":
             state[key] = kind(
                 (n, None if m is None else _copy_module(m, memo)) for n, m in value.items()
             )
         elif key == "_parameters" or key == "_buffers":
             state[key] = kind((n, _copy_tensor(t, memo)) for n, t in value.items())
-        elif kind in _CONTAINERS and not value:
-            state[key] = kind()
-        elif not (kind is tuple and all(type(v) in _ATOMIC for v in value)):
+        elif not (kind is tuple and _ATOMIC.issuperset(map(type, value))):
             state[key] = copy.deepcopy(value, memo)
     if cls.__setstate__ is nn.Module.__setstate__:
         new.__dict__.update(state)  # what it does for a complete state, minus the checks

@@ -403,15 +403,18 @@ def compress(
     }
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_recordable(model)  # TorchScript, lazy and meta-device models: a clear error first
+    original = dict(model.named_modules())
+    check_recordable(model, original)  # TorchScript, lazy and meta-device models: a clear error
     if example_inputs is not None:
         as_inputs(example_inputs)  # a clear error for inputs of the wrong kind, before any work
-    tensors = ModelTensors.of(model)
+    tensors = ModelTensors.of(model, original.values())
     check_finite(model, tensors)
     t0 = time.perf_counter()
     work = aliasing_copy(model, tensors)
-    notes = materialise_reparametrisations(work)
     modules = dict(work.named_modules())
+    notes = materialise_reparametrisations(work, modules)
+    if notes:  # their parametrization containers are gone
+        modules = dict(work.named_modules())
     training = [m for m in modules.values() if m.training]
     if training:
         work.eval()
@@ -423,7 +426,7 @@ def compress(
             raise ConfigError("example_inputs are required to analyse the model (or pass groups=)")
         found, skipped = resolve_groups(work, groups), []
     else:
-        with recorded(work, example_inputs, modules) as recording:
+        with recorded(work, example_inputs, modules, checked=True) as recording:
             found, skipped = groups_from_recording(recording, config.coupled)
             if groups is not None:
                 simple = (

@@ -1126,14 +1126,15 @@ def find_groups(
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
-    if has_reparametrisations(modules):  # analyse what compress analyses: the plain weights
+    checked = has_reparametrisations(modules)
+    if checked:  # analyse what compress analyses: the plain weights
         from ._copy import aliasing_copy
 
         check_recordable(model, modules)
         model = aliasing_copy(model)
         materialise_reparametrisations(model)
         modules = dict(model.named_modules())
-    with recorded(model, example_inputs, modules) as recording:
+    with recorded(model, example_inputs, modules, checked) as recording:
         return groups_from_recording(recording, coupled)
 
 

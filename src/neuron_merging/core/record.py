@@ -458,12 +458,15 @@ _NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 @contextlib.contextmanager
 def recorded(
-    model: nn.Module, example_inputs: Any, modules: dict[str, nn.Module] | None = None
+    model: nn.Module,
+    example_inputs: Any,
+    modules: dict[str, nn.Module] | None = None,
+    checked: bool = False,
 ) -> Iterator[Recording]:
     """:func:`record`, as a context whose recording is released when it ends, all with
     the cyclic collector paused (see :meth:`Recording.release`)."""
     with collection_paused():
-        recording = record(model, example_inputs, modules)
+        recording = record(model, example_inputs, modules, checked)
         try:
             yield recording
         finally:
@@ -844,19 +847,22 @@ def _known_reparam_hooks() -> tuple[type, ...]:
     return (BasePruningMethod, WeightNorm, SpectralNorm)
 
 
-def materialise_reparametrisations(model: nn.Module) -> list[str]:
+def materialise_reparametrisations(
+    model: nn.Module, modules: dict[str, nn.Module] | None = None
+) -> list[str]:
     """Replace PyTorch re-parametrisations of leaf layers by their current plain weights.
 
     ``torch.nn.utils.parametrize`` parametrisations (``parametrizations.weight_norm``,
     ``spectral_norm``, ``orthogonal``, ...) and the legacy hook-based ones
     (``torch.nn.utils.prune`` masks, ``weight_norm``, ``spectral_norm``) compute the
     weight from other tensors on every call; compressing them means compressing the
-    weight they compute now. Runs on the caller's private copy; returns one line per
+    weight they compute now. Runs on the caller's private copy (``modules`` is
+    ``dict(model.named_modules())`` if the caller has it); returns one line per
     layer changed, for the report.
     """
     known = _known_reparam_hooks()
     notes: list[str] = []
-    for name, module in model.named_modules():
+    for name, module in (modules if modules is not None else dict(model.named_modules())).items():
         if not _reparametrised(module, known):
             continue
         if _parametrized(module):
@@ -1018,14 +1024,18 @@ def record(
     model: nn.Module,
     example_inputs: Any,
     modules: dict[str, nn.Module] | None = None,
+    checked: bool = False,
 ) -> Recording:
     """Run ``model`` once on ``example_inputs`` (under ``no_grad``) and record its dataflow.
 
     ``model`` should be in eval mode. ``modules`` is ``dict(model.named_modules())`` if
-    the caller has it. Errors raised by the model become :class:`ModelError`.
+    the caller has it; ``checked`` says the caller has already run
+    :func:`check_recordable` on it, or on the model it is a copy of. Errors raised by
+    the model become :class:`ModelError`.
     """
     modules = modules if modules is not None else dict(model.named_modules())
-    check_recordable(model, modules)
+    if not checked:
+        check_recordable(model, modules)
     args, kwargs = as_inputs(example_inputs)
     from torch.nn.modules import module as module_impl
 
