@@ -40,33 +40,39 @@ class _NoOpMode(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _intercepted(call: Callable[[], Any]) -> None:
-    """``call()`` under a no-op mode and no-op global module hooks: the floor of any
-    recorder built on them (every module call takes the hooked path, every torch
-    function goes through Python)."""
-    hooks = [
-        nn.modules.module.register_module_forward_pre_hook(lambda module, args: None),
-        nn.modules.module.register_module_forward_hook(
-            lambda module, args, kwargs, out: None, with_kwargs=True, always_call=True
-        ),
-    ]
+def _intercepted(model: nn.Module, call: Callable[[], Any]) -> None:
+    """``call()`` under a no-op mode, with every module's ``forward`` wrapped by a no-op
+    wrapper: the floor of any recorder built on them (every torch function goes through
+    Python, every module call through one more Python function)."""
+    modules = list(model.modules())
+    for module in modules:
+        forward = module.forward
+
+        def wrapper(*args: Any, _forward: Callable[..., Any] = forward, **kwargs: Any) -> Any:
+            return _forward(*args, **kwargs)
+
+        module.__dict__["forward"] = wrapper
     try:
         with torch.no_grad(), _NoOpMode():
             call()
     finally:
-        for handle in hooks:
-            handle.remove()
+        for module in modules:
+            del module.__dict__["forward"]
 
 
 class _Skeleton(record_module._Recorder):
-    """The recorder with its bookkeeping switched off: its own hooks, leaf switching and
-    setup, but no operation or value is recorded."""
+    """The recorder with its bookkeeping switched off: its forward wrappers, leaf switching
+    and setup, but no operation or value is recorded."""
 
     def add_op(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def exit_leaf(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        self.close_leaf()
+    def leaf_call(self, name: str, module: nn.Module, forward: Callable[..., Any]) -> Any:
+        def leaf(*args: Any, **kwargs: Any) -> Any:
+            with torch._C.DisableTorchFunction():
+                return forward(*args, **kwargs)
+
+        return leaf
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         return func(*args, **(kwargs or {}))
@@ -202,8 +208,8 @@ def run(rounds: int) -> list[dict[str, Any]]:
         def recorded(model: nn.Module = model, x: Any = x) -> None:
             record(model, x)
 
-        def floor(call: Callable[[], Any] = call) -> None:
-            _intercepted(call)
+        def floor(model: nn.Module = model, call: Callable[[], Any] = call) -> None:
+            _intercepted(model, call)
 
         def skeleton(model: nn.Module = model, x: Any = x) -> None:
             _skeleton(model, x)
@@ -248,9 +254,10 @@ def to_markdown(rows: list[dict[str, Any]], rounds: int) -> str:
         "median of 3 calls. "
         "*Recording* is `core.record.record` alone (the rest of discovery is the group "
         "analysis); *recorder without bookkeeping* is `record` with its operation and value "
-        "bookkeeping switched off (its hooks, leaf switching and setup remain); *interception "
-        "floor* is the forward pass under a no-op torch-function mode and no-op global module "
-        "hooks, what any recorder built on them costs before it records anything.",
+        "bookkeeping switched off (its forward wrappers, leaf switching and setup remain); "
+        "*interception floor* is the forward pass under a no-op torch-function mode with every "
+        "module's forward wrapped by a no-op wrapper, what any recorder built on them costs "
+        "before it records anything.",
         "",
         "| model | forward pass | nm.find_groups | discovery / forward | recording / forward "
         "| recorder without bookkeeping / forward | interception floor / forward "

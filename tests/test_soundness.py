@@ -638,8 +638,19 @@ def test_hook_on_container_reading_a_weight() -> None:
     assert "fc1" in reason
 
 
-def test_layer_called_through_forward_bypassing_call() -> None:
-    assert_excluded(ContainerHook("direct"), X, "fc1", "linear")
+def test_layer_called_through_its_forward_method() -> None:
+    """``fc2.forward(a)`` skips ``__call__`` but runs fc2's own forward: it is fc2's call."""
+    model = ContainerHook("direct")
+    groups, _ = nm.find_groups(model, X)
+    assert ("fc1",) in {g.producers for g in groups}
+    assert_merge_correct(model, X)
+
+
+def test_hooked_layer_called_through_its_forward_method() -> None:
+    """Hooks that ``fc2.forward(a)`` skips still exclude fc2's group."""
+    model = ContainerHook("direct")
+    model.fc2.register_forward_pre_hook(lambda module, args: None)
+    assert_excluded(model, X, "fc1", "pre-hook on fc2")
 
 
 @pytest.mark.slow

@@ -2,9 +2,10 @@
 
 Discovery runs the model once, for real, under a :class:`torch.overrides.TorchFunctionMode`
 that sees every torch function, tensor method, operator and tensor attribute
-(``.T``, ``.data``, ...) called on the way, and with forward hooks on the layers
-whose channels can be pruned (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, batch norm and
-GPT-2's ``Conv1D``), which are recorded as single operations. Because the code runs
+(``.T``, ``.data``, ...) called on the way, and with every module's ``forward`` wrapped
+for the pass: the wrappers name the module that runs each operation, and record the
+layers whose channels can be pruned (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, batch
+norm and GPT-2's ``Conv1D``) as single operations. Because the code runs
 for real, data-dependent control flow, ``transformers`` models, ``nn.DataParallel``,
 ``torch.compile`` wrappers and ``torch.fx.GraphModule``\\ s all work; symbolic tracing
 (``torch.fx``, a proxy tracer) fails on the first of them and was replaced by this
@@ -486,37 +487,29 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         super().__init__()
         self.modules = modules
-        self.names = {id(m): name for name, m in modules.items()}
         self.values: dict[int, tuple[int, Value]] = {}  # tensor id -> (version, its value)
         self.alive: dict[int, _Ref] = {}  # tensor id -> weak reference that forgets it
         self.pinned: list[Tensor] = []  # tensors without weak references stay alive
         self.ops: list[Op] = []
-        self.stack: list[nn.Module] = []
+        self.stack: list[tuple[str, str, nn.Module]] = []  # (name, class name, module)
         self.calls: dict[str, int] = {}
         self.taints: dict[str, str] = {}
         self.leaf: nn.Module | None = None  # the leaf layer being called
-        self.fast_leaves: set[int] = set()  # leaves without hooks of their own
         self.size_uses: list[tuple[Value, int | None, str]] = []
         self.clobbered: list[Value] = []  # values made stale by an in-place write elsewhere
         self.shaping = 0
         self.sized = False  # whether any DimSize was handed out
         self.sized_in: list[nn.Module] = []  # modules whose code read sizes
-        self.disabled: Any = None
         self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
-        self.leaf_names: dict[int, str] = {}
         self.counter = itertools.count()
-        self.hooked_leaves: list[nn.Module] = []  # leaves with user hooks of their own
         self.hooked: dict[str, str] = {}  # modules with user hooks, described
+        self.leaves: list[tuple[str, nn.Module]] = []
         for name, module in modules.items():
             if module._forward_pre_hooks or module._forward_hooks:
                 self.hooked[name] = _hook_description(name, module)
             if not is_leaf(module):
                 continue
-            self.leaf_names[id(module)] = name
-            if name in self.hooked:
-                self.hooked_leaves.append(module)
-            else:
-                self.fast_leaves.add(id(module))
+            self.leaves.append((name, module))
             if module._modules:
                 owned: Any = itertools.chain(
                     module.named_parameters(recurse=True), module.named_buffers(recurse=True)
@@ -592,10 +585,8 @@ class _Recorder(TorchFunctionMode):
         return obj
 
     def owner(self) -> tuple[str, str]:
-        if not self.stack:
-            return "", ""
-        module = self.stack[-1]
-        return self.names.get(id(module), ""), type(module).__name__
+        stack = self.stack
+        return (stack[-1][0], stack[-1][1]) if stack else ("", "")
 
     def add_op(
         self,
@@ -763,7 +754,7 @@ class _Recorder(TorchFunctionMode):
 
         self.sized = True
         if self.stack:
-            self.sized_in.append(self.stack[-1])
+            self.sized_in.append(self.stack[-1][2])
         if isinstance(result, torch.Size):
             return torch.Size(DimSize(n, note(i)) for i, n in enumerate(result))
         if isinstance(result, int) and not isinstance(result, bool):
@@ -773,61 +764,109 @@ class _Recorder(TorchFunctionMode):
             return DimSize(result, note(d))
         return result
 
-    # -- module hooks
-    # -- module hooks
+    # -- module calls
     #
-    # Every module call pushes the module on ``stack`` (for naming an operation's
-    # owner). A leaf layer's call is recorded as one operation: from its entry the
-    # torch-function mode is off until it returns. Leaves without hooks of their own
-    # are caught by the two global hooks; a leaf with user hooks gets instance hooks
-    # that run after its pre-hooks and before its forward hooks, so that the user's
-    # hook code is recorded like the rest of the model's code.
-    def pre_hook(self, module: nn.Module, args: Any) -> None:
-        self.stack.append(module)
-        if self.leaf is None and id(module) in self.fast_leaves:
-            self.enter_leaf(module)
+    # While recording, every module of the model has an instance ``forward`` that wraps
+    # its own: ``nn.Module.__call__`` runs the module's hooks around it as usual, so
+    # user hook code is recorded like the rest of the model's code, and modules take
+    # PyTorch's fast call path (global module hooks would send every call down the
+    # slow one). A module's wrapper names it as the owner of the operations it runs;
+    # a leaf layer's wrapper turns the mode off for the call and records it as one
+    # operation.
+    def tracking(self, name: str, module: nn.Module, forward: Callable[..., Any]) -> Any:
+        """``forward`` of a module that is not a leaf, naming it as the owner inside."""
+        stack = self.stack
+        entry = (name, type(module).__name__, module)
 
-    def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if self.stack and self.stack[-1] is module:
-            self.stack.pop()
-        if self.leaf is module and id(module) in self.fast_leaves:
-            self.exit_leaf(module, args, kwargs, output)
+        def tracked(*args: Any, **kwargs: Any) -> Any:
+            stack.append(entry)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                stack.pop()
 
-    def leaf_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if self.leaf is None:
-            self.enter_leaf(module)
+        tracked.__wrapped__ = forward  # type: ignore[attr-defined]  # inspect.signature
+        return tracked
 
-    def leaf_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if self.leaf is module:
-            self.exit_leaf(module, args, kwargs, output)
+    def hooking(self, name: str, module: nn.Module) -> list[Any]:
+        """Hooks naming ``module`` as the owner from before its user's pre-hooks to after
+        its user's forward hooks, so that operations run by hook code are the hooked
+        module's (see :class:`Recording`'s ``hooked``)."""
+        stack = self.stack
+        entry = (name, type(module).__name__, module)
 
-    def enter_leaf(self, module: nn.Module) -> None:
-        self.leaf = module
-        self.disabled = torch._C.DisableTorchFunction()
-        self.disabled.__enter__()
+        def push(module: nn.Module, args: Any) -> None:
+            stack.append(entry)
 
-    def exit_leaf(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        """Record the finished call of leaf ``module`` (the mode is still off)."""
+        def pop(module: nn.Module, args: Any, output: Any) -> None:
+            if stack and stack[-1] is entry:
+                stack.pop()
+
+        return [
+            module.register_forward_pre_hook(push, prepend=True),
+            module.register_forward_hook(pop, always_call=True),
+        ]
+
+    def leaf_call(self, name: str, module: nn.Module, forward: Callable[..., Any]) -> Any:
+        """``forward`` of leaf layer ``module``, recorded as one operation."""
+        calls = self.calls
+
+        def leaf(*args: Any, **kwargs: Any) -> Any:
+            if self.leaf is not None:  # a leaf layer run by another one's forward
+                return forward(*args, **kwargs)
+            self.leaf = module
+            try:
+                with torch._C.DisableTorchFunction():
+                    output = forward(*args, **kwargs)
+                    calls[name] = calls.get(name, 0) + 1
+                    if not kwargs and len(args) == 1 and type(args[0]) is Tensor:
+                        value = self.value(args[0])
+                        self.add_op("module", name, (value,), {}, [args[0]], output, [value])
+                    else:
+                        tensors = flatten_tensors(list(args), [])
+                        flatten_tensors(kwargs, tensors)
+                        self.add_op(
+                            "module", name, self.wrap(args), self.wrap(kwargs), tensors, output
+                        )
+            finally:
+                self.leaf = None
+            return output
+
+        leaf.__wrapped__ = forward  # type: ignore[attr-defined]
+        return leaf
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Every module's ``forward`` wrapped (see above) inside; restored at the end."""
+        leaves = {id(m) for _, m in self.leaves}
+        placed: list[tuple[nn.Module, Any, Any]] = []  # module, wrapper, instance forward
+        handles = []
         try:
-            name = self.leaf_names[id(module)]
-            self.calls[name] = self.calls.get(name, 0) + 1
-            if not kwargs and len(args) == 1 and type(args[0]) is Tensor:  # the common call
-                value = self.value(args[0])
-                self.add_op("module", name, (value,), {}, [args[0]], output, [value])
-                return
-            tensors = flatten_tensors(list(args), [])
-            flatten_tensors(kwargs, tensors)
-            wrapped_args, wrapped_kwargs = self.wrap(tuple(args)), self.wrap(dict(kwargs))
-            self.add_op("module", name, wrapped_args, wrapped_kwargs, tensors, output)
+            for name, module in self.modules.items():
+                leaf = id(module) in leaves
+                if name in self.hooked:
+                    handles.extend(self.hooking(name, module))
+                    if not leaf:
+                        continue
+                own = module.__dict__.get("forward", _NONE)
+                forward = module.forward
+                make = self.leaf_call if leaf else self.tracking
+                wrapper = make(name, module, forward)
+                module.__dict__["forward"] = wrapper
+                placed.append((module, wrapper, own))
+            yield
         finally:
-            self.close_leaf()
+            for handle in handles:
+                handle.remove()
+            for module, wrapper, own in placed:
+                if module.__dict__.get("forward") is wrapper:
+                    if own is _NONE:
+                        del module.__dict__["forward"]
+                    else:
+                        module.__dict__["forward"] = own
 
-    def close_leaf(self) -> None:
-        """Leave the current leaf layer: the mode is on again."""
-        if self.disabled is not None:
-            self.disabled.__exit__(None, None, None)
-        self.disabled = None
-        self.leaf = None
+
+_NONE = object()
 
 
 def _storage_ptr(tensor: Tensor) -> int:
@@ -1045,24 +1084,9 @@ def record(
         module_impl, "_global_forward_pre_hooks", None
     ):
         hooked.setdefault("*", "a global forward hook")
-    handles = [
-        nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook),
-        nn.modules.module.register_module_forward_hook(
-            recorder.post_hook, with_kwargs=True, always_call=True
-        ),
-    ]
-    for module in recorder.hooked_leaves:
-        # The user's pre-hooks run before ours and their forward hooks after ours,
-        # so that hook code is recorded like the rest of the model's code.
-        handles.append(module.register_forward_pre_hook(recorder.leaf_pre, with_kwargs=True))
-        handles.append(
-            module.register_forward_hook(
-                recorder.leaf_post, with_kwargs=True, always_call=True, prepend=True
-            )
-        )
     runner = unwrap(model)
     try:
-        with collection_paused(), torch.no_grad():
+        with collection_paused(), torch.no_grad(), recorder.installed():
             inputs = [recorder.value(t) for t in flatten_tensors([args, kwargs], [])]
             for value in inputs:
                 value.is_input = True
@@ -1074,10 +1098,6 @@ def record(
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}); "
             "check their shapes and dtypes"
         ) from exc
-    finally:
-        recorder.close_leaf()  # a forward that raised inside a leaf layer
-        for handle in handles:
-            handle.remove()
     outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
     recorder.alive.clear()  # no callbacks once the recording is done
     if recorder.sized:
