@@ -922,3 +922,31 @@ def test_discovery_and_compression_leave_no_cyclic_garbage() -> None:
         if was:
             gc.enable()
     assert gc.isenabled() == was
+
+
+class _RaisesInLeaf(nn.Module):
+    """fc1 → relu → fc2, where fc2 raises on its call (a shape error in a leaf layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(7, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_recording_restores_every_forward_even_when_the_model_raises() -> None:
+    """The recorder's forward wrappers are gone after the pass, whether it raised or not,
+    and a forward the user had replaced on an instance is the user's again."""
+    model = _RaisesInLeaf().eval()
+    with pytest.raises(nm.ModelError, match="running _RaisesInLeaf"):
+        nm.find_groups(model, X)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    model.fc2 = nn.Linear(8, 3)
+    own = model.act.forward
+    model.act.forward = own  # an instance attribute, as adapters and monkeypatches make
+    groups, skipped = nm.find_groups(model, X)
+    assert model.act.__dict__["forward"] is own
+    assert all("forward" not in m.__dict__ for m in (model, model.fc1, model.fc2))
+    assert ("fc1",) in {g.producers for g in groups}, skipped
+    assert run(model, X).shape == (X.shape[0], 3)

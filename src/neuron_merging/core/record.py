@@ -602,6 +602,34 @@ class _Recorder(TorchFunctionMode):
 
         ``values`` are the :class:`Value`\\ s among them, when the caller has them.
         """
+        if type(result) is Tensor and values is not None:  # the common case, in one pass
+            result_id = id(result)
+            try:
+                version = result._version
+            except (RuntimeError, AttributeError):
+                version = 0
+            found = self.values.get(result_id)
+            if found is not None and found[0] == version:
+                return  # returned an input unchanged
+            inplace = False
+            for t in inputs:
+                if id(t) == result_id:
+                    inplace = True
+            stack = self.stack
+            owner, owner_type = (stack[-1][0], stack[-1][1]) if stack else ("", "")
+            value = Value(tuple(result.shape))
+            op = Op(
+                next(self.counter), kind, target, args, kwargs, [value], owner, owner_type,
+                inplace, False, values,
+            )  # fmt: skip
+            value.producer = op
+            for v in values:
+                v.users.append(op)
+            if inplace:
+                self._clobber(result)
+            self._store(version, result, value)
+            self.ops.append(op)
+            return
         outs = [result] if type(result) is Tensor else flatten_tensors(result, [])
         in_ids = (id(inputs[0]),) if len(inputs) == 1 else {id(t) for t in inputs}
         new: list[tuple[int, Tensor]] = []
