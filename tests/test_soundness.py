@@ -408,6 +408,8 @@ def test_data_parallel_analyses_like_plain_model() -> None:
     wrapped = nn.DataParallel(Chain())
     assert _signature(nm.find_groups(wrapped, X)[0], "module.") == _signature(plain)
     assert_merge_correct(wrapped, X)
+    nested = nn.DataParallel(nn.DataParallel(Chain()))  # unwrapped down to the Chain
+    assert _signature(nm.find_groups(nested, X)[0], "module.module.") == _signature(plain)
 
 
 def test_fx_graph_module_analyses_like_plain_model() -> None:

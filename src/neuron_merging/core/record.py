@@ -1080,11 +1080,21 @@ def as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module whose Python ``forward`` runs: ``torch.compile`` wrappers are unwrapped."""
-    inner = getattr(model, "_orig_mod", None)
-    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
-        return inner
-    return model
+    """The module whose Python ``forward`` runs for the recording.
+
+    ``torch.compile`` wrappers are unwrapped (their compiled code would hide the
+    operations), and so is ``nn.DataParallel``, which computes its module's forward:
+    with several devices it would run copies of the modules in worker threads, which
+    the recording must not miss or mix up.
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = inner
+        elif type(model) is nn.DataParallel:
+            model = model.module
+        else:
+            return model
 
 
 def record(
