@@ -207,7 +207,7 @@ def _notes(s1: list[dict], s2: list[dict], s3: list[dict], threads: int) -> str:
                 "torch function in Python (tens of microseconds each, the group analysis "
                 "included), while a batch-1 forward pass of a small model is little more than "
                 "the same number of operator dispatches; section 4 separates the interception, "
-                "the recorder's own hooks and its bookkeeping."
+                "the recorder's own forward wrappers and its bookkeeping."
             )
     for arch, target in (("vgg16", VGG_TARGET), ("resnet56", RESNET_TARGET)):
         r = next((q for q in s1 if q["arch"] == arch and q["mode"] == "merge"), None)
