@@ -952,3 +952,7 @@ def test_recording_restores_every_forward_even_when_the_model_raises() -> None:
     assert all("forward" not in m.__dict__ for m in (model, model.fc1, model.fc2))
     assert ("fc1",) in {g.producers for g in groups}, skipped
     assert run(model, X).shape == (X.shape[0], 3)
+    result = nm.merge(model, X, ratio=0.5)
+    assert result.model.act.__dict__["forward"].__self__ is result.model.act  # the copy's own
+    assert all("forward" not in m.__dict__ for m in (result.model, result.model.fc1))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in result.model.modules())
