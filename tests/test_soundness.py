@@ -956,3 +956,22 @@ def test_recording_restores_every_forward_even_when_the_model_raises() -> None:
     assert result.model.act.__dict__["forward"].__self__ is result.model.act  # the copy's own
     assert all("forward" not in m.__dict__ for m in (result.model, result.model.fc1))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in result.model.modules())
+
+
+def test_module_compiled_in_place_is_recorded_eagerly_and_not_entangled() -> None:
+    """``model.compile()`` (in place): its eager code is recorded, and the result is a
+    plain model of its own, not a wrapper that would run the caller's modules."""
+    plain = nm.find_groups(Chain(), X)[0]
+    model = Chain()
+    model.compile(backend="eager")
+    compiled_call = model._compiled_call_impl
+    assert _signature(nm.find_groups(model, X)[0]) == _signature(plain)
+    assert model._compiled_call_impl is compiled_call  # the caller's model is left compiled
+    assert_merge_correct(model, X)
+    result = nm.merge(model, X, ratio=0.5)
+    assert result.model._compiled_call_impl is None
+    assert any("compile()" in note for note in result.report.notes)
+    before = run(result.model, X)
+    with torch.no_grad():
+        model.fc1.weight.mul_(3.0)  # the caller's model changes; the result must not
+    assert torch.equal(run(result.model, X), before)

@@ -135,6 +135,9 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     new = cls.__new__(cls)
     memo[id(module)] = new
     state = module.__dict__.copy()
+    # As nn.Module.__getstate__ (so copy.deepcopy) does: a module.compile() wrapper is
+    # bound to the original module and would run it, not the copy.
+    state.pop("_compiled_call_impl", None)
     for key, value in state.items():  # values are replaced in place; keys do not change
         kind = type(value)
         if kind in _ATOMIC:

@@ -415,6 +415,11 @@ def compress(
     notes = materialise_reparametrisations(work, modules)
     if notes:  # their parametrization containers are gone
         modules = dict(work.named_modules())
+    if any(m.__dict__.get("_compiled_call_impl") is not None for m in original.values()):
+        notes.append(
+            "module.compile() is not carried over to the result (as with copy.deepcopy): "
+            "call .compile() on the returned model"
+        )
     training = [m for m in modules.values() if m.training]
     if training:
         work.eval()

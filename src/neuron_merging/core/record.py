@@ -865,12 +865,20 @@ class _Recorder(TorchFunctionMode):
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """Every module's ``forward`` wrapped (see above) inside; restored at the end."""
+        """Every module's ``forward`` wrapped (see above) inside; restored at the end.
+
+        Modules compiled in place (``module.compile()``) run their eager code inside, so
+        that their operations are recorded rather than hidden in compiled code.
+        """
         leaves = {id(m) for _, m in self.leaves}
         placed: list[tuple[nn.Module, Any, Any]] = []  # module, wrapper, instance forward
         handles = []
+        compiled: list[tuple[nn.Module, Any]] = []  # module.compile(): run eagerly here
         try:
             for name, module in self.modules.items():
+                if module.__dict__.get("_compiled_call_impl") is not None:
+                    compiled.append((module, module.__dict__["_compiled_call_impl"]))
+                    module.__dict__["_compiled_call_impl"] = None
                 leaf = id(module) in leaves
                 if name in self.hooked:
                     handles.extend(self.hooking(name, module))
@@ -886,6 +894,8 @@ class _Recorder(TorchFunctionMode):
         finally:
             for handle in handles:
                 handle.remove()
+            for module, call in compiled:
+                module.__dict__["_compiled_call_impl"] = call
             for module, wrapper, own in placed:
                 if module.__dict__.get("forward") is wrapper:
                     if own is _NONE:
