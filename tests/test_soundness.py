@@ -975,3 +975,48 @@ def test_module_compiled_in_place_is_recorded_eagerly_and_not_entangled() -> Non
     with torch.no_grad():
         model.fc1.weight.mul_(3.0)  # the caller's model changes; the result must not
     assert torch.equal(run(result.model, X), before)
+
+
+class InPlaceChain(nn.Module):
+    """fc1 → (an in-place twist) → fc2 → relu → fc3, optionally all under inference mode,
+    whose tensors have no version counter to show an in-place write."""
+
+    def __init__(self, twist: str, inference: bool) -> None:
+        super().__init__()
+        torch.manual_seed(14)
+        self.twist, self.inference = twist, inference
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.register_buffer("mask", torch.linspace(0.5, 2.0, 8))
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.inference_mode(self.inference):
+            h = self.fc1(x)
+            twist = self.twist
+            if twist == "sigmoid_":
+                h.sigmoid_()
+            elif twist == "mul_":
+                h.mul_(self.mask)
+            elif twist == "add_":
+                h.add_(0.5)
+            elif twist == "relu_":
+                h.relu_()
+            elif twist == "dropout":
+                h = F.dropout(h, 0.5, training=False)  # returns its input unchanged
+            y = self.fc2(h)
+            if twist == "shape":
+                y = y / h.shape[-1]
+            return self.fc3(F.relu(y))
+
+
+@pytest.mark.parametrize("twist", ["sigmoid_", "mul_", "add_", "relu_", "dropout", "shape"])
+def test_inference_mode_inside_forward_is_analysed_like_normal_mode(twist: str) -> None:
+    """Tensors made under ``torch.inference_mode`` have no version counter; an in-place
+    write into one must still end or demote the group exactly as in normal mode."""
+    normal, inference = InPlaceChain(twist, False), InPlaceChain(twist, True)
+    expected_groups, expected_skipped = nm.find_groups(normal, X)
+    groups, skipped = nm.find_groups(inference, X)
+    assert _signature(groups) == _signature(expected_groups)
+    assert [g.reason for g in groups] == [g.reason for g in expected_groups]
+    assert _skips(skipped) == _skips(expected_skipped)
+    assert_merge_correct(inference, X)

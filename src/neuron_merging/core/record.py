@@ -16,7 +16,9 @@ Python code, so it analyses fewer models, at several times the cost of a forward
 Values are identified by tensor object and version counter, so an in-place operation
 (``relu_``, ``+=``) creates a new value, and a write into a tensor whose storage is
 shared with another live recorded tensor (a view, ``.data``) is flagged: the storages
-are compared at the write, which is rare. Tensors are not kept alive (that would grow
+are compared at the write, which is rare. A tensor without a version counter (made
+under ``torch.inference_mode``) that a call returns after taking it counts as written in
+place by that call. Tensors are not kept alive (that would grow
 the memory of a forward pass to that of every activation at once): a weak reference
 forgets a tensor's value when it is freed, before its id can be reused. PyTorch keeps a tensor's Python object alive as long as any C++ reference to
 the tensor exists, so a freed object can never come back. Everything the
@@ -474,6 +476,12 @@ def recorded(
             recording.release()
 
 
+#: The version of a tensor without a version counter (made under ``torch.inference_mode``).
+#: Such a tensor returned by a call that took it may have been written in place: it is
+#: recorded as a new value of that call, never as the input returned unchanged.
+_NO_VERSION = -1
+
+
 class _Ref(weakref.ref):
     """A weak reference to a recorded tensor, with the tensor's id."""
 
@@ -535,7 +543,7 @@ class _Recorder(TorchFunctionMode):
         try:
             version = tensor._version
         except (RuntimeError, AttributeError):  # inference tensors have no version counter
-            version = 0
+            version = _NO_VERSION
         found = self.values.get(id(tensor))
         if found is not None and found[0] == version:
             return found[1]
@@ -607,9 +615,9 @@ class _Recorder(TorchFunctionMode):
             try:
                 version = result._version
             except (RuntimeError, AttributeError):
-                version = 0
+                version = _NO_VERSION
             found = self.values.get(result_id)
-            if found is not None and found[0] == version:
+            if found is not None and found[0] == version != _NO_VERSION:
                 return  # returned an input unchanged
             inplace = False
             for t in inputs:
@@ -639,9 +647,9 @@ class _Recorder(TorchFunctionMode):
             try:
                 version = t._version
             except (RuntimeError, AttributeError):
-                version = 0
+                version = _NO_VERSION
             found = values_of.get(id(t))
-            if found is not None and found[0] == version:
+            if found is not None and found[0] == version != _NO_VERSION:
                 continue  # returned an input unchanged (dropout in eval, .to(same dtype))
             if id(t) in in_ids:
                 inplace = True
@@ -767,7 +775,7 @@ class _Recorder(TorchFunctionMode):
         try:
             version = tensor._version
         except (RuntimeError, AttributeError):
-            return result
+            version = _NO_VERSION
         found = self.values.get(id(tensor))
         if found is None or found[0] != version or found[1].producer is None:
             return result
