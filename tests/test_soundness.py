@@ -94,12 +94,20 @@ class Chain(nn.Module):
             assert h.shape[0] == b and c == 4
         elif mode == "abs_sum":
             extra = self.fc1.weight.abs().sum()
+        elif mode == "storage":  # every element of h, read through its storage
+            extra = torch.empty(0).set_(h.untyped_storage()).sum()
         a = self.act(h)
         y = F.linear(a, self.fc2.weight, self.fc2.bias) if mode == "F.linear" else self.fc2(a)
         if mode == "F.linear also":
             y = y + F.linear(a, self.fc2.weight).mean(-1, keepdim=True)
         if mode == "shape":
             y = y / h.shape[-1]
+        elif mode == "nelement":
+            y = y / h.nelement()
+        elif mode == "stride":
+            y = y / h.stride(0)
+        elif mode == "nbytes":
+            y = y / h.nbytes
         return self.fc3(F.relu(y)) + extra
 
 
@@ -137,6 +145,7 @@ def assert_excluded(model: nn.Module, x, name: str, *words: str) -> str:
         (".data", (".data",)),
         ("item", ("item", "index")),
         ("branch_on_value", ("sum", "reduced")),
+        ("storage", ("untyped_storage",)),
     ],
 )
 def test_second_use_of_producer_output(mode: str, words: tuple[str, ...]) -> None:
@@ -437,6 +446,15 @@ def test_channel_count_read_through_shape() -> None:
         assert_merge_correct(net, X)
     else:
         assert "shape" in _skips(skipped)["fc1"]
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [("nelement", ("channel count",)), ("stride", ("stride",)), ("nbytes", ("nbytes",))],
+)
+def test_channel_count_read_through_other_numbers(mode: str, words: tuple[str, ...]) -> None:
+    """``y / h.nelement()``, ``y / h.stride(0)``, ``y / h.nbytes`` change when h is pruned."""
+    assert_excluded(Chain(mode), X, "fc1", *words)
 
 
 # ----------------------------------------------------------------------- explicit groups

@@ -102,14 +102,15 @@ def _leaf_class(cls: type) -> bool:
     return False
 
 
-#: Tensor methods and attributes that read metadata only; they are not data uses.
+#: Tensor methods and attributes that read metadata only; they are not data uses. Sizes
+#: (``size``, ``numel``, ...) are handled apart; numbers that follow from them (``stride``,
+#: ``nbytes``) are data uses, since a channel count could be read back from them.
 _METADATA = frozenset(
     {
         "size",
         "dim",
         "ndimension",
         "numel",
-        "nelement",
         "shape",
         "ndim",
         "dtype",
@@ -118,7 +119,6 @@ _METADATA = frozenset(
         "is_floating_point",
         "is_complex",
         "is_contiguous",
-        "stride",
         "layout",
         "requires_grad",
         "is_leaf",
@@ -134,7 +134,6 @@ _METADATA = frozenset(
         "get_device",
         "data_ptr",
         "storage_offset",
-        "untyped_storage",
         "_version",
         "__hash__",
         "is_nested",
@@ -145,7 +144,6 @@ _METADATA = frozenset(
         "itemsize",
         "is_inference",
         "is_signed",
-        "nbytes",
         "is_sparse_csr",
         "dim_order",
     }
@@ -168,7 +166,7 @@ def func_name(func: Any) -> str:
 
 
 _KINDS: dict[Any, tuple[str, str]] = {}
-_SIZES = frozenset({"size", ".shape", "numel", "__len__"})
+_SIZES = frozenset({"size", ".shape", "numel", "nelement", "__len__"})
 
 
 def _kind(func: Any) -> tuple[str, str]:
