@@ -1038,3 +1038,37 @@ def test_inference_mode_inside_forward_is_analysed_like_normal_mode(twist: str) 
     assert [g.reason for g in groups] == [g.reason for g in expected_groups]
     assert _skips(skipped) == _skips(expected_skipped)
     assert_merge_correct(inference, X)
+
+
+class WeightByAttribute(nn.Module):
+    """enc → mid → dec → out, where dec's weight is a plain attribute, not a parameter:
+    tied to enc's by reassignment in every forward, or set once."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(15)
+        self.mode = mode
+        self.enc, self.mid = nn.Linear(8, 4), nn.Linear(4, 4)
+        self.dec, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+        del self.dec.weight
+        if mode == "static":
+            self.dec.weight = self.enc.weight.detach().t().clone()
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "refresh":
+            self.dec.weight = self.enc.weight.t()
+        h = F.relu(self.mid(F.relu(self.enc(x))))
+        return self.out(F.relu(self.dec(h)))
+
+
+@pytest.mark.parametrize("mode", ["refresh", "static"])
+def test_leaf_weight_that_is_a_plain_attribute_ends_its_groups(mode: str) -> None:
+    """A weight reassigned in forward would undo the pruning on the first call; one set as
+    a plain attribute can be replaced or shared by any code: neither is compressed."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(16))
+    model = WeightByAttribute(mode)
+    reason = assert_excluded(model, x, "dec", "not a registered parameter")
+    assert "weight of dec" in reason
+    groups, _ = nm.find_groups(model, x)
+    assert all("dec" not in g.consumers for g in groups)

@@ -487,6 +487,12 @@ class _Ref(weakref.ref):
     tensor_id: int
 
 
+#: The tensors every leaf layer registers (possibly as ``None``) and compression edits.
+_LEAF_TENSORS = ("weight", "bias")
+_LEAF_TENSORS_BN = ("weight", "bias", "running_mean", "running_var")
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
 class _Recorder(TorchFunctionMode):
     """Builds a :class:`Recording` while the model runs."""
 
@@ -516,6 +522,13 @@ class _Recorder(TorchFunctionMode):
             if not is_leaf(module):
                 continue
             self.leaves.append((name, module))
+            for attr in _LEAF_TENSORS_BN if isinstance(module, _BATCHNORMS) else _LEAF_TENSORS:
+                if attr not in module._parameters and attr not in module._buffers:
+                    self.taints.setdefault(
+                        name,
+                        f"{attr} of {name} is not a registered parameter or buffer "
+                        "(a plain attribute can be replaced by any code)",
+                    )
             if module._modules:
                 owned: Any = itertools.chain(
                     module.named_parameters(recurse=True), module.named_buffers(recurse=True)
