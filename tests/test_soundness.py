@@ -1053,11 +1053,17 @@ class WeightByAttribute(nn.Module):
         del self.dec.weight
         if mode == "static":
             self.dec.weight = self.enc.weight.detach().t().clone()
+        elif mode in ("new parameter", "new bias"):
+            self.dec.weight = nn.Parameter(torch.randn(8, 4))
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "refresh":
             self.dec.weight = self.enc.weight.t()
+        elif self.mode == "new parameter":
+            self.dec.weight = nn.Parameter(torch.ones(8, 4))
+        elif self.mode == "new bias":
+            self.dec.bias = nn.Parameter(torch.zeros(8))
         h = F.relu(self.mid(F.relu(self.enc(x))))
         return self.out(F.relu(self.dec(h)))
 
@@ -1072,3 +1078,11 @@ def test_leaf_weight_that_is_a_plain_attribute_ends_its_groups(mode: str) -> Non
     assert "weight of dec" in reason
     groups, _ = nm.find_groups(model, x)
     assert all("dec" not in g.consumers for g in groups)
+
+
+@pytest.mark.parametrize("mode, attr", [("new parameter", "weight"), ("new bias", "bias")])
+def test_leaf_tensor_replaced_in_forward_ends_its_groups(mode: str, attr: str) -> None:
+    """A registered parameter set anew on every call would undo the pruning on the next."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(16))
+    reason = assert_excluded(WeightByAttribute(mode), x, "dec", "replaced while the model runs")
+    assert reason.startswith(f"{attr} of dec")

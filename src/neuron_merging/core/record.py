@@ -493,6 +493,13 @@ _LEAF_TENSORS_BN = ("weight", "bias", "running_mean", "running_var")
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def _owned(module: nn.Module) -> list[tuple[str, Tensor | None]]:
+    """A leaf layer's registered tensors, its submodules' included (``None`` entries too)."""
+    if module._modules:
+        return [*module.named_parameters(recurse=True), *module.named_buffers(recurse=True)]
+    return [*module._parameters.items(), *module._buffers.items()]  # without the generic walk
+
+
 class _Recorder(TorchFunctionMode):
     """Builds a :class:`Recording` while the model runs."""
 
@@ -516,6 +523,8 @@ class _Recorder(TorchFunctionMode):
         self.counter = itertools.count()
         self.hooked: dict[str, str] = {}  # modules with user hooks, described
         self.leaves: list[tuple[str, nn.Module]] = []
+        # Each leaf's tensors as the pass starts (held, so their ids stay theirs).
+        self.owned: list[tuple[str, nn.Module, list[tuple[str, Tensor | None]]]] = []
         for name, module in modules.items():
             if module._forward_pre_hooks or module._forward_hooks:
                 self.hooked[name] = _hook_description(name, module)
@@ -529,12 +538,8 @@ class _Recorder(TorchFunctionMode):
                         f"{attr} of {name} is not a registered parameter or buffer "
                         "(a plain attribute can be replaced by any code)",
                     )
-            if module._modules:
-                owned: Any = itertools.chain(
-                    module.named_parameters(recurse=True), module.named_buffers(recurse=True)
-                )
-            else:  # the common case, without the generic walk
-                owned = itertools.chain(module._parameters.items(), module._buffers.items())
+            owned = _owned(module)
+            self.owned.append((name, module, owned))
             for attr, tensor in owned:
                 if tensor is None:
                     continue
@@ -548,6 +553,24 @@ class _Recorder(TorchFunctionMode):
                     )
                 else:
                     self.params[id(tensor)] = (name, attr)
+
+    def check_owned(self) -> None:
+        """Leaf layers whose tensors were replaced while the model ran (a weight set anew
+        in ``forward``): the next call would undo their compression."""
+        for name, module, owned in self.owned:
+            now = _owned(module)
+            if len(now) == len(owned) and all(
+                a == b and t is u for (a, t), (b, u) in zip(now, owned, strict=True)
+            ):
+                continue
+            before = dict(owned)
+            attr = next(
+                (a for a, t in now if a not in before or before[a] is not t),
+                next((a for a in before if a not in dict(now)), "a tensor"),
+            )
+            self.taints.setdefault(
+                name, f"{attr} of {name} is replaced while the model runs (set anew in forward)"
+            )
 
     # -- values
     def value(self, tensor: Tensor) -> Value:
@@ -1167,6 +1190,7 @@ def record(
         ) from exc
     outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
     recorder.alive.clear()  # no callbacks once the recording is done
+    recorder.check_owned()
     if recorder.sized:
         _scrub_sizes({id(m): m for m in (model, *recorder.sized_in)}.values())
     return Recording(
