@@ -1086,3 +1086,24 @@ def test_leaf_tensor_replaced_in_forward_ends_its_groups(mode: str, attr: str) -
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(16))
     reason = assert_excluded(WeightByAttribute(mode), x, "dec", "replaced while the model runs")
     assert reason.startswith(f"{attr} of dec")
+
+
+def test_discovery_leaves_a_training_mode_model_untouched() -> None:
+    """``find_groups`` on a model in training mode runs it in eval mode, as compression
+    does: batch norm's running statistics are not updated by the recorded pass, dropout is
+    the identity, and every module's mode is restored afterwards."""
+    torch.manual_seed(17)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+        nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3),
+    )  # fmt: skip
+    model.train()
+    model[3].eval()  # a mixed model: each module's own mode comes back
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(18))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    groups, _ = nm.find_groups(model, x)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == modes
+    expected, _ = nm.find_groups(copy.deepcopy(model).eval(), x)
+    assert _signature(groups) == _signature(expected) and len(groups) == 2

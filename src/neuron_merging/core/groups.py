@@ -1106,8 +1106,10 @@ def find_groups(
     """Find every channel group of ``model`` from one forward pass on ``example_inputs``.
 
     Returns the groups (in execution order of their first producer) and the
-    producers left intact, each with the reason. ``model`` should be in eval mode;
-    it runs once under ``torch.no_grad()``. ``example_inputs`` is a tensor, a tuple of
+    producers left intact, each with the reason. ``model`` runs once under
+    ``torch.no_grad()``, with every module in eval mode as compression runs it (each
+    module's own mode is restored, and batch norm statistics are left as they are).
+    ``example_inputs`` is a tensor, a tuple of
     tensors, or a mapping of keyword inputs (e.g. ``{"input_ids": ids}``).
 
     Example::

@@ -910,14 +910,20 @@ class _Recorder(TorchFunctionMode):
         """Every module's ``forward`` wrapped (see above) inside; restored at the end.
 
         Modules compiled in place (``module.compile()``) run their eager code inside, so
-        that their operations are recorded rather than hidden in compiled code.
+        that their operations are recorded rather than hidden in compiled code; modules in
+        training mode run in eval mode (a training-mode batch norm would update its running
+        statistics, and compression runs every module in eval mode).
         """
         leaves = {id(m) for _, m in self.leaves}
         placed: list[tuple[nn.Module, Any, Any]] = []  # module, wrapper, instance forward
         handles = []
         compiled: list[tuple[nn.Module, Any]] = []  # module.compile(): run eagerly here
+        training: list[nn.Module] = []  # in eval mode for the pass, as compression runs them
         try:
             for name, module in self.modules.items():
+                if module.training:
+                    module.training = False
+                    training.append(module)
                 if module.__dict__.get("_compiled_call_impl") is not None:
                     compiled.append((module, module.__dict__["_compiled_call_impl"]))
                     module.__dict__["_compiled_call_impl"] = None
@@ -938,6 +944,8 @@ class _Recorder(TorchFunctionMode):
                 handle.remove()
             for module, call in compiled:
                 module.__dict__["_compiled_call_impl"] = call
+            for module in training:
+                module.training = True
             for module, wrapper, own in placed:
                 if module.__dict__.get("forward") is wrapper:
                     if own is _NONE:
@@ -1157,7 +1165,7 @@ def record(
 ) -> Recording:
     """Run ``model`` once on ``example_inputs`` (under ``no_grad``) and record its dataflow.
 
-    ``model`` should be in eval mode. ``modules`` is ``dict(model.named_modules())`` if
+    Every module runs in eval mode for the pass; each one's mode is restored after it. ``modules`` is ``dict(model.named_modules())`` if
     the caller has it; ``checked`` says the caller has already run
     :func:`check_recordable` on it, or on the model it is a copy of. Errors raised by
     the model become :class:`ModelError`.
