@@ -447,3 +447,29 @@ def test_auto_selection_keeps_the_closer_candidate() -> None:
     assert same_state(state_copy(auto.model), errors[chosen][1])
     assert calibration_error(net, auto.model, data) == min(e for e, _s in errors.values())
     assert any(f"chose {chosen}" in n for n in auto.report.notes)
+
+
+@pytest.mark.parametrize(
+    "options, calibrated",
+    [
+        ({"selection": "lstsq"}, False),
+        ({"compensation": "lstsq"}, False),
+        ({"repair": "mean+var"}, False),
+        ({}, True),
+        ({"calibrate": ("bn",)}, True),
+    ],
+)
+def test_options_leave_a_training_mode_model_untouched(options: dict, calibrated: bool) -> None:
+    """The passes over the caller's model (moments, correlations, successor batch norms,
+    calibration) run it in eval mode: a model left in training mode keeps its batch-norm
+    statistics and its modes, and is compressed as its eval-mode self is."""
+    x = torch.randn(16, 3, 6, 6, generator=gen(19))
+    calibration = x if calibrated else None
+    cfg = MergeConfig(ratio=0.5, **options)
+    expected = nm.compress(_conv_net(4), x[:1], cfg, calibration=calibration).model
+    net = _conv_net(4).train()
+    before = state_copy(net)
+    result = nm.compress(net, x[:1], cfg, calibration=calibration).model
+    assert same_state(state_copy(net), before)
+    assert all(m.training for m in net.modules())
+    assert same_state(state_copy(result.eval()), state_copy(expected))

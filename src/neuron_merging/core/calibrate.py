@@ -41,27 +41,15 @@ a single forward of the compressed model, on the whole set as one batch.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .compensate import _batches, _inputs, _set, group_fields, successor_bns
+from .compensate import _batches, _inputs, _set, evaluating, group_fields, successor_bns
 
 _BATCH = 250
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in modes.items():
-            m.training = t
 
 
 def _design(layer: nn.Module, x: Tensor) -> Tensor:
@@ -467,7 +455,7 @@ def calibrate(
     succ = successor_bns(
         original, tuple(x[:1] for x in inputs), list(dict.fromkeys(consumers + list(producer_rows)))
     )
-    with torch.no_grad(), _eval(original), _eval(compressed):
+    with torch.no_grad(), evaluating(original), evaluating(compressed):
         for step in steps:
             if step == "flip":
                 inputs = tuple(

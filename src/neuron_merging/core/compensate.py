@@ -17,7 +17,8 @@ mean of the batch norm right after it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,19 @@ def _channels(x: Tensor, n: int) -> Tensor:
     return x.reshape(x.shape[0], n, -1)
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside, each module's own mode restored at the end: passes
+    over the caller's model must not update its batch-norm statistics, nor use batch ones."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _inputs(data: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     return (data,) if isinstance(data, Tensor) else tuple(data)
 
@@ -147,7 +161,7 @@ def measured_moments(
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             for part in _batches(_inputs(data), batch):
                 model(*part)
     finally:
@@ -201,7 +215,7 @@ def propagated_correlations(
 
         handles.append(m.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             model(*noise)
     finally:
         for h in handles:
@@ -237,7 +251,7 @@ def successor_bns(
 
             handles.append(m.register_forward_pre_hook(bn_hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             model(*_inputs(example_inputs))
     finally:
         for h in handles:
