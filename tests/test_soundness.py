@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -1107,3 +1108,66 @@ def test_discovery_leaves_a_training_mode_model_untouched() -> None:
     assert [m.training for m in model.modules()] == modes
     expected, _ = nm.find_groups(copy.deepcopy(model).eval(), x)
     assert _signature(groups) == _signature(expected) and len(groups) == 2
+
+
+_ELEMENTWISE = {
+    "clamp(min=0)": lambda h: torch.clamp(h, min=0),
+    "clamp(min=0.1)": lambda h: torch.clamp(h, min=0.1),
+    "clamp(0, 1)": lambda h: h.clamp(0, 1),
+    "hardtanh": F.hardtanh,
+    "relu6": F.relu6,
+    "threshold(0.5)": lambda h: F.threshold(h, 0.5, 0.0),
+    "leaky_relu(0.1)": lambda h: F.leaky_relu(h, 0.1),
+    "leaky_relu(-0.5)": lambda h: F.leaky_relu(h, -0.5),
+    "elu": F.elu,
+    "softplus": F.softplus,
+    "abs": torch.abs,
+    "neg": torch.neg,
+    "square": torch.square,
+    "maximum(h, 0)": lambda h: torch.maximum(h, torch.zeros_like(h)),
+    "h * -2": lambda h: h * -2.0,
+    "h / 2": lambda h: h / 2.0,
+    "h + 1": lambda h: h + 1.0,
+    "h ** 1": lambda h: h**1,
+    "sign": torch.sign,
+    "round": torch.round,
+    "prelu": lambda h: F.prelu(h, torch.tensor([0.25])),
+    "hardshrink": F.hardshrink,
+    "rrelu (eval)": lambda h: F.rrelu(h, training=False),
+    "where(h > 0.1, h, 0)": lambda h: torch.where(h > 0.1, h, torch.zeros_like(h)),
+    "masked_fill": lambda h: h.masked_fill(h < 0, 0.0),
+    "nan_to_num": torch.nan_to_num,
+    "sort": lambda h: h.sort(-1).values,
+    "cumsum": lambda h: h.cumsum(-1),
+    "flip": lambda h: h.flip(-1),
+    "softmax": lambda h: h.softmax(-1),
+    "h - mean(h)": lambda h: h - h.mean(-1, keepdim=True),
+}
+
+
+class Between(nn.Module):
+    """fc1 → f → fc2 → relu → fc3 for an element-wise (or not) function f."""
+
+    def __init__(self, f: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        torch.manual_seed(20)
+        self.f = f
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(F.relu(self.fc2(self.f(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("name", list(_ELEMENTWISE))
+def test_functions_between_layers_merge_exactly_or_not_at_all(name: str) -> None:
+    """Whatever f is, fc1's group is merged losslessly on planted duplicates, only pruned
+    (with a reason), or left intact: never merged inexactly."""
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(21))
+    model = Between(_ELEMENTWISE[name])
+    groups, skipped = nm.find_groups(model, x)
+    group = next((g for g in groups if g.producers == ("fc1",)), None)
+    assert group is not None or "fc1" in _skips(skipped)
+    if group is not None and not group.mergeable:
+        assert group.reason
+    assert_merge_correct(model, x)
