@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .compensate import _batches, _inputs, _set, evaluating, group_fields, successor_bns
+from .compensate import _batches, _inputs, _set, group_fields, successor_bns
+from .record import evaluating
 
 _BATCH = 250
 

@@ -17,8 +17,7 @@ mean of the batch norm right after it.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 
 from . import lstsq
 from .fold import kmeans_fold
+from .record import evaluating
 from .select import cover_select, get_criterion, group_scores
 
 
@@ -120,19 +120,6 @@ class _Collect:
 def _channels(x: Tensor, n: int) -> Tensor:
     """A consumer input as ``(N, n, rest)`` channels."""
     return x.reshape(x.shape[0], n, -1)
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside, each module's own mode restored at the end: passes
-    over the caller's model must not update its batch-norm statistics, nor use batch ones."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _inputs(data: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:

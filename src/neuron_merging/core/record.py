@@ -910,20 +910,14 @@ class _Recorder(TorchFunctionMode):
         """Every module's ``forward`` wrapped (see above) inside; restored at the end.
 
         Modules compiled in place (``module.compile()``) run their eager code inside, so
-        that their operations are recorded rather than hidden in compiled code; modules in
-        training mode run in eval mode (a training-mode batch norm would update its running
-        statistics, and compression runs every module in eval mode).
+        that their operations are recorded rather than hidden in compiled code.
         """
         leaves = {id(m) for _, m in self.leaves}
         placed: list[tuple[nn.Module, Any, Any]] = []  # module, wrapper, instance forward
         handles = []
         compiled: list[tuple[nn.Module, Any]] = []  # module.compile(): run eagerly here
-        training: list[nn.Module] = []  # in eval mode for the pass, as compression runs them
         try:
             for name, module in self.modules.items():
-                if module.training:
-                    module.training = False
-                    training.append(module)
                 if module.__dict__.get("_compiled_call_impl") is not None:
                     compiled.append((module, module.__dict__["_compiled_call_impl"]))
                     module.__dict__["_compiled_call_impl"] = None
@@ -944,8 +938,6 @@ class _Recorder(TorchFunctionMode):
                 handle.remove()
             for module, call in compiled:
                 module.__dict__["_compiled_call_impl"] = call
-            for module in training:
-                module.training = True
             for module, wrapper, own in placed:
                 if module.__dict__.get("forward") is wrapper:
                     if own is _NONE:
@@ -1139,6 +1131,24 @@ def as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     )
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside (``model.eval()``, so that modules overriding
+    ``train`` see it), each module's own mode restored at the end.
+
+    Passes over a caller's model run so, as compression runs every module: a batch norm in
+    training mode would update its running statistics and normalise with batch ones.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    if any(training for _, training in modes):
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module whose Python ``forward`` runs for the recording.
 
@@ -1184,7 +1194,7 @@ def record(
         hooked.setdefault("*", "a global forward hook")
     runner = unwrap(model)
     try:
-        with collection_paused(), torch.no_grad(), recorder.installed():
+        with collection_paused(), torch.no_grad(), evaluating(model), recorder.installed():
             inputs = [recorder.value(t) for t in flatten_tensors([args, kwargs], [])]
             for value in inputs:
                 value.is_input = True
@@ -1222,6 +1232,7 @@ __all__ = [
     "as_inputs",
     "check_recordable",
     "collection_paused",
+    "evaluating",
     "flatten_tensors",
     "func_name",
     "has_reparametrisations",
