@@ -41,6 +41,7 @@ from torch import nn
 
 from .errors import ModelError
 from .record import (
+    BATCHNORMS,
     Op,
     Recording,
     Value,
@@ -51,8 +52,6 @@ from .record import (
     materialise_reparametrisations,
     recorded,
 )
-
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @dataclass(frozen=True)
@@ -521,7 +520,7 @@ class _Analysis:
                 or f"{type(module).__name__} {name!r} is called {calls} times (shared weights)"
             )
         out = op.outputs[0] if op.outputs else None
-        if isinstance(module, _BATCHNORMS):
+        if isinstance(module, BATCHNORMS):
             self.batch_norm(op, module, info, out, taint)
             return
         is_conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
@@ -1213,7 +1212,7 @@ def resolve_groups(
         channels = _out_channels(prod)
         if group.bn is not None:
             bn = named[group.bn]
-            if not isinstance(bn, _BATCHNORMS) or bn.num_features != channels:
+            if not isinstance(bn, BATCHNORMS) or bn.num_features != channels:
                 raise ModelError(f"bn {group.bn!r} is not a batch norm over {channels} features")
         inputs = _in_channels(cons)
         spatial = group.features_per_channel

@@ -69,6 +69,8 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
     nn.BatchNorm2d,
 )
+#: The batch norms among them.
+BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def is_leaf(module: nn.Module) -> bool:
@@ -490,7 +492,6 @@ class _Ref(weakref.ref):
 #: The tensors every leaf layer registers (possibly as ``None``) and compression edits.
 _LEAF_TENSORS = ("weight", "bias")
 _LEAF_TENSORS_BN = ("weight", "bias", "running_mean", "running_var")
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _owned(module: nn.Module) -> list[tuple[str, Tensor | None]]:
@@ -522,7 +523,6 @@ class _Recorder(TorchFunctionMode):
         self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
         self.counter = itertools.count()
         self.hooked: dict[str, str] = {}  # modules with user hooks, described
-        self.leaves: list[tuple[str, nn.Module]] = []
         # Each leaf's tensors as the pass starts (held, so their ids stay theirs).
         self.owned: list[tuple[str, nn.Module, list[tuple[str, Tensor | None]]]] = []
         for name, module in modules.items():
@@ -530,8 +530,7 @@ class _Recorder(TorchFunctionMode):
                 self.hooked[name] = _hook_description(name, module)
             if not is_leaf(module):
                 continue
-            self.leaves.append((name, module))
-            for attr in _LEAF_TENSORS_BN if isinstance(module, _BATCHNORMS) else _LEAF_TENSORS:
+            for attr in _LEAF_TENSORS_BN if isinstance(module, BATCHNORMS) else _LEAF_TENSORS:
                 if attr not in module._parameters and attr not in module._buffers:
                     self.taints.setdefault(
                         name,
@@ -912,7 +911,7 @@ class _Recorder(TorchFunctionMode):
         Modules compiled in place (``module.compile()``) run their eager code inside, so
         that their operations are recorded rather than hidden in compiled code.
         """
-        leaves = {id(m) for _, m in self.leaves}
+        leaves = {id(m) for _, m, _ in self.owned}
         placed: list[tuple[nn.Module, Any, Any]] = []  # module, wrapper, instance forward
         handles = []
         compiled: list[tuple[nn.Module, Any]] = []  # module.compile(): run eagerly here
@@ -1225,6 +1224,7 @@ def record(
 
 
 __all__ = [
+    "BATCHNORMS",
     "LEAF_TYPES",
     "Op",
     "Recording",
