@@ -1131,14 +1131,15 @@ def as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
+def evaluating(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
     """``model`` in eval mode inside (``model.eval()``, so that modules overriding
     ``train`` see it), each module's own mode restored at the end.
 
     Passes over a caller's model run so, as compression runs every module: a batch norm in
     training mode would update its running statistics and normalise with batch ones.
+    ``modules`` are ``model.modules()`` if the caller has them.
     """
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
     if any(training for _, training in modes):
         model.eval()
     try:
@@ -1174,8 +1175,8 @@ def record(
 ) -> Recording:
     """Run ``model`` once on ``example_inputs`` (under ``no_grad``) and record its dataflow.
 
-    Every module runs in eval mode for the pass; each one's mode is restored after it. ``modules`` is ``dict(model.named_modules())`` if
-    the caller has it; ``checked`` says the caller has already run
+    Every module runs in eval mode for the pass; each one's mode is restored after it.
+    ``modules`` is ``dict(model.named_modules())`` if the caller has it; ``checked`` says the caller has already run
     :func:`check_recordable` on it, or on the model it is a copy of. Errors raised by
     the model become :class:`ModelError`.
     """
@@ -1193,7 +1194,12 @@ def record(
         hooked.setdefault("*", "a global forward hook")
     runner = unwrap(model)
     try:
-        with collection_paused(), torch.no_grad(), evaluating(model), recorder.installed():
+        with (
+            collection_paused(),
+            torch.no_grad(),
+            evaluating(model, modules.values()),
+            recorder.installed(),
+        ):
             inputs = [recorder.value(t) for t in flatten_tensors([args, kwargs], [])]
             for value in inputs:
                 value.is_input = True
