@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -876,6 +877,118 @@ def test_torchscript_submodule_second_use(how: str) -> None:
     assert "fc1" not in {g.name for g in groups}
     assert "aux" in _skips(skipped)["fc1"] or "TorchScript" in _skips(skipped)["fc1"]
     assert_merge_correct(net, X)
+
+
+# ------------------------------------------------------------------ code the recording cannot see
+
+
+@torch.jit.script
+def _scripted_mean(h: Tensor) -> Tensor:
+    return h.mean(-1, keepdim=True)
+
+
+@torch.jit.script
+def _scripted_number(h: Tensor) -> float:
+    return float(h.mean())
+
+
+_OUTSIDE = torch.linspace(0.5, 2.0, 8)  # a tensor kept outside the model
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    _TRACED = torch.jit.trace(lambda h: h.mean(-1, keepdim=True), torch.ones(2, 8))
+
+
+class Unseen(nn.Module):
+    """fc1 → relu → fc2 → relu → fc3, with fc1's output also read by code that no
+    torch-function mode sees (each of these merged silently wrong before)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode = mode
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        mode, h = self.mode, self.fc1(x)
+        extra: Tensor | float = 0.0
+        if mode == "script":
+            extra = _scripted_mean(h)
+        elif mode == "script number":
+            extra = _scripted_number(h)
+        elif mode == "traced":
+            extra = _TRACED(h)
+        elif mode == "disabled":
+            with torch._C.DisableTorchFunction():
+                extra = h.mean(-1, keepdim=True)
+        elif mode == "disabled in place":
+            with torch._C.DisableTorchFunction():
+                h.mul_(torch.linspace(0.5, 2.0, 8))
+        elif mode == "thread":
+            out: dict[str, Tensor] = {}
+            worker = threading.Thread(target=lambda: out.update(v=h.mean(-1, keepdim=True)))
+            worker.start()
+            worker.join()
+            extra = out["v"]
+        elif mode == "dlpack":
+            alias = torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(h))
+            extra = alias.mean(-1, keepdim=True)
+        elif mode == "vmap":
+            extra = torch.vmap(lambda row: row.mean())(h).unsqueeze(-1)
+        elif mode == "global":
+            h = h * _OUTSIDE
+        y = self.fc2(F.relu(h))
+        return self.fc3(F.relu(y)) + extra
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("script", ("TorchScript function _scripted_mean",)),
+        ("script number", ("TorchScript function _scripted_number",)),
+        ("traced", ("TorchScript function",)),
+        ("disabled", ("cannot see",)),
+        ("disabled in place", ("written in place", "cannot see")),
+        ("thread", ("another thread",)),
+        ("dlpack", ("DLPack",)),
+        ("vmap", ("torch.func",)),
+        ("global", ("kept outside the model", "register constants as buffers")),
+    ],
+)
+def test_reads_by_code_the_recording_cannot_see(mode: str, words: tuple[str, ...]) -> None:
+    """TorchScript calls are recorded as operations; anything else unseen (a tensor no
+    recorded call made, or one written in place unseen) leaves every earlier group intact."""
+    reason = assert_excluded(Unseen(mode), X, "fc1", *words)
+    assert all(w in reason for w in words), reason
+
+
+class Constants(nn.Module):
+    """A model reading only tensors of its own: buffers, parameters of containers, plain
+    tensor attributes (alone and in a list), and fresh tensors written in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.register_buffer("shift", torch.linspace(-0.1, 0.1, 4))
+        self.offset = nn.Parameter(torch.full((3,), 0.5))
+        self.scale = torch.tensor(1.5)
+        self.tables = [torch.ones(3), torch.zeros(3)]
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = torch.zeros(x.shape[0], 3)
+        z[:, 0] = 1.0  # a write whose call returns None
+        h = F.relu(self.fc1((x + self.shift) * self.scale))
+        y = self.fc3(F.relu(self.fc2(h)))
+        return y + self.offset + z * self.tables[0] + self.tables[1]
+
+
+def test_the_model_s_own_tensors_are_not_unseen() -> None:
+    groups, skipped = nm.find_groups(Constants(), X)
+    assert {g.name for g in groups} == {"fc1", "fc2"}, _skips(skipped)
+    assert all(g.mergeable for g in groups)
+    assert_merge_correct(Constants(), X)
 
 
 # ------------------------------------------------------------------ tensor identity

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import gc
 import itertools
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -400,6 +401,9 @@ class Recording:
         hooked: modules carrying user forward hooks or pre-hooks, with a description.
         size_uses: sizes read from values and then used as numbers (see :class:`DimSize`).
         clobbered: values made stale by an in-place write through another alias.
+        unseen: ``(position, why)`` for each tensor that code the recording cannot see
+            made or wrote (see :meth:`_Recorder.unseen_use`): any value computed before
+            ``ops[position]`` may have been read there.
     """
 
     ops: list[Op]
@@ -411,6 +415,7 @@ class Recording:
     hooked: dict[str, str]
     size_uses: list[tuple[Value, int | None, str]] = field(default_factory=list)
     clobbered: list[Value] = field(default_factory=list)
+    unseen: list[tuple[int, str]] = field(default_factory=list)
 
     def release(self) -> None:
         """Empty the recording once it is used, freeing its values and operations at once.
@@ -501,6 +506,23 @@ def _owned(module: nn.Module) -> list[tuple[str, Tensor | None]]:
     return [*module._parameters.items(), *module._buffers.items()]  # without the generic walk
 
 
+#: Per module class and attribute count, the attributes that held tensors (or lists,
+#: tuples or dicts of them) when first met: plain module attributes are read only
+#: there, not by walking every module's ``__dict__`` on every pass.
+_TENSOR_ATTRS: dict[tuple[type, int], tuple[str, ...]] = {}
+_REGISTERED = frozenset({"_parameters", "_buffers"})
+
+
+def _tensors_in(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, Tensor)]
+    if isinstance(value, dict):
+        return [v for v in value.values() if isinstance(v, Tensor)]
+    return []
+
+
 class _Recorder(TorchFunctionMode):
     """Builds a :class:`Recording` while the model runs."""
 
@@ -523,15 +545,33 @@ class _Recorder(TorchFunctionMode):
         self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
         self.counter = itertools.count()
         self.hooked: dict[str, str] = {}  # modules with user hooks, described
-        # Each leaf's tensors as the pass starts (held, so their ids stay theirs).
+        self.watching = False  # whether the model is running (tensors seen are its own)
+        self.unseen: list[tuple[int, str]] = []
+        # Each leaf's tensors as the pass starts, and every other tensor of the model's
+        # modules (see unseen_use): held, so that their ids stay theirs.
         self.owned: list[tuple[str, nn.Module, list[tuple[str, Tensor | None]]]] = []
+        held: list[Tensor] = []
+        params = self.params
+        attributes = _TENSOR_ATTRS
         for name, module in modules.items():
-            if module._forward_pre_hooks or module._forward_hooks:
+            state = module.__dict__
+            if state["_forward_pre_hooks"] or state["_forward_hooks"]:
                 self.hooked[name] = _hook_description(name, module)
+            key = (type(module), len(state))
+            names = attributes.get(key)
+            if names is None:
+                names = attributes[key] = tuple(
+                    k for k, v in state.items() if k not in _REGISTERED and _tensors_in(v)
+                )
+            for attr in names:
+                held += _tensors_in(state.get(attr))
             if not is_leaf(module):
+                for tensors in (state["_parameters"], state["_buffers"]):
+                    if tensors:
+                        held += [t for t in tensors.values() if t is not None]
                 continue
             for attr in _LEAF_TENSORS_BN if isinstance(module, BATCHNORMS) else _LEAF_TENSORS:
-                if attr not in module._parameters and attr not in module._buffers:
+                if attr not in state["_parameters"] and attr not in state["_buffers"]:
                     self.taints.setdefault(
                         name,
                         f"{attr} of {name} is not a registered parameter or buffer "
@@ -542,7 +582,7 @@ class _Recorder(TorchFunctionMode):
             for attr, tensor in owned:
                 if tensor is None:
                     continue
-                previous = self.params.get(id(tensor))
+                previous = params.get(id(tensor))
                 if previous is not None and previous[0] != name:
                     why = f"{attr} of {name} is shared with {previous[0]} (tied weights)"
                     self.taints.setdefault(name, why)
@@ -551,7 +591,9 @@ class _Recorder(TorchFunctionMode):
                         f"{previous[1]} of {previous[0]} is shared with {name} (tied weights)",
                     )
                 else:
-                    self.params[id(tensor)] = (name, attr)
+                    params[id(tensor)] = (name, attr)
+        self.held = held
+        self.held_ids = {id(t) for t in held}
 
     def check_owned(self) -> None:
         """Leaf layers whose tensors were replaced while the model ran (a weight set anew
@@ -582,8 +624,36 @@ class _Recorder(TorchFunctionMode):
             return found[1]
         owner = self.params.get(id(tensor))
         value = Value(tuple(tensor.shape), param=f"{owner[0]}.{owner[1]}" if owner else None)
+        if self.watching and (
+            found is not None or (owner is None and id(tensor) not in self.held_ids)
+        ):
+            self.unseen_use(found is not None)
         self._store(version, tensor, value)
         return value
+
+    def unseen_use(self, written: bool) -> None:
+        """The model uses a tensor that no recorded call made (``written``: one that no
+        recorded call wrote in place at its current version), and that was not an input,
+        a parameter, buffer or tensor attribute of a module as the pass started.
+
+        So code the recording cannot see ran: ``torch.func``
+        transforms, DLPack, another thread, code under ``torch._C.DisableTorchFunction``,
+        or a tensor kept outside the model (a global, a closure) read by the model. That
+        code may have read any value computed so far, so every group made before the use
+        is left intact (:class:`~neuron_merging.core.groups` breaks them).
+        """
+        where = self.owner()
+        place = f"{where[1]}.forward" if where[0] else "forward"
+        what = "written in place" if written else "made"
+        self.unseen.append(
+            (
+                len(self.ops),
+                f"{place} uses a tensor {what} by code the recording cannot see "
+                "(torch.func, DLPack, another thread, torch functions disabled, "
+                "or one kept outside the model: register constants as buffers), which may "
+                "have read this output",
+            )
+        )
 
     def _store(self, version: int, tensor: Tensor, value: Value) -> None:
         """``value`` is now ``tensor``'s current value (earlier versions are never read again)."""
@@ -687,6 +757,16 @@ class _Recorder(TorchFunctionMode):
             if id(t) in in_ids:
                 inplace = True
             new.append((version, t))
+        for t in inputs:  # written in place by a call that returns something else
+            found = values_of.get(id(t))
+            if (
+                found is not None
+                and found[0] != _NO_VERSION
+                and found[0] != t._version
+                and all(t is not o for o in outs)
+            ):
+                inplace = True
+                new.append((t._version, t))
         if not new and outs:
             return  # nothing new was computed: the call is an identity
         owner, owner_type = self.owner()
@@ -905,6 +985,40 @@ class _Recorder(TorchFunctionMode):
         return leaf
 
     @contextlib.contextmanager
+    def scripted(self) -> Iterator[None]:
+        """Calls of TorchScript functions and methods recorded as one operation each.
+
+        TorchScript code runs in its own interpreter, which no torch-function mode sees: a
+        scripted function reading a value would otherwise go unrecorded (a result that
+        is a tensor would still show as unseen, but not a Python number). Only calls from
+        the recording thread, outside leaf layers, are recorded.
+        """
+        thread = threading.get_ident()
+        patched = []
+        for cls in (torch._C.ScriptFunction, torch._C.ScriptMethod):
+            original = cls.__dict__.get("__call__")
+            if original is None:
+                continue
+
+            def call(fn: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                if (
+                    self.watching
+                    and self.leaf is None
+                    and threading.get_ident() == thread
+                    and torch._C._is_torch_function_mode_enabled()
+                ):
+                    return self.__torch_function__(_Scripted(_original, fn), (), args, kwargs)
+                return _original(fn, *args, **kwargs)
+
+            cls.__call__ = call
+            patched.append((cls, original))
+        try:
+            yield
+        finally:
+            for cls, original in patched:
+                cls.__call__ = original
+
+    @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """Every module's ``forward`` wrapped (see above) inside; restored at the end.
 
@@ -946,6 +1060,23 @@ class _Recorder(TorchFunctionMode):
 
 
 _NONE = object()
+
+
+@dataclass(frozen=True)
+class _Scripted:
+    """A TorchScript function or method as a recorded function (one per function, so
+    that name caches stay small)."""
+
+    call: Any
+    fn: Any
+
+    @property
+    def __name__(self) -> str:  # type: ignore[override]
+        name = getattr(self.fn, "name", None) or type(self.fn).__name__
+        return f"TorchScript function {name}"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(self.fn, *args, **kwargs)
 
 
 def _storage_ptr(tensor: Tensor) -> int:
@@ -1199,10 +1330,12 @@ def record(
             torch.no_grad(),
             evaluating(model, modules.values()),
             recorder.installed(),
+            recorder.scripted(),
         ):
             inputs = [recorder.value(t) for t in flatten_tensors([args, kwargs], [])]
             for value in inputs:
                 value.is_input = True
+            recorder.watching = True
             with recorder:
                 output = runner(*args, **kwargs)
     except Exception as exc:  # the user's forward may raise anything
@@ -1212,6 +1345,7 @@ def record(
             "check their shapes and dtypes"
         ) from exc
     outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
+    recorder.watching = False
     recorder.alive.clear()  # no callbacks once the recording is done
     recorder.check_owned()
     if recorder.sized:
@@ -1226,6 +1360,7 @@ def record(
         hooked,
         recorder.size_uses,
         recorder.clobbered,
+        recorder.unseen,
     )
 
 
