@@ -507,8 +507,10 @@ def _owned(module: nn.Module) -> list[tuple[str, Tensor | None]]:
 
 
 #: Per module class and attribute count, the attributes that held tensors (or lists,
-#: tuples or dicts of them) when first met: plain module attributes are read only
-#: there, not by walking every module's ``__dict__`` on every pass.
+#: tuples or dicts of them), or ``None`` (a cache filled later), when first met: plain
+#: module attributes are read only there, not by walking every module's ``__dict__`` on
+#: every pass. A tensor read from an attribute that held none of these then counts as
+#: unseen: a group is left intact that need not be, never the other way round.
 _TENSOR_ATTRS: dict[tuple[type, int], tuple[str, ...]] = {}
 _REGISTERED = frozenset({"_parameters", "_buffers"})
 
@@ -561,7 +563,9 @@ class _Recorder(TorchFunctionMode):
             names = attributes.get(key)
             if names is None:
                 names = attributes[key] = tuple(
-                    k for k, v in state.items() if k not in _REGISTERED and _tensors_in(v)
+                    k
+                    for k, v in state.items()
+                    if k not in _REGISTERED and (v is None or _tensors_in(v))
                 )
             for attr in names:
                 held += _tensors_in(state.get(attr))
