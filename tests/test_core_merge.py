@@ -370,7 +370,8 @@ def test_cnn_parameter_counts_and_widths_shrink_exactly() -> None:
 @pytest.mark.parametrize("verb", ["merge", "prune"])
 def test_input_model_is_never_mutated(case: int, verb: str) -> None:
     _, model, x = _models_and_inputs()[case]
-    model.train()  # the caller's mode must survive too
+    model.train()  # the caller's modes must survive too, and be the result's
+    next(iter(model.children())).eval()
     before, shapes = state_copy(model), widths(model)
     modes = {name: m.training for name, m in model.named_modules()}
     fn = nm.merge if verb == "merge" else nm.prune
@@ -380,7 +381,7 @@ def test_input_model_is_never_mutated(case: int, verb: str) -> None:
     assert widths(model) == shapes
     assert widths(result.model) != shapes
     assert {name: m.training for name, m in model.named_modules()} == modes
-    assert result.model.training
+    assert {name: m.training for name, m in result.model.named_modules()} == modes
     assert all(
         a is not b for a, b in zip(model.parameters(), result.model.parameters(), strict=False)
     )

@@ -9,6 +9,7 @@ the copy is modified; the input model is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -37,6 +38,7 @@ from .groups import (
 from .record import (
     as_inputs,
     check_recordable,
+    evaluating,
     is_conv1d_transposed,
     materialise_reparametrisations,
     recorded,
@@ -420,9 +422,8 @@ def compress(
             "module.compile() is not carried over to the result (as with copy.deepcopy): "
             "call .compile() on the returned model"
         )
-    training = [m for m in modules.values() if m.training]
-    if training:
-        work.eval()
+    modes = contextlib.ExitStack()  # the copy runs in eval mode until it is returned
+    modes.enter_context(evaluating(work, modules.values()))
     timings["rebuild"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -480,8 +481,7 @@ def compress(
             )
             timings["calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for module in training:  # each module back in its own mode
-        module.training = True
+    modes.close()  # each module back in its own mode
     result_tensors = unshare(work, tensors)
     timings["rebuild"] += time.perf_counter() - t0
     timings["total"] = sum(timings.values())
@@ -527,20 +527,13 @@ def calibration_error(
     """
     data = (calibration,) if isinstance(calibration, Tensor) else tuple(calibration)
     total, count = 0.0, 0
-    saved = {m: m.training for m in (*original.modules(), *compressed.modules())}
-    original.eval()
-    compressed.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, data[0].shape[0], 250):
-                part = tuple(d[i : i + 250] for d in data)
-                ref, got = _output_tensors(original(*part)), _output_tensors(compressed(*part))
-                for a, b in zip(ref, got, strict=True):
-                    total += float((a.double() - b.double()).pow(2).sum())
-                    count += a.numel()
-    finally:
-        for m, t in saved.items():
-            m.training = t
+    with evaluating(original), evaluating(compressed), torch.no_grad():
+        for i in range(0, data[0].shape[0], 250):
+            part = tuple(d[i : i + 250] for d in data)
+            ref, got = _output_tensors(original(*part)), _output_tensors(compressed(*part))
+            for a, b in zip(ref, got, strict=True):
+                total += float((a.double() - b.double()).pow(2).sum())
+                count += a.numel()
     return total / count if count else math.inf
 
 

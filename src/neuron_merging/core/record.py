@@ -1280,8 +1280,9 @@ def evaluating(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> 
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, training in modes:  # nn.Module.__setattr__ is slow: only where it changed
+            if m.training is not training:
+                m.training = training
 
 
 def unwrap(model: nn.Module) -> nn.Module:
