@@ -613,6 +613,7 @@ def test_leaf_forward_replaced_on_instance() -> None:
     assert "fc1" not in {g.name for g in groups}
     result = nm.merge(net, X)
     run(result.model, X)
+    assert any("forward of fc2 is a function set on the instance" in n for n in result.report.notes)
 
 
 def test_explicit_coupled_group_reason_with_coupled_true() -> None:

@@ -10,8 +10,10 @@ the copy is modified; the input model is never touched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
+import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -417,6 +419,17 @@ def compress(
     notes = materialise_reparametrisations(work, modules)
     if notes:  # their parametrization containers are gone
         modules = dict(work.named_modules())
+    shared = [
+        name or type(model).__name__
+        for name, m in original.items()
+        if isinstance(m.__dict__.get("forward"), (types.FunctionType, functools.partial))
+    ]
+    if shared:
+        notes.append(
+            f"the forward of {', '.join(shared)} is a function set on the instance: the returned "
+            "model shares it, and whatever it refers to, with the original (as with "
+            "copy.deepcopy)"
+        )
     if any(m.__dict__.get("_compiled_call_impl") is not None for m in original.values()):
         notes.append(
             "module.compile() is not carried over to the result (as with copy.deepcopy): "
