@@ -938,6 +938,8 @@ class Unseen(nn.Module):
             extra = torch.vmap(lambda row: row.mean())(h).unsqueeze(-1)
         elif mode == "global":
             h = h * _OUTSIDE
+        elif mode == "legacy constructor":  # no mode sees torch.Tensor(...)
+            extra = torch.Tensor([h.shape[-1]])
         y = self.fc2(F.relu(h))
         return self.fc3(F.relu(y)) + extra
 
@@ -948,12 +950,13 @@ class Unseen(nn.Module):
         ("script", ("TorchScript function _scripted_mean",)),
         ("script number", ("TorchScript function _scripted_number",)),
         ("traced", ("TorchScript function",)),
-        ("disabled", ("cannot see",)),
+        ("disabled", ("no recorded call made",)),
         ("disabled in place", ("written in place", "cannot see")),
-        ("thread", ("another thread",)),
+        ("thread", ("a thread",)),
         ("dlpack", ("DLPack",)),
         ("vmap", ("torch.func",)),
-        ("global", ("kept outside the model", "register constants as buffers")),
+        ("global", ("a global", "register them as buffers")),
+        ("legacy constructor", ("torch.Tensor(...)",)),
     ],
 )
 def test_reads_by_code_the_recording_cannot_see(mode: str, words: tuple[str, ...]) -> None:

@@ -640,24 +640,29 @@ class _Recorder(TorchFunctionMode):
         recorded call wrote in place at its current version), and that was not an input,
         a parameter, buffer or tensor attribute of a module as the pass started.
 
-        So code the recording cannot see ran: ``torch.func``
-        transforms, DLPack, another thread, code under ``torch._C.DisableTorchFunction``,
-        or a tensor kept outside the model (a global, a closure) read by the model. That
+        So code the recording cannot see ran: ``torch.func`` transforms, DLPack, another
+        thread, code under ``torch._C.DisableTorchFunction``, legacy constructors
+        (``torch.Tensor([...])``) and ``torch.from_numpy``, which no mode sees, or a tensor
+        kept outside the model (a global, a closure) was read. That
         code may have read any value computed so far, so every group made before the use
         is left intact (:class:`~neuron_merging.core.groups` breaks them).
         """
         where = self.owner()
         place = f"{where[1]}.forward" if where[0] else "forward"
-        what = "written in place" if written else "made"
-        self.unseen.append(
-            (
-                len(self.ops),
-                f"{place} uses a tensor {what} by code the recording cannot see "
-                "(torch.func, DLPack, another thread, torch functions disabled, "
-                "or one kept outside the model: register constants as buffers), which may "
-                "have read this output",
+        if written:
+            why = (
+                f"{place} uses a tensor written in place where the recording cannot see "
+                "(code with torch functions disabled, a thread, DLPack), which may have read "
+                "this output"
             )
-        )
+        else:
+            why = (
+                f"{place} uses a tensor that no recorded call made (from torch.func, DLPack, a "
+                "thread, torch.Tensor(...) or from_numpy, code with torch functions disabled, "
+                "or a global), which may have read this output: make constants with "
+                "torch.tensor or register them as buffers"
+            )
+        self.unseen.append((len(self.ops), why))
 
     def _store(self, version: int, tensor: Tensor, value: Value) -> None:
         """``value`` is now ``tensor``'s current value (earlier versions are never read again)."""
