@@ -966,6 +966,42 @@ def test_reads_by_code_the_recording_cannot_see(mode: str, words: tuple[str, ...
     assert all(w in reason for w in words), reason
 
 
+class _Staggered(Unseen):
+    """Unseen("script") whose pass sets ``entered``, then waits for ``go`` before calling
+    the scripted function."""
+
+    def __init__(self, entered: threading.Event, go: threading.Event) -> None:
+        super().__init__("script")
+        self.entered, self.go = entered, go
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.entered.set()
+        assert self.go.wait(timeout=30)
+        return super().forward(x)
+
+
+def test_torchscript_calls_are_recorded_while_another_thread_records() -> None:
+    """Two recordings overlap, and the first to start ends first, in the middle of the
+    second's pass: it must not undo the second's interception of TorchScript calls."""
+    first_in, second_in, first_done = threading.Event(), threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def first() -> None:
+        results["first"] = nm.find_groups(_Staggered(first_in, second_in), X)
+        first_done.set()
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    assert first_in.wait(timeout=30)
+    results["second"] = nm.find_groups(_Staggered(second_in, first_done), X)
+    worker.join(timeout=60)
+    for key in ("first", "second"):
+        groups, skipped = results[key]
+        assert "fc1" not in {g.name for g in groups}, key
+        assert "TorchScript function _scripted_mean" in _skips(skipped)["fc1"], key
+    assert torch._C.ScriptFunction.__call__.__qualname__ != "_script_call.<locals>.call"
+
+
 class Constants(nn.Module):
     """A model reading only tensors of its own: buffers, parameters of containers, plain
     tensor attributes (alone and in a list), and fresh tensors written in place."""

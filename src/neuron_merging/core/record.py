@@ -994,40 +994,6 @@ class _Recorder(TorchFunctionMode):
         return leaf
 
     @contextlib.contextmanager
-    def scripted(self) -> Iterator[None]:
-        """Calls of TorchScript functions and methods recorded as one operation each.
-
-        TorchScript code runs in its own interpreter, which no torch-function mode sees: a
-        scripted function reading a value would otherwise go unrecorded (a result that
-        is a tensor would still show as unseen, but not a Python number). Only calls from
-        the recording thread, outside leaf layers, are recorded.
-        """
-        thread = threading.get_ident()
-        patched = []
-        for cls in (torch._C.ScriptFunction, torch._C.ScriptMethod):
-            original = cls.__dict__.get("__call__")
-            if original is None:
-                continue
-
-            def call(fn: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                if (
-                    self.watching
-                    and self.leaf is None
-                    and threading.get_ident() == thread
-                    and torch._C._is_torch_function_mode_enabled()
-                ):
-                    return self.__torch_function__(_Scripted(_original, fn), (), args, kwargs)
-                return _original(fn, *args, **kwargs)
-
-            cls.__call__ = call
-            patched.append((cls, original))
-        try:
-            yield
-        finally:
-            for cls, original in patched:
-                cls.__call__ = original
-
-    @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """Every module's ``forward`` wrapped (see above) inside; restored at the end.
 
@@ -1069,6 +1035,60 @@ class _Recorder(TorchFunctionMode):
 
 
 _NONE = object()
+
+
+# TorchScript code runs in its own interpreter, which no torch-function mode sees: a
+# scripted function reading a value would go unrecorded (a tensor result would still show
+# as unseen, a Python number would not). While any recording runs, calls of TorchScript
+# functions and methods go through a wrapper that records them, on the recording thread
+# and outside leaf layers, as one operation each; the wrapper is installed by the first
+# recording to start and removed by the last to end, so recordings in several threads
+# never undo each other's.
+_SCRIPT_LOCK = threading.Lock()
+_SCRIPT_ORIGINALS: dict[type, Any] = {}
+_SCRIPT_USERS = 0
+_RECORDING = threading.local()  # .recorder: the recorder running on this thread
+
+
+def _script_call(original: Any) -> Callable[..., Any]:
+    def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        recorder = getattr(_RECORDING, "recorder", None)
+        if (
+            recorder is not None
+            and recorder.watching
+            and recorder.leaf is None
+            and torch._C._is_torch_function_mode_enabled()
+        ):
+            return recorder.__torch_function__(_Scripted(original, fn), (), args, kwargs)
+        return original(fn, *args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def _script_calls_recorded(recorder: _Recorder) -> Iterator[None]:
+    """Calls of TorchScript functions and methods on this thread recorded by ``recorder``."""
+    global _SCRIPT_USERS
+    with _SCRIPT_LOCK:
+        if _SCRIPT_USERS == 0:
+            for cls in (torch._C.ScriptFunction, torch._C.ScriptMethod):
+                original = cls.__dict__.get("__call__")
+                if original is not None:
+                    _SCRIPT_ORIGINALS[cls] = original
+                    cls.__call__ = _script_call(original)
+        _SCRIPT_USERS += 1
+    previous = getattr(_RECORDING, "recorder", None)
+    _RECORDING.recorder = recorder
+    try:
+        yield
+    finally:
+        _RECORDING.recorder = previous
+        with _SCRIPT_LOCK:
+            _SCRIPT_USERS -= 1
+            if _SCRIPT_USERS == 0:
+                for cls, original in _SCRIPT_ORIGINALS.items():
+                    cls.__call__ = original
+                _SCRIPT_ORIGINALS.clear()
 
 
 @dataclass(frozen=True)
@@ -1340,7 +1360,7 @@ def record(
             torch.no_grad(),
             evaluating(model, modules.values()),
             recorder.installed(),
-            recorder.scripted(),
+            _script_calls_recorded(recorder),
         ):
             inputs = [recorder.value(t) for t in flatten_tensors([args, kwargs], [])]
             for value in inputs:
