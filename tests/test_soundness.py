@@ -911,8 +911,19 @@ class Unseen(nn.Module):
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
-        mode, h = self.mode, self.fc1(x)
+        mode, weight = self.mode, self.fc1.weight
         extra: Tensor | float = 0.0
+        if mode == "weight via dlpack":  # read before fc1 runs: fc1's group is made later
+            extra = torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(weight)).sum()
+        elif mode == "weight via thread":
+            got: dict[str, Tensor] = {}
+            worker = threading.Thread(target=lambda: got.update(v=weight.abs().sum()))
+            worker.start()
+            worker.join()
+            extra = got["v"]
+        elif mode == "weight via vmap":
+            extra = torch.vmap(lambda row: row.abs().sum())(weight).sum()
+        h = self.fc1(x)
         if mode == "script":
             extra = _scripted_mean(h)
         elif mode == "script number":
@@ -937,7 +948,7 @@ class Unseen(nn.Module):
         elif mode == "vmap":
             extra = torch.vmap(lambda row: row.mean())(h).unsqueeze(-1)
         elif mode == "global":
-            h = h * _OUTSIDE
+            extra = _OUTSIDE.mean()
         elif mode == "legacy constructor":  # no mode sees torch.Tensor(...)
             extra = torch.Tensor([h.shape[-1]])
         y = self.fc2(F.relu(h))
@@ -957,11 +968,15 @@ class Unseen(nn.Module):
         ("vmap", ("torch.func",)),
         ("global", ("a global", "register them as buffers")),
         ("legacy constructor", ("torch.Tensor(...)",)),
+        ("weight via dlpack", ("DLPack", "any value or weight")),
+        ("weight via thread", ("a thread", "any value or weight")),
+        ("weight via vmap", ("torch.func", "any value or weight")),
     ],
 )
 def test_reads_by_code_the_recording_cannot_see(mode: str, words: tuple[str, ...]) -> None:
     """TorchScript calls are recorded as operations; anything else unseen (a tensor no
-    recorded call made, or one written in place unseen) leaves every earlier group intact."""
+    recorded call made, or one written in place unseen) leaves every group intact, those
+    made later included: unseen code can read a weight of a layer that has not run yet."""
     reason = assert_excluded(Unseen(mode), X, "fc1", *words)
     assert all(w in reason for w in words), reason
 

@@ -446,7 +446,7 @@ class _Analysis:
             self.break_info(self.get(value), reason)
 
     def break_spaces(self, reason: str) -> None:
-        """Every group made so far is left intact, with ``reason``."""
+        """Every group is left intact, with ``reason``."""
         for space in self.spaces:
             root = space.root()
             if root.broken is None:
@@ -470,12 +470,7 @@ class _Analysis:
         small: dict[str, bool] = {}  # owner -> whether it has no submodules
         get = self.info.get
         module_op, function_op = self.module_op, self.function_op
-        unseen = iter(self.rec.unseen)
-        stop = next(unseen, None)
-        for position, op in enumerate(self.rec.ops):
-            while stop is not None and stop[0] <= position:
-                self.break_spaces(stop[1])
-                stop = next(unseen, None)
+        for op in self.rec.ops:
             inputs = op._inputs if op._inputs is not None else op.inputs()
             infos = [get(id(v)) for v in inputs]  # inputs are all Values
             live = infos.count(None) != len(infos)
@@ -498,9 +493,8 @@ class _Analysis:
                 module_op(op, modules[op.target])
             else:
                 function_op(op)
-        while stop is not None:  # in the model's output
-            self.break_spaces(stop[1])
-            stop = next(unseen, None)
+        if self.rec.unseen:  # unseen code may have read any value or weight
+            self.break_spaces(self.rec.unseen[0])
         for value in self.rec.outputs:
             self.break_info(self.get(value), "its output reaches the model output")
         for value, dim, what in self.rec.size_uses:

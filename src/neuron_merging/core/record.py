@@ -401,9 +401,9 @@ class Recording:
         hooked: modules carrying user forward hooks or pre-hooks, with a description.
         size_uses: sizes read from values and then used as numbers (see :class:`DimSize`).
         clobbered: values made stale by an in-place write through another alias.
-        unseen: ``(position, why)`` for each tensor that code the recording cannot see
-            made or wrote (see :meth:`_Recorder.unseen_use`): any value computed before
-            ``ops[position]`` may have been read there.
+        unseen: why, for each tensor that code the recording cannot see made or wrote
+            (see :meth:`_Recorder.unseen_use`): that code may have read any value or
+            weight of the model.
     """
 
     ops: list[Op]
@@ -415,7 +415,7 @@ class Recording:
     hooked: dict[str, str]
     size_uses: list[tuple[Value, int | None, str]] = field(default_factory=list)
     clobbered: list[Value] = field(default_factory=list)
-    unseen: list[tuple[int, str]] = field(default_factory=list)
+    unseen: list[str] = field(default_factory=list)
 
     def release(self) -> None:
         """Empty the recording once it is used, freeing its values and operations at once.
@@ -548,7 +548,7 @@ class _Recorder(TorchFunctionMode):
         self.counter = itertools.count()
         self.hooked: dict[str, str] = {}  # modules with user hooks, described
         self.watching = False  # whether the model is running (tensors seen are its own)
-        self.unseen: list[tuple[int, str]] = []
+        self.unseen: list[str] = []
         # Each leaf's tensors as the pass starts, and every other tensor of the model's
         # modules (see unseen_use): held, so that their ids stay theirs.
         self.owned: list[tuple[str, nn.Module, list[tuple[str, Tensor | None]]]] = []
@@ -643,9 +643,9 @@ class _Recorder(TorchFunctionMode):
         So code the recording cannot see ran: ``torch.func`` transforms, DLPack, another
         thread, code under ``torch._C.DisableTorchFunction``, legacy constructors
         (``torch.Tensor([...])``) and ``torch.from_numpy``, which no mode sees, or a tensor
-        kept outside the model (a global, a closure) was read. That
-        code may have read any value computed so far, so every group made before the use
-        is left intact (:class:`~neuron_merging.core.groups` breaks them).
+        kept outside the model (a global, a closure) was read. Such code may have read any
+        value or weight (a weight of a layer that runs later too), so every group is left
+        intact (:class:`~neuron_merging.core.groups` breaks them).
         """
         where = self.owner()
         place = f"{where[1]}.forward" if where[0] else "forward"
@@ -653,16 +653,16 @@ class _Recorder(TorchFunctionMode):
             why = (
                 f"{place} uses a tensor written in place where the recording cannot see "
                 "(code with torch functions disabled, a thread, DLPack), which may have read "
-                "this output"
+                "any value or weight"
             )
         else:
             why = (
                 f"{place} uses a tensor that no recorded call made (from torch.func, DLPack, a "
                 "thread, torch.Tensor(...) or from_numpy, code with torch functions disabled, "
-                "or a global), which may have read this output: make constants with "
+                "or a global), which may have read any value or weight: make constants with "
                 "torch.tensor or register them as buffers"
             )
-        self.unseen.append((len(self.ops), why))
+        self.unseen.append(why)
 
     def _store(self, version: int, tensor: Tensor, value: Value) -> None:
         """``value`` is now ``tensor``'s current value (earlier versions are never read again)."""
