@@ -69,7 +69,7 @@ class _Skeleton(record_module._Recorder):
 
     def leaf_call(self, name: str, module: nn.Module, forward: Callable[..., Any]) -> Any:
         def leaf(*args: Any, **kwargs: Any) -> Any:
-            with torch._C.DisableTorchFunction():
+            with record_module._DISABLE_TORCH_FUNCTION():
                 return forward(*args, **kwargs)
 
         return leaf

@@ -933,6 +933,9 @@ class Unseen(nn.Module):
         elif mode == "disabled":
             with torch._C.DisableTorchFunction():
                 extra = h.mean(-1, keepdim=True)
+        elif mode == "disabled number":  # no tensor comes out: the switch itself is seen
+            with torch._C.DisableTorchFunction():
+                extra = float(h.mean())
         elif mode == "disabled in place":
             with torch._C.DisableTorchFunction():
                 h.mul_(torch.linspace(0.5, 2.0, 8))
@@ -961,8 +964,9 @@ class Unseen(nn.Module):
         ("script", ("TorchScript function _scripted_mean",)),
         ("script number", ("TorchScript function _scripted_number",)),
         ("traced", ("TorchScript function",)),
-        ("disabled", ("no recorded call made",)),
-        ("disabled in place", ("written in place", "cannot see")),
+        ("disabled", ("DisableTorchFunction",)),
+        ("disabled number", ("turns torch functions off", "DisableTorchFunction")),
+        ("disabled in place", ("DisableTorchFunction",)),
         ("thread", ("a thread",)),
         ("dlpack", ("DLPack",)),
         ("vmap", ("torch.func",)),
@@ -1015,6 +1019,7 @@ def test_torchscript_calls_are_recorded_while_another_thread_records() -> None:
         assert "fc1" not in {g.name for g in groups}, key
         assert "TorchScript function _scripted_mean" in _skips(skipped)["fc1"], key
     assert torch._C.ScriptFunction.__call__.__qualname__ != "_script_call.<locals>.call"
+    assert isinstance(torch._C.DisableTorchFunction, type)  # put back
 
 
 class Constants(nn.Module):

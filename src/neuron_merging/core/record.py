@@ -974,7 +974,7 @@ class _Recorder(TorchFunctionMode):
                 return forward(*args, **kwargs)
             self.leaf = module
             try:
-                with torch._C.DisableTorchFunction():
+                with _DISABLE_TORCH_FUNCTION():
                     output = forward(*args, **kwargs)
                     calls[name] = calls.get(name, 0) + 1
                     if not kwargs and len(args) == 1 and type(args[0]) is Tensor:
@@ -1037,58 +1037,78 @@ class _Recorder(TorchFunctionMode):
 _NONE = object()
 
 
-# TorchScript code runs in its own interpreter, which no torch-function mode sees: a
-# scripted function reading a value would go unrecorded (a tensor result would still show
-# as unseen, a Python number would not). While any recording runs, calls of TorchScript
-# functions and methods go through a wrapper that records them, on the recording thread
-# and outside leaf layers, as one operation each; the wrapper is installed by the first
-# recording to start and removed by the last to end, so recordings in several threads
-# never undo each other's.
-_SCRIPT_LOCK = threading.Lock()
-_SCRIPT_ORIGINALS: dict[type, Any] = {}
-_SCRIPT_USERS = 0
+# Code the mode cannot see, made visible for the pass. TorchScript code runs in its own
+# interpreter, which no torch-function mode sees: a scripted function reading a value would
+# go unrecorded (a tensor result would still show as unseen, a Python number would not).
+# While any recording runs, calls of TorchScript functions and methods go through a wrapper
+# that records them as one operation each, and ``torch._C.DisableTorchFunction`` (the
+# switch that turns modes off) through one that notes its use, both on the recording
+# thread and outside leaf layers. The wrappers are installed by the first recording to
+# start and removed by the last to end, so recordings in several threads never undo each
+# other's.
+_HIDDEN_LOCK = threading.Lock()
+_HIDDEN_ORIGINALS: list[tuple[Any, str, Any]] = []  # (owner, attribute, original)
+_HIDDEN_USERS = 0
 _RECORDING = threading.local()  # .recorder: the recorder running on this thread
+_DISABLE_TORCH_FUNCTION = torch._C.DisableTorchFunction  # the recorder's own switch
+
+
+def _active() -> _Recorder | None:
+    """The recorder running on this thread, if it is inside the model and not a leaf."""
+    recorder = getattr(_RECORDING, "recorder", None)
+    if recorder is not None and recorder.watching and recorder.leaf is None:
+        return recorder
+    return None
 
 
 def _script_call(original: Any) -> Callable[..., Any]:
     def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        recorder = getattr(_RECORDING, "recorder", None)
-        if (
-            recorder is not None
-            and recorder.watching
-            and recorder.leaf is None
-            and torch._C._is_torch_function_mode_enabled()
-        ):
+        recorder = _active()
+        if recorder is not None and torch._C._is_torch_function_mode_enabled():
             return recorder.__torch_function__(_Scripted(original, fn), (), args, kwargs)
         return original(fn, *args, **kwargs)
 
     return call
 
 
+def _disabling(*args: Any, **kwargs: Any) -> Any:
+    recorder = _active()
+    if recorder is not None:
+        where = recorder.owner()
+        place = f"{where[1]}.forward" if where[0] else "forward"
+        recorder.unseen.append(
+            f"{place} turns torch functions off (torch._C.DisableTorchFunction), so what it "
+            "computes there, which may read any value or weight, is not recorded"
+        )
+    return _DISABLE_TORCH_FUNCTION(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def _script_calls_recorded(recorder: _Recorder) -> Iterator[None]:
-    """Calls of TorchScript functions and methods on this thread recorded by ``recorder``."""
-    global _SCRIPT_USERS
-    with _SCRIPT_LOCK:
-        if _SCRIPT_USERS == 0:
+def _hidden_code_recorded(recorder: _Recorder) -> Iterator[None]:
+    """TorchScript calls and ``DisableTorchFunction`` on this thread seen by ``recorder``."""
+    global _HIDDEN_USERS
+    with _HIDDEN_LOCK:
+        if _HIDDEN_USERS == 0:
             for cls in (torch._C.ScriptFunction, torch._C.ScriptMethod):
                 original = cls.__dict__.get("__call__")
                 if original is not None:
-                    _SCRIPT_ORIGINALS[cls] = original
+                    _HIDDEN_ORIGINALS.append((cls, "__call__", original))
                     cls.__call__ = _script_call(original)
-        _SCRIPT_USERS += 1
+            _HIDDEN_ORIGINALS.append((torch._C, "DisableTorchFunction", _DISABLE_TORCH_FUNCTION))
+            torch._C.DisableTorchFunction = _disabling
+        _HIDDEN_USERS += 1
     previous = getattr(_RECORDING, "recorder", None)
     _RECORDING.recorder = recorder
     try:
         yield
     finally:
         _RECORDING.recorder = previous
-        with _SCRIPT_LOCK:
-            _SCRIPT_USERS -= 1
-            if _SCRIPT_USERS == 0:
-                for cls, original in _SCRIPT_ORIGINALS.items():
-                    cls.__call__ = original
-                _SCRIPT_ORIGINALS.clear()
+        with _HIDDEN_LOCK:
+            _HIDDEN_USERS -= 1
+            if _HIDDEN_USERS == 0:
+                for owner, attr, original in _HIDDEN_ORIGINALS:
+                    setattr(owner, attr, original)
+                _HIDDEN_ORIGINALS.clear()
 
 
 @dataclass(frozen=True)
@@ -1360,7 +1380,7 @@ def record(
             torch.no_grad(),
             evaluating(model, modules.values()),
             recorder.installed(),
-            _script_calls_recorded(recorder),
+            _hidden_code_recorded(recorder),
         ):
             inputs = [recorder.value(t) for t in flatten_tensors([args, kwargs], [])]
             for value in inputs:
