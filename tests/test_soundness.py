@@ -1156,6 +1156,25 @@ def test_recording_restores_every_forward_even_when_the_model_raises() -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in result.model.modules())
 
 
+class _RefusesModes(Chain):
+    """Runs plainly, but raises under any torch-function mode (as ``torch.cond`` outside
+    ``torch.compile`` does)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch._C._is_torch_function_mode_enabled():
+            raise RuntimeError("cannot run under a torch-function mode")
+        return super().forward(x)
+
+
+def test_model_that_runs_but_not_recorded_gets_its_own_error() -> None:
+    model = _RefusesModes()
+    assert run(model, X).shape == (X.shape[0], 3)
+    with pytest.raises(nm.ModelError, match="runs on the example inputs but not while it is"):
+        nm.find_groups(model, X)
+    with pytest.raises(nm.ModelError, match="check their shapes"):  # fails either way
+        nm.find_groups(Chain(), torch.randn(2, 5))
+
+
 def test_module_compiled_in_place_is_recorded_eagerly_and_not_entangled() -> None:
     """``model.compile()`` (in place): its eager code is recorded, and the result is a
     plain model of its own, not a wrapper that would run the caller's modules."""

@@ -1348,6 +1348,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _runs_unrecorded(
+    model: nn.Module,
+    runner: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    modules: dict[str, nn.Module],
+) -> bool:
+    """Whether the model runs on the inputs without the recorder (asked once recording
+    failed, so that the error says which of the two is at fault)."""
+    try:
+        with torch.no_grad(), evaluating(model, modules.values()):
+            runner(*args, **kwargs)
+    except Exception:  # the user's forward may raise anything
+        return False
+    return True
+
+
 def record(
     model: nn.Module,
     example_inputs: Any,
@@ -1389,9 +1406,15 @@ def record(
             with recorder:
                 output = runner(*args, **kwargs)
     except Exception as exc:  # the user's forward may raise anything
+        what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        if _runs_unrecorded(model, runner, args, kwargs, modules):
+            raise ModelError(
+                f"{type(model).__name__} runs on the example inputs but not while it is "
+                f"recorded ({what}); code that needs to own the whole call, such as "
+                "torch.cond outside torch.compile, cannot be recorded"
+            ) from exc
         raise ModelError(
-            f"running {type(model).__name__} on the example inputs failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}); "
+            f"running {type(model).__name__} on the example inputs failed ({what}); "
             "check their shapes and dtypes"
         ) from exc
     outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
