@@ -20,6 +20,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -290,6 +291,31 @@ def test_d20_sigterm_during_saves_leaves_no_temporary_file(lenet: Path, tmp_path
     assert err.strip().splitlines()[-1] == "neuron-merging: terminated" and out_text == ""
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
     json.loads((out / "results.json").read_text())  # what was saved is complete
+
+
+@pytest.mark.parametrize("writer", ["atomic_write_text", "serialize._write_json"])
+def test_d20_signal_as_the_temporary_file_is_made_leaves_nothing(
+    writer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """D20: a Ctrl-C arriving just after the temporary file was created, before the code
+    that removes it on failure was entered, left ``.NAME.XXXX.tmp`` behind."""
+    from neuron_merging import _io, serialize
+
+    real = tempfile.mkstemp
+
+    def mkstemp_then_signal(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # a real signal, at the worst moment
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    target = tmp_path / "out.json"
+    with pytest.raises(KeyboardInterrupt):
+        if writer == "atomic_write_text":
+            _io.atomic_write_text(target, "{}")
+        else:
+            serialize._write_json(target, {})
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- D6 / D7

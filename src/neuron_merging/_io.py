@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -190,6 +191,28 @@ def temporary_prefix(target: Path) -> str:
     return f".{target.name}.{os.getpid()}."
 
 
+_DEFERRED = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def defer_signals() -> set[signal.Signals] | None:
+    """Block SIGINT and SIGTERM for this thread (where the platform can); the old mask.
+
+    Both raise in Python code (Ctrl-C, and the CLI's SIGTERM handler): one arriving
+    between a temporary file's creation and the ``try`` that removes it would leave it
+    behind. Call this before creating it, and :func:`restore_signals` first thing inside
+    that ``try``.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+
+
+def restore_signals(previous: set[signal.Signals] | None) -> None:
+    """Undo :func:`defer_signals`: a signal that waited is raised now."""
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success fsync and rename it over ``path``.
@@ -209,13 +232,19 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
         keep_mode = stat.S_IMODE(os.stat(target).st_mode)
     except OSError:
         keep_mode = 0o666 & ~_umask()
+    deferred = defer_signals()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(directory, [target.name])  # a killed earlier write's leftover
         fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target), suffix=".tmp", dir=directory)
     except OSError as exc:
+        restore_signals(deferred)
         raise OutputError(f"cannot write to {directory}: {_strerror(exc)}") from exc
+    except BaseException:
+        restore_signals(deferred)
+        raise
     try:
+        restore_signals(deferred)  # a signal that waited is raised here
         os.chmod(tmp, keep_mode)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._io import defer_signals, restore_signals
 from .core.errors import CheckpointError, ConfigError, OutputError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "load", "read_manifest", "save"]
@@ -196,11 +197,17 @@ def _umask() -> int:
 @contextlib.contextmanager
 def _temp_file(directory: Path, name: str) -> Iterator[Path]:
     """A temporary path in ``directory``, removed unless the caller renamed it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    path = Path(tmp)
-    os.chmod(path, 0o666 & ~_umask())
+    deferred = defer_signals()  # Ctrl-C or SIGTERM before the try would leave the file
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    except BaseException:
+        restore_signals(deferred)
+        raise
+    path = Path(tmp)
+    try:
+        restore_signals(deferred)
+        os.close(fd)
+        os.chmod(path, 0o666 & ~_umask())
         yield path
     finally:
         with contextlib.suppress(OSError):
