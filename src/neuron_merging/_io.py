@@ -19,9 +19,10 @@ import os
 import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .core.errors import ConfigError, OutputError
 
@@ -191,26 +192,46 @@ def temporary_prefix(target: Path) -> str:
     return f".{target.name}.{os.getpid()}."
 
 
-_DEFERRED = frozenset({signal.SIGINT, signal.SIGTERM})
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+#: What :func:`defer_signals` replaced: ``(previous handlers, signals that arrived)``.
+Deferred = tuple[list[tuple[int, Any]], list[int]]
 
 
-def defer_signals() -> set[signal.Signals] | None:
-    """Block SIGINT and SIGTERM for this thread (where the platform can); the old mask.
+def defer_signals() -> Deferred | None:
+    """Hold SIGINT and SIGTERM back: their Python handlers run at :func:`restore_signals`.
 
     Both raise in Python code (Ctrl-C, and the CLI's SIGTERM handler): one arriving
     between a temporary file's creation and the ``try`` that removes it would leave it
     behind. Call this before creating it, and :func:`restore_signals` first thing inside
-    that ``try``.
+    that ``try``. Python runs signal handlers in the main thread only, and whichever
+    thread the kernel delivers a signal to, so the handlers themselves are swapped for
+    one that notes the signal (in other threads there is nothing to hold back).
     """
-    if not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    arrived: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        arrived.append(signum)
+
+    previous = []
+    for signum in _DEFERRED:
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: set outside Python, and cannot be put back
+            previous.append((signum, signal.signal(signum, note)))
+    return previous, arrived
 
 
-def restore_signals(previous: set[signal.Signals] | None) -> None:
-    """Undo :func:`defer_signals`: a signal that waited is raised now."""
-    if previous is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+def restore_signals(deferred: Deferred | None) -> None:
+    """Undo :func:`defer_signals`: the signals that arrived meanwhile are raised now."""
+    if deferred is None:
+        return
+    previous, arrived = deferred
+    for signum, handler in previous:
+        signal.signal(signum, handler)
+    for signum in arrived:
+        signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
