@@ -223,6 +223,22 @@ def defer_signals() -> Deferred | None:
     return previous, arrived
 
 
+def mkstemp_held(directory: Path, prefix: str, suffix: str) -> tuple[int, Path, Deferred | None]:
+    """``tempfile.mkstemp`` with SIGINT and SIGTERM held back (see :func:`defer_signals`).
+
+    Returns the file's descriptor and path, and what to pass to :func:`restore_signals`
+    first thing inside the ``try`` that removes the file on failure. If the file cannot
+    be made, the signals are restored and the ``OSError`` propagates.
+    """
+    deferred = defer_signals()
+    try:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    except BaseException:
+        restore_signals(deferred)
+        raise
+    return fd, Path(name), deferred
+
+
 def restore_signals(deferred: Deferred | None) -> None:
     """Undo :func:`defer_signals`: the signals that arrived meanwhile are raised now."""
     if deferred is None:
@@ -253,17 +269,12 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
         keep_mode = stat.S_IMODE(os.stat(target).st_mode)
     except OSError:
         keep_mode = 0o666 & ~_umask()
-    deferred = defer_signals()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(directory, [target.name])  # a killed earlier write's leftover
-        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target), suffix=".tmp", dir=directory)
+        fd, tmp, deferred = mkstemp_held(directory, temporary_prefix(target), ".tmp")
     except OSError as exc:
-        restore_signals(deferred)
         raise OutputError(f"cannot write to {directory}: {_strerror(exc)}") from exc
-    except BaseException:
-        restore_signals(deferred)
-        raise
     try:
         restore_signals(deferred)  # a signal that waited is raised here
         os.chmod(tmp, keep_mode)

@@ -50,7 +50,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._io import defer_signals, restore_signals
+from ._io import mkstemp_held, restore_signals
 from .core.errors import CheckpointError, ConfigError, OutputError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "load", "read_manifest", "save"]
@@ -197,13 +196,7 @@ def _umask() -> int:
 @contextlib.contextmanager
 def _temp_file(directory: Path, name: str) -> Iterator[Path]:
     """A temporary path in ``directory``, removed unless the caller renamed it."""
-    deferred = defer_signals()  # Ctrl-C or SIGTERM before the try would leave the file
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    except BaseException:
-        restore_signals(deferred)
-        raise
-    path = Path(tmp)
+    fd, path, deferred = mkstemp_held(directory, f".{name}.", ".tmp")
     try:
         restore_signals(deferred)
         os.close(fd)

@@ -107,7 +107,7 @@ def download_file(
     is refused at once, and a body that grows past it is cut off. Stale
     ``.part`` files of dead processes are removed first.
     """
-    from .._io import defer_signals, remove_stale_temporaries, restore_signals
+    from .._io import mkstemp_held, remove_stale_temporaries, restore_signals
 
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in _ALLOWED_SCHEMES:
@@ -119,22 +119,14 @@ def download_file(
     known = KNOWN_SIZES.get(target.name) if official == md5.lower() else None
     limit = size if size is not None else known
     started = time.monotonic()
-    deferred = defer_signals()  # Ctrl-C or SIGTERM before the try would leave the file
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target.parent, [target.name], suffix=".part")
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{target.name}.{os.getpid()}.", suffix=".part", dir=target.parent
-        )
+        fd, tmp, deferred = mkstemp_held(target.parent, f".{target.name}.{os.getpid()}.", ".part")
     except OSError as exc:
-        restore_signals(deferred)
         raise DatasetError(
             f"cannot write the download of {url} to {target.parent}: {exc.strerror or exc}"
         ) from exc
-    except BaseException:
-        restore_signals(deferred)
-        raise
-    tmp = Path(tmp_name)
     try:
         restore_signals(deferred)
         digest = hashlib.md5(usedforsecurity=False)
