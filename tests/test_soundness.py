@@ -20,6 +20,7 @@ from torch.nn.utils import prune as torch_prune
 
 import neuron_merging as nm
 from _zoo import keep_first, merge_planted, planted, rel_error, run
+from neuron_merging.core import record
 
 X = torch.randn(2, 4, generator=torch.Generator().manual_seed(5))
 
@@ -1369,3 +1370,81 @@ def test_functions_between_layers_merge_exactly_or_not_at_all(name: str) -> None
     if group is not None and not group.mergeable:
         assert group.reason
     assert_merge_correct(model, x)
+
+
+def _described(recording: record.Recording) -> list[tuple[object, ...]]:
+    """Every recorded operation, with values named by parameter or shape."""
+
+    def named(arg: object) -> object:
+        if isinstance(arg, record.Value):
+            return ("value", arg.param or tuple(arg.shape), arg.producer and arg.producer.index)
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(named(a) for a in arg)
+        return arg
+
+    return [
+        (
+            op.kind,
+            op.target if op.kind == "module" else record.func_name(op.target),
+            named(op.args),
+            {k: named(v) for k, v in op.kwargs.items()},
+            op.owner,
+            op.owner_type,
+            op.inplace,
+            [tuple(v.shape) for v in op.outputs],
+        )
+        for op in recording.ops
+    ]
+
+
+_DIRECT_CASES = {
+    nn.ReLU: [nn.ReLU(), nn.ReLU(inplace=True)],
+    nn.ReLU6: [nn.ReLU6(), nn.ReLU6(inplace=True)],
+    nn.Hardtanh: [nn.Hardtanh(-0.5, 2.0)],
+    nn.LeakyReLU: [nn.LeakyReLU(0.2), nn.LeakyReLU(inplace=True)],
+    nn.GELU: [nn.GELU(), nn.GELU("tanh")],
+    nn.SiLU: [nn.SiLU(), nn.SiLU(inplace=True)],
+    nn.Hardswish: [nn.Hardswish()],
+    nn.Sigmoid: [nn.Sigmoid()],
+    nn.Tanh: [nn.Tanh()],
+    nn.Dropout: [nn.Dropout(0.3)],
+    nn.LayerNorm: [nn.LayerNorm(8), nn.LayerNorm(8, elementwise_affine=False)],
+}
+
+
+@pytest.mark.parametrize("cls", list(record._DIRECT), ids=lambda c: c.__name__)
+def test_modules_recorded_directly_are_recorded_as_their_forward_would_be(
+    cls: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorder records these modules' single torch call without running their forward
+    (a shortcut of torch's dispatch): the recording, groups and merge are the same as
+    through the forward, with the installed torch."""
+    assert cls in _DIRECT_CASES, "every directly recorded module has a case here"
+    for module in _DIRECT_CASES[cls]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 8), module, nn.Linear(8, 3)).eval()
+        direct = _described(record.record(net, X))
+        direct_groups = nm.find_groups(net, X)
+        merged = nm.merge(net, X, ratio=0.5)
+        with monkeypatch.context() as patch:
+            patch.setattr(record, "_DIRECT", {})
+            assert _described(record.record(net, X)) == direct
+            assert nm.find_groups(net, X) == direct_groups
+            through_forward = nm.merge(net, X, ratio=0.5)
+        assert str(merged.report) == str(through_forward.report)
+        assert torch.equal(merged.model(X), through_forward.model(X))
+
+
+def test_subclasses_of_directly_recorded_modules_run_their_own_forward() -> None:
+    """A subclass, or an instance with its own forward, is recorded through its code."""
+
+    class Doubled(nn.ReLU):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.relu(x) * 2
+
+    patched = nn.ReLU()
+    patched.forward = lambda x: F.relu(x) * 2  # type: ignore[method-assign]
+    for module in (Doubled(), patched):
+        net = nn.Sequential(nn.Linear(4, 8), module, nn.Linear(8, 3)).eval()
+        names = [record.func_name(op.target) for op in record.record(net, X).ops]
+        assert "mul" in names, names

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import gc
 import itertools
+import operator
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -86,15 +88,23 @@ def is_leaf(module: nn.Module) -> bool:
     cls = type(module)
     if cls.__name__ == "Conv1D" and is_conv1d_transposed(module):  # decided per instance
         return True
-    key = (cls, cls.forward, getattr(cls, "_conv_forward", None))  # patched classes: a new key
-    found = _LEAF_CLASSES.get(key)
-    if found is None:
-        found = _LEAF_CLASSES[key] = _leaf_class(cls)
-    return found
+    known = _LEAF_CLASSES.get(cls)
+    if (
+        known is None
+        or known[0] is not cls.forward
+        or (known[1] is not None and known[1] is not cls._conv_forward)  # type: ignore[attr-defined]
+    ):  # met first, or its forward was patched since
+        known = _LEAF_CLASSES[cls] = (
+            cls.forward,
+            getattr(cls, "_conv_forward", None),
+            _leaf_class(cls),
+        )
+    return known[2]
 
 
-#: Whether each class met so far runs a leaf layer's own forward (see :func:`is_leaf`).
-_LEAF_CLASSES: dict[tuple[type, Any, Any], bool] = {}
+#: Per class met so far: its ``forward`` and ``_conv_forward`` when it was met, and whether
+#: it runs a leaf layer's own forward (see :func:`is_leaf`).
+_LEAF_CLASSES: dict[type, tuple[Any, Any, bool]] = {}
 
 
 def _leaf_class(cls: type) -> bool:
@@ -494,6 +504,8 @@ class _Ref(weakref.ref):
     tensor_id: int
 
 
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+
 #: The tensors every leaf layer registers (possibly as ``None``) and compression edits.
 _LEAF_TENSORS = ("weight", "bias")
 _LEAF_TENSORS_BN = ("weight", "bias", "running_mean", "running_var")
@@ -552,9 +564,17 @@ class _Recorder(TorchFunctionMode):
         # Each leaf's tensors as the pass starts, and every other tensor of the model's
         # modules (see unseen_use): held, so that their ids stay theirs.
         self.owned: list[tuple[str, nn.Module, list[tuple[str, Tensor | None]]]] = []
+        self.leaves: set[int] = set()  # ids of the leaf layers
+        # The parameter and buffer dictionaries of the leaves without submodules, and
+        # their items as the pass starts: check_owned compares them in one sweep.
+        self.flat: list[dict[str, Any]] = []
+        self.snapshot: list[tuple[str, Tensor | None]] = []
+        self.nested: list[tuple[str, nn.Module, list[tuple[str, Tensor | None]]]] = []
         held: list[Tensor] = []
         params = self.params
         attributes = _TENSOR_ATTRS
+        taints = self.taints
+        flat, snapshot = self.flat, self.snapshot
         for name, module in modules.items():
             state = module.__dict__
             if state["_forward_pre_hooks"] or state["_forward_hooks"]:
@@ -569,19 +589,28 @@ class _Recorder(TorchFunctionMode):
                 )
             for attr in names:
                 held += _tensors_in(state.get(attr))
+            registered, buffers = state["_parameters"], state["_buffers"]
             if not is_leaf(module):
-                for tensors in (state["_parameters"], state["_buffers"]):
-                    if tensors:
-                        held += [t for t in tensors.values() if t is not None]
+                if registered:
+                    held += [t for t in registered.values() if t is not None]
+                if buffers:
+                    held += [t for t in buffers.values() if t is not None]
                 continue
+            self.leaves.add(id(module))
             for attr in _LEAF_TENSORS_BN if isinstance(module, BATCHNORMS) else _LEAF_TENSORS:
-                if attr not in state["_parameters"] and attr not in state["_buffers"]:
-                    self.taints.setdefault(
+                if attr not in registered and attr not in buffers:
+                    taints.setdefault(
                         name,
                         f"{attr} of {name} is not a registered parameter or buffer "
                         "(a plain attribute can be replaced by any code)",
                     )
-            owned = _owned(module)
+            if state["_modules"]:
+                owned = _owned(module)
+                self.nested.append((name, module, owned))
+            else:
+                owned = [*registered.items(), *buffers.items()]
+                flat += (registered, buffers)
+                snapshot += owned
             self.owned.append((name, module, owned))
             for attr, tensor in owned:
                 if tensor is None:
@@ -589,8 +618,8 @@ class _Recorder(TorchFunctionMode):
                 previous = params.get(id(tensor))
                 if previous is not None and previous[0] != name:
                     why = f"{attr} of {name} is shared with {previous[0]} (tied weights)"
-                    self.taints.setdefault(name, why)
-                    self.taints.setdefault(
+                    taints.setdefault(name, why)
+                    taints.setdefault(
                         previous[0],
                         f"{previous[1]} of {previous[0]} is shared with {name} (tied weights)",
                     )
@@ -602,7 +631,16 @@ class _Recorder(TorchFunctionMode):
     def check_owned(self) -> None:
         """Leaf layers whose tensors were replaced while the model ran (a weight set anew
         in ``forward``): the next call would undo their compression."""
-        for name, module, owned in self.owned:
+        now: list[tuple[str, Tensor | None]] = []
+        for tensors in self.flat:
+            now += tensors.items()
+        before = self.snapshot
+        same = (
+            len(now) == len(before)
+            and all(map(operator.is_, map(_SECOND, now), map(_SECOND, before)))
+            and all(map(operator.eq, map(_FIRST, now), map(_FIRST, before)))
+        )
+        for name, module, owned in self.nested if same else self.owned:
             now = _owned(module)
             if len(now) == len(owned) and all(
                 a == b and t is u for (a, t), (b, u) in zip(now, owned, strict=True)
@@ -935,6 +973,23 @@ class _Recorder(TorchFunctionMode):
         """``forward`` of a module that is not a leaf, naming it as the owner inside."""
         stack = self.stack
         entry = (name, type(module).__name__, module)
+        direct = _DIRECT.get(type(module)) if "forward" not in module.__dict__ else None
+        if direct is not None:  # the one call its forward makes, recorded as it would be
+            record_call = self.__torch_function__
+
+            def called(*args: Any, **kwargs: Any) -> Any:
+                stack.append(entry)
+                try:
+                    if len(args) != 1 or kwargs or type(args[0]) is not Tensor:
+                        return forward(*args, **kwargs)
+                    func, call_args, call_kwargs = direct(module, args[0])
+                    with _DISABLE_TORCH_FUNCTION():
+                        return record_call(func, _TENSOR_TYPES, call_args, call_kwargs)
+                finally:
+                    stack.pop()
+
+            called.__wrapped__ = forward  # type: ignore[attr-defined]
+            return called
 
         def tracked(*args: Any, **kwargs: Any) -> Any:
             stack.append(entry)
@@ -1000,7 +1055,7 @@ class _Recorder(TorchFunctionMode):
         Modules compiled in place (``module.compile()``) run their eager code inside, so
         that their operations are recorded rather than hidden in compiled code.
         """
-        leaves = {id(m) for _, m, _ in self.owned}
+        leaves = self.leaves
         placed: list[tuple[nn.Module, Any, Any]] = []  # module, wrapper, instance forward
         handles = []
         compiled: list[tuple[nn.Module, Any]] = []  # module.compile(): run eagerly here
@@ -1035,6 +1090,40 @@ class _Recorder(TorchFunctionMode):
 
 
 _NONE = object()
+_TENSOR_TYPES = (Tensor,)
+
+#: Modules whose class's ``forward`` is a single torch function call on its input: the
+#: call the torch-function mode would receive (function, arguments, keyword arguments, as
+#: that function's ``handle_torch_function`` passes them), for the recorder to record
+#: directly. Going through the forward, the functional wrapper and torch's Python
+#: dispatch to the mode costs several microseconds per call, much of a small model's
+#: recording; the recording is the same (``tests/test_soundness.py`` compares the two
+#: for every entry). Subclasses and instances with their own ``forward`` run as usual.
+_DIRECT: dict[type, Callable[[Any, Tensor], tuple[Any, tuple[Any, ...], dict[str, Any]]]] = {
+    nn.ReLU: lambda m, x: (F.relu, (x,), {"inplace": m.inplace}),
+    nn.ReLU6: lambda m, x: (
+        F.hardtanh, (x,), {"min_val": m.min_val, "max_val": m.max_val, "inplace": m.inplace}
+    ),
+    nn.Hardtanh: lambda m, x: (
+        F.hardtanh, (x,), {"min_val": m.min_val, "max_val": m.max_val, "inplace": m.inplace}
+    ),
+    nn.LeakyReLU: lambda m, x: (
+        F.leaky_relu, (x,), {"negative_slope": m.negative_slope, "inplace": m.inplace}
+    ),
+    nn.GELU: lambda m, x: (F.gelu, (x,), {"approximate": m.approximate}),
+    nn.SiLU: lambda m, x: (F.silu, (x,), {"inplace": m.inplace}),
+    nn.Hardswish: lambda m, x: (F.hardswish, (x,), {"inplace": m.inplace}),
+    nn.Sigmoid: lambda m, x: (torch.sigmoid, (x,), {}),
+    nn.Tanh: lambda m, x: (torch.tanh, (x,), {}),
+    nn.Dropout: lambda m, x: (
+        F.dropout, (x,), {"p": m.p, "training": m.training, "inplace": m.inplace}
+    ),
+    nn.LayerNorm: lambda m, x: (
+        F.layer_norm,
+        (x, m.normalized_shape),
+        {"weight": m.weight, "bias": m.bias, "eps": m.eps},
+    ),
+}  # fmt: skip
 
 
 # Code the mode cannot see, made visible for the pass. TorchScript code runs in its own
@@ -1280,6 +1369,8 @@ def check_recordable(model: nn.Module, modules: dict[str, nn.Module] | None = No
                 "recorded; use its original nn.Module"
             )
         for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+            if not tensors:
+                continue
             for attr, tensor in tensors.items():
                 if tensor is None or (type(tensor) in plain and not tensor.is_meta):
                     continue
