@@ -1448,3 +1448,51 @@ def test_subclasses_of_directly_recorded_modules_run_their_own_forward() -> None
         net = nn.Sequential(nn.Linear(4, 8), module, nn.Linear(8, 3)).eval()
         names = [record.func_name(op.target) for op in record.record(net, X).ops]
         assert "mul" in names, names
+
+
+class Branching(nn.Module):
+    """fc1 → relu → fc2 on inputs with a positive first feature, fc1 → relu → fc3 otherwise;
+    ``aux`` runs only in training mode (an auxiliary head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+        self.aux = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc1(x))
+        if self.training:
+            return self.fc2(h) + self.aux(h).sum()
+        return self.fc2(h) if x[0, 0] > 0 else self.fc3(h)
+
+
+def test_layers_that_do_not_run_on_the_example_inputs_are_reported() -> None:
+    """Only the path the example inputs take is recorded: layers off that path are left
+    intact with a reason, and the report and a warning say the result may fail on inputs
+    that run them (fc3 would read fc1's pruned output)."""
+    net = Branching().eval()
+    x = torch.ones(1, 4)
+    groups, skipped = nm.find_groups(net, x)
+    assert [(g.producers, g.consumers) for g in groups] == [(("fc1",), ("fc2",))]
+    reasons = {s.name: s.reason for s in skipped}
+    for name in ("fc3", "aux"):
+        assert "did not run on the example inputs" in reasons[name]
+    with pytest.warns(UserWarning, match="fc3, aux did not run on the example inputs"):
+        result = nm.merge(net, x, ratio=0.5)
+    assert any("fc3, aux did not run" in note for note in result.report.notes)
+    assert "did not run on the example inputs" in str(result.report)
+    with torch.no_grad():
+        assert result.model(x).shape == (1, 3)  # the recorded path runs
+        with pytest.raises(RuntimeError):
+            result.model(-x)  # the other path reads fc1's pruned output, as the note says
+
+
+def test_every_layer_run_means_no_not_run_note() -> None:
+    net = Branching().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = nm.merge(Chain(), X, ratio=0.5)
+    assert not any("did not run" in note for note in result.report.notes)
+    _, skipped = nm.find_groups(net, torch.ones(1, 4))
+    assert {s.name for s in skipped if "did not run" in s.reason} == {"fc3", "aux"}

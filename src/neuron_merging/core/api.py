@@ -31,6 +31,7 @@ from .compensate import Extras
 from .config import DEFAULT_LAMBDA, DEFAULT_THRESHOLD, MergeConfig
 from .errors import ConfigError, ModelError
 from .groups import (
+    NOT_RUN,
     ChannelGroup,
     MergeGroup,
     SkippedLayer,
@@ -485,6 +486,17 @@ def compress(
             f"{type(model).__name__} has no mergeable group; returning an unchanged copy",
             stacklevel=2,
         )
+    not_run = [s.name for s in skipped if s.reason == NOT_RUN]
+    if not_run and plans:
+        shown = ", ".join(not_run[:3]) + (
+            f" and {len(not_run) - 3} more" if len(not_run) > 3 else ""
+        )
+        notes.append(
+            f"{shown} did not run on the example inputs: the result is analysed for the path "
+            "they take; inputs that run those layers may feed them pruned channels and fail "
+            "(give example inputs that run every layer)"
+        )
+        warnings.warn(notes[-1], stacklevel=3)
     t0 = time.perf_counter()
     apply_plans(work, plans, modules)
     timings["fold"] = time.perf_counter() - t0

@@ -49,6 +49,7 @@ from .record import (
     func_name,
     has_reparametrisations,
     is_conv1d_transposed,
+    is_leaf,
     materialise_reparametrisations,
     recorded,
 )
@@ -1046,6 +1047,13 @@ def _needs_coupled(space: _Space) -> str | None:
     return None
 
 
+#: Why a layer that did not run on the example inputs is left intact.
+NOT_RUN = (
+    "it did not run on the example inputs (a branch or code path they do not take), "
+    "so what it reads was not analysed"
+)
+
+
 def groups_from_recording(
     rec: Recording, coupled: bool = False
 ) -> tuple[list[ChannelGroup], list[SkippedLayer]]:
@@ -1102,6 +1110,10 @@ def groups_from_recording(
                 gate=gate,
             )
         )
+    calls = rec.calls
+    for name, module in rec.modules.items():
+        if name not in calls and name not in reported and _is_producer(module) and is_leaf(module):
+            skipped.append(SkippedLayer(name, NOT_RUN))
     if len(skipped) > 1:
         order = {name: i for i, name in enumerate(rec.modules)}
         skipped.sort(key=lambda s: order.get(s.name, 0))
