@@ -251,6 +251,31 @@ def restore_signals(deferred: Deferred | None) -> None:
 
 
 @contextlib.contextmanager
+def temporary_file(target: Path, mode: int | None = None) -> Iterator[tuple[int, Path]]:
+    """A new temporary file for ``target``, in its directory: ``(descriptor, path)``.
+
+    The file is named ``.NAME.<pid>.XXXX.tmp`` (so :func:`remove_stale_temporaries` knows
+    its writer), gets permission bits ``mode`` (default ``0666 & ~umask``, as a new file
+    would), and is removed when the block ends unless
+    the caller renamed it; the descriptor is the caller's to close. SIGINT and SIGTERM
+    wait while it is made (see :func:`mkstemp_held`). A file that cannot be made is an
+    :class:`OutputError`.
+    """
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp, deferred = mkstemp_held(directory, temporary_prefix(target), ".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write to {directory}: {_strerror(exc)}") from exc
+    try:
+        restore_signals(deferred)  # a signal that waited is raised here
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
+        yield fd, tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success fsync and rename it over ``path``.
 
@@ -272,21 +297,17 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(directory, [target.name])  # a killed earlier write's leftover
-        fd, tmp, deferred = mkstemp_held(directory, temporary_prefix(target), ".tmp")
     except OSError as exc:
         raise OutputError(f"cannot write to {directory}: {_strerror(exc)}") from exc
     try:
-        restore_signals(deferred)  # a signal that waited is raised here
-        os.chmod(tmp, keep_mode)
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        with temporary_file(target, keep_mode) as (fd, tmp):
+            with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
             raise OutputError(f"No space left on device ({path})") from exc
         raise
 

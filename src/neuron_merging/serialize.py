@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._io import mkstemp_held, restore_signals
+from ._io import atomic_write_text, remove_stale_temporaries, temporary_file
 from .core.errors import CheckpointError, ConfigError, OutputError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "load", "read_manifest", "save"]
@@ -187,34 +187,8 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def _temp_file(directory: Path, name: str) -> Iterator[Path]:
-    """A temporary path in ``directory``, removed unless the caller renamed it."""
-    fd, path, deferred = mkstemp_held(directory, f".{name}.", ".tmp")
-    try:
-        restore_signals(deferred)
-        os.close(fd)
-        os.chmod(path, 0o666 & ~_umask())
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
 def _write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
-    with _temp_file(path.parent, path.name) as tmp:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
 
 
 # --------------------------------------------------------------------------- saving
@@ -330,7 +304,9 @@ def save(
         raise OutputError(f"cannot write to {directory}: not a directory")
     suffix = _WEIGHT_SUFFIX[weights_format]
     try:
-        with _temp_file(directory, "weights" + suffix) as tmp:
+        remove_stale_temporaries(directory, ["weights" + suffix])  # a killed save's leftover
+        with temporary_file(directory / ("weights" + suffix)) as (fd, tmp):
+            os.close(fd)
             if weights_format == "safetensors":
                 st.save_file(tensors, str(tmp), metadata={"format": FORMAT})
             else:
