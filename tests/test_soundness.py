@@ -1496,3 +1496,58 @@ def test_every_layer_run_means_no_not_run_note() -> None:
     assert not any("did not run" in note for note in result.report.notes)
     _, skipped = nm.find_groups(net, torch.ones(1, 4))
     assert {s.name for s in skipped if "did not run" in s.reason} == {"fc3", "aux"}
+
+
+def _leaf_cases() -> list[tuple[str, nn.Module, Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    image, seq, flat = (torch.randn(2, 4, 7, 7, generator=g), torch.randn(2, 4, 9, generator=g),
+                        torch.randn(5, 4, generator=g))  # fmt: skip
+    bn2, bn1 = nn.BatchNorm2d(4), nn.BatchNorm1d(4)
+    for bn in (bn2, bn1):
+        bn.running_mean.uniform_(-1, 1, generator=g)
+        bn.running_var.uniform_(0.5, 2, generator=g)
+        bn.weight.data.uniform_(-2, 2, generator=g)
+    cases = [
+        ("linear", nn.Linear(4, 6), flat),
+        ("linear, no bias", nn.Linear(4, 6, bias=False), flat),
+        ("linear on 3-d input", nn.Linear(9, 6), seq),
+        ("conv2d", nn.Conv2d(4, 6, 3, stride=2, padding=1), image),
+        ("conv2d dilated, grouped, no bias", nn.Conv2d(4, 6, 3, dilation=2, groups=2, bias=False), image),
+        ("conv2d padding='same'", nn.Conv2d(4, 6, 3, padding="same"), image),
+        ("conv2d reflect padding", nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), image),
+        ("conv2d circular padding", nn.Conv2d(4, 6, 3, padding=2, padding_mode="circular"), image),
+        ("conv1d", nn.Conv1d(4, 6, 3, stride=2, padding=1), seq),
+        ("conv1d replicate padding", nn.Conv1d(4, 6, 3, padding=1, padding_mode="replicate"), seq),
+        ("batchnorm2d", bn2, image),
+        ("batchnorm2d, momentum None", nn.BatchNorm2d(4, momentum=None), image),
+        ("batchnorm2d without affine", nn.BatchNorm2d(4, affine=False), image),
+        ("batchnorm2d without running stats", nn.BatchNorm2d(4, track_running_stats=False), image),
+        ("batchnorm1d on 2-d input", bn1, flat),
+        ("batchnorm1d on 3-d input", bn1, seq),
+    ]  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_leaf_cases())), ids=[c[0] for c in _leaf_cases()])
+def test_leaves_run_directly_compute_what_their_forward_computes(case: int) -> None:
+    """The recorder runs leaf layers without their Python forward where it can (see
+    ``record._DIRECT_LEAVES``); the recorded pass must compute exactly what the model does."""
+    _, layer, x = _leaf_cases()[case]
+    assert type(layer) in record._DIRECT_LEAVES
+    net = nn.Sequential(layer, nn.Identity()).eval()
+    seen: list[Tensor] = []
+    net[1].register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    record.record(net, x)  # the recorded pass, with the hook seeing the layer's output
+    with torch.no_grad():
+        assert torch.equal(seen[0], layer(x))
+
+
+def test_leaves_given_a_wrong_input_fail_as_their_forward_does() -> None:
+    for layer, x in (
+        (nn.BatchNorm2d(4), torch.randn(2, 4)),
+        (nn.Conv2d(4, 6, 3), torch.randn(2, 3, 5, 5)),
+    ):
+        with pytest.raises(Exception) as plain:
+            layer.eval()(x)
+        with pytest.raises(nm.ModelError, match=type(plain.value).__name__):
+            nm.find_groups(nn.Sequential(layer), x)
