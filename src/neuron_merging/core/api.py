@@ -15,9 +15,9 @@ import math
 import time
 import types
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,6 @@ from .groups import (
 from .record import (
     as_inputs,
     check_recordable,
-    collection_paused,
     evaluating,
     is_conv1d_transposed,
     materialise_reparametrisations,
@@ -368,24 +367,6 @@ def _stack_stats(stats: list[BNStats]) -> BNStats:
     )
 
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _without_cyclic_collection(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """``fn`` with the cyclic garbage collector paused: copying the module tree, recording
-    and planning allocate thousands of small objects, which would trigger collector passes
-    over every object of the process; what they leave is freed by reference counting."""
-
-    @functools.wraps(fn)
-    def paused(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with collection_paused():
-            return fn(*args, **kwargs)
-
-    return paused
-
-
-@_without_cyclic_collection
 def compress(
     model: nn.Module,
     example_inputs: ExampleInputs,
