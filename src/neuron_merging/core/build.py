@@ -335,9 +335,9 @@ def apply_plans(
         ):
             cols.setdefault(name, []).append((offset, plan, f))
     with torch.no_grad():
-        before = [plan.merged for plan in plans]
+        before = [plan.partner._version for plan in plans]  # bumped where merges are dropped
         new_weights = _new_weights(modules, rows, cols)
-        if [plan.merged for plan in plans] != before:  # overflow dropped merges: fold again
+        if [plan.partner._version for plan in plans] != before:  # overflow: fold again
             new_weights = _new_weights(modules, rows, cols)
         direct = not _registration_hooks()
         for name, weight in new_weights.items():
