@@ -362,3 +362,39 @@ def test_finite_check_is_exact(n: int) -> None:
         model.weight[0, 0], model.weight[1, -1] = float("inf"), float("-inf")
     with pytest.raises(nm.ModelError, match="NaN or Inf"):
         check_finite(model)
+
+
+class _OnAnotherDevice(torch.Tensor):
+    """Metadata of a tensor on another device, without one: only its device is ever read."""
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, ...], device: str) -> _OnAnotherDevice:
+        return torch.Tensor._make_wrapper_subclass(cls, shape, device=device, dtype=torch.float32)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError(f"{func} on a placeholder tensor")
+
+
+def test_model_on_an_accelerator_gets_one_clear_error() -> None:
+    """Compression runs on the CPU: a model holding an accelerator tensor is refused up
+    front, naming the tensor and the way out, instead of failing part-way with a
+    device-mismatch error."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    net[2].register_buffer("scale", _OnAnotherDevice((3,), "cuda"))
+    with pytest.raises(nm.ModelError, match=r"buffer '2\.scale' is on cuda.*model\.cpu\(\)"):
+        nm.merge(net, torch.randn(2, 4), ratio=0.5)
+    with pytest.raises(nm.ModelError, match="is on cuda"):
+        nm.prune(net, None, groups=[nm.MergeGroup("0", "2")], ratio=0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_on_a_gpu_is_refused_and_its_cpu_copy_compresses() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 4)
+    with pytest.raises(nm.ModelError, match="is on cuda"):
+        nm.merge(net.cuda(), x.cuda(), ratio=0.5)
+    result = nm.merge(net.cpu(), x, ratio=0.5)
+    on_gpu = result.model.to("cuda")
+    assert torch.allclose(on_gpu(x.cuda()).cpu(), result.model(x), atol=1e-5)

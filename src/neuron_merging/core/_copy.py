@@ -94,6 +94,25 @@ def check_finite(model: nn.Module, tensors: ModelTensors | None = None) -> None:
                 raise ModelError(f"{kind} {name!r} contains NaN or Inf; refusing to compress")
 
 
+def check_on_cpu(model: nn.Module, tensors: ModelTensors) -> None:
+    """Raise :class:`ModelError` naming the first parameter or buffer not on the CPU.
+
+    Compression is built and tested for CPU tensors; a model on an accelerator would fail
+    part-way with a raw device-mismatch error (meta tensors are refused earlier, with their
+    own message).
+    """
+    if all(t.is_cpu or t.is_meta for t in (*tensors.params, *tensors.buffers)):
+        return
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in items:
+            if not (tensor.is_cpu or tensor.is_meta):
+                raise ModelError(
+                    f"{kind} {name!r} is on {tensor.device}; compression runs on the CPU: pass "
+                    "model.cpu() and CPU example inputs, then move result.model back with "
+                    ".to(device)"
+                )
+
+
 _ATOMIC = frozenset({int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device})
 _CONTAINERS = frozenset({dict, OrderedDict, set, list})
 _MODULE_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__")

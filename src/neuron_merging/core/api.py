@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._copy import ModelTensors, aliasing_copy, check_finite, unshare
+from ._copy import ModelTensors, aliasing_copy, check_finite, check_on_cpu, unshare
 from .approx import assign_approx
 from .assign import BNStats, Workspace, assign_bn, assign_plain
 from .build import GroupPlan, apply_plans
@@ -413,6 +413,7 @@ def compress(
     if example_inputs is not None:
         as_inputs(example_inputs)  # a clear error for inputs of the wrong kind, before any work
     tensors = ModelTensors.of(model, original.values())
+    check_on_cpu(model, tensors)
     check_finite(model, tensors)
     t0 = time.perf_counter()
     work = aliasing_copy(model, tensors)
