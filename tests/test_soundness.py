@@ -1551,3 +1551,33 @@ def test_leaves_given_a_wrong_input_fail_as_their_forward_does() -> None:
             layer.eval()(x)
         with pytest.raises(nm.ModelError, match=type(plain.value).__name__):
             nm.find_groups(nn.Sequential(layer), x)
+
+
+class PlainList(nn.Module):
+    """A block kept in a plain Python list: its parameters are not the model's."""
+
+    def __init__(self, registered: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        blocks = [nn.Linear(8, 8)]
+        self.blocks = nn.ModuleList(blocks) if registered else blocks
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc1(x))
+        for block in self.blocks:
+            h = torch.relu(block(h))
+        return self.fc2(h)
+
+
+def test_layers_in_a_plain_list_leave_every_group_intact_and_say_why() -> None:
+    """Compression can neither see nor edit a layer the model does not register: nothing is
+    compressed, and the reason says how to fix it (before, the generic unseen-code reason
+    listed torch.func, DLPack and threads)."""
+    groups, skipped = nm.find_groups(PlainList(registered=False).eval(), X)
+    assert groups == []
+    reasons = " ".join(s.reason for s in skipped)
+    assert "parameter that is not registered in the model" in reasons
+    assert "nn.ModuleList" in reasons
+    registered, _ = nm.find_groups(PlainList(registered=True).eval(), X)
+    assert [g.producers for g in registered] == [("fc1",), ("blocks.0",)]

@@ -669,11 +669,11 @@ class _Recorder(TorchFunctionMode):
         if self.watching and (
             found is not None or (owner is None and id(tensor) not in self.held_ids)
         ):
-            self.unseen_use(found is not None)
+            self.unseen_use(found is not None, tensor)
         self._store(version, tensor, value)
         return value
 
-    def unseen_use(self, written: bool) -> None:
+    def unseen_use(self, written: bool, tensor: Tensor | None = None) -> None:
         """The model uses a tensor that no recorded call made (``written``: one that no
         recorded call wrote in place at its current version), and that was not an input,
         a parameter, buffer or tensor attribute of a module as the pass started.
@@ -692,6 +692,12 @@ class _Recorder(TorchFunctionMode):
                 f"{place} uses a tensor written in place where the recording cannot see "
                 "(code with torch functions disabled, a thread, DLPack), which may have read "
                 "any value or weight"
+            )
+        elif isinstance(tensor, nn.Parameter):
+            why = (
+                f"{place} uses a parameter that is not registered in the model (a layer kept "
+                "in a plain Python list or dict?), which compression can neither see nor edit: "
+                "hold layers in nn.ModuleList or nn.ModuleDict"
             )
         else:
             why = (
