@@ -1581,3 +1581,23 @@ def test_layers_in_a_plain_list_leave_every_group_intact_and_say_why() -> None:
     assert "nn.ModuleList" in reasons
     registered, _ = nm.find_groups(PlainList(registered=True).eval(), X)
     assert [g.producers for g in registered] == [("fc1",), ("blocks.0",)]
+
+
+def test_classes_patched_after_import_run_their_new_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorder's shortcuts are for the forwards torch ships: a class whose forward (or
+    a convolution's ``_conv_forward``) was replaced since runs, and is recorded, as patched."""
+    monkeypatch.setattr(nn.ReLU, "forward", lambda self, x: F.relu(x) * 2)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    assert "mul" in [record.func_name(op.target) for op in record.record(net, X).ops]
+
+    original = nn.Conv2d._conv_forward
+    monkeypatch.setattr(
+        nn.Conv2d, "_conv_forward", lambda self, x, w, b: original(self, x, w, b) + 1.0
+    )
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity()).eval()
+    image = torch.randn(1, 3, 6, 6)
+    seen: list[Tensor] = []
+    conv[1].register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    record.record(conv, image)
+    with torch.no_grad():
+        assert torch.equal(seen[0], conv[0](image))

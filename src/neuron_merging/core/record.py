@@ -979,7 +979,11 @@ class _Recorder(TorchFunctionMode):
         """``forward`` of a module that is not a leaf, naming it as the owner inside."""
         stack = self.stack
         entry = (name, type(module).__name__, module)
-        direct = _DIRECT.get(type(module)) if "forward" not in module.__dict__ else None
+        direct = (
+            _DIRECT.get(type(module))
+            if "forward" not in module.__dict__ and _unpatched(module)
+            else None
+        )
         if direct is not None:  # the one call its forward makes, recorded as it would be
             record_call = self.__torch_function__
 
@@ -1029,7 +1033,7 @@ class _Recorder(TorchFunctionMode):
     def leaf_call(self, name: str, module: nn.Module, forward: Callable[..., Any]) -> Any:
         """``forward`` of leaf layer ``module``, recorded as one operation."""
         calls = self.calls
-        direct = _DIRECT_LEAVES.get(type(module))
+        direct = _DIRECT_LEAVES.get(type(module)) if _unpatched(module) else None
 
         def leaf(*args: Any, **kwargs: Any) -> Any:
             if self.leaf is not None:  # a leaf layer run by another one's forward
@@ -1177,6 +1181,23 @@ _DIRECT: dict[type, Callable[[Any, Tensor], tuple[Any, tuple[Any, ...], dict[str
         {"weight": m.weight, "bias": m.bias, "eps": m.eps},
     ),
 }  # fmt: skip
+
+#: The ``forward`` (and ``_conv_forward``) of every class above as this module was imported:
+#: a class patched since (``nn.ReLU.forward = ...``) runs its new code, recorded as usual.
+_FORWARDS = {
+    cls: (cls.forward, getattr(cls, "_conv_forward", None)) for cls in (*_DIRECT, *_DIRECT_LEAVES)
+}
+
+
+def _unpatched(module: nn.Module) -> bool:
+    """Whether ``module``'s class still has the forward the tables above were written for."""
+    cls = type(module)
+    known = _FORWARDS.get(cls)
+    return (
+        known is not None
+        and cls.forward is known[0]
+        and getattr(cls, "_conv_forward", None) is known[1]
+    )
 
 
 # Code the mode cannot see, made visible for the pass. TorchScript code runs in its own
