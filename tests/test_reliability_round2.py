@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import neuron_merging as nm
 from neuron_merging import models
@@ -857,3 +858,21 @@ def test_reproduce_never_retrains_over_a_baseline_it_holds(tmp_path: Path) -> No
         result = cli(*args, "--force", "--epochs", "1", "--max-batches", "2")
         assert result.returncode == 0, result.stderr
         assert baseline.read_bytes() != before  # a new baseline, trained on purpose
+
+
+def test_d12_a_killed_saves_weights_temporary_is_removed_by_the_next_save(tmp_path: Path) -> None:
+    """The serializer's weights file is written through the same temporary files as every
+    other write: a dead saver's leftover goes at the next save, a live writer's stays."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    out = tmp_path / "saved"
+    out.mkdir()
+    stale = out / f".weights.safetensors.{int(dead.stdout)}.k1ll3d.tmp"
+    live = out / f".weights.safetensors.{os.getpid()}.inflight.tmp"
+    for path in (stale, live):
+        path.write_bytes(b"partial")
+    nm.save(nm.merge(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)),
+                     torch.randn(1, 4), ratio=0.5), out)  # fmt: skip
+    names = sorted(p.name for p in out.iterdir())
+    assert live.name in names and stale.name not in names
+    assert not [n for n in names if n.endswith(".tmp") and n != live.name]

@@ -256,10 +256,9 @@ def temporary_file(target: Path, mode: int | None = None) -> Iterator[tuple[int,
 
     The file is named ``.NAME.<pid>.XXXX.tmp`` (so :func:`remove_stale_temporaries` knows
     its writer), gets permission bits ``mode`` (default ``0666 & ~umask``, as a new file
-    would), and is removed when the block ends unless
-    the caller renamed it; the descriptor is the caller's to close. SIGINT and SIGTERM
-    wait while it is made (see :func:`mkstemp_held`). A file that cannot be made is an
-    :class:`OutputError`.
+    would), and is removed when the block ends unless the caller renamed it; the
+    descriptor is the caller's to close. SIGINT and SIGTERM wait while it is made (see
+    :func:`mkstemp_held`). A file that cannot be made is an :class:`OutputError`.
     """
     directory = target.parent if str(target.parent) else Path(".")
     try:
