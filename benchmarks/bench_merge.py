@@ -107,6 +107,19 @@ def _trace_vs_forward(model: nn.Module, x: torch.Tensor, rounds: int) -> tuple[f
     return C.median(timed.first), C.median(timed.second), C.median(timed.ratios)
 
 
+def _product_flop(model: nn.Module, plans: Sequence[Any]) -> int:
+    """Multiply-adds ×2 of the similarity products: ``p × k`` dot products of weight rows."""
+    modules = dict(model.named_modules())
+    total = 0
+    for plan in plans:
+        width = 0
+        for name in plan.group.producers:
+            weight = modules[name].weight
+            width += weight.numel() // max(weight.shape[0], 1)
+        total += 2 * plan.pruned.numel() * plan.kept.numel() * width
+    return total
+
+
 def run_section1(smoke: bool = False, repeats: int = 9) -> list[dict[str, Any]]:
     """Time ``nm.merge``/``nm.prune`` against the literal reference, side by side."""
     rows = []
@@ -157,6 +170,7 @@ def run_section1(smoke: bool = False, repeats: int = 9) -> list[dict[str, Any]]:
                     "pruned": sum(p.pruned.numel() for p in result.plans),
                     "groups": len(result.plans),
                     "pairs": sum(p.pruned.numel() * p.kept.numel() for p in result.plans),
+                    "product_flop": _product_flop(model, result.plans),
                     "repeats": len(t_ours),
                     "t_ours": C.median(t_ours),
                     "t_ref": C.median(t_ref),

@@ -31,6 +31,14 @@ TINY_FORWARD_MS = 5.0
 TINY_TRACE_MS = 3.0  # "a few milliseconds at most"
 
 
+def _product_rate(row: dict[str, Any], split: dict[str, float]) -> str:
+    """`` (≈X GFLOP at Y GFLOP/s)`` for the similarity products of a section-1 row."""
+    flop, seconds = row.get("product_flop"), split["similarity"]
+    if not flop or seconds <= 0 or flop < 1e8:
+        return ""
+    return f" (≈{flop / 1e9:.2f} GFLOP at {flop / 1e9 / seconds:.0f} GFLOP/s)"
+
+
 def _tiny(row: dict[str, Any]) -> bool:
     return row["forward_b1"] * 1e3 < TINY_FORWARD_MS
 
@@ -221,7 +229,8 @@ def _notes(s1: list[dict], s2: list[dict], s3: list[dict], threads: int) -> str:
             f"* **{r['label']} speed-up** ({C.fmt_x(r['speedup'])}, target {target:.0f}×): the "
             f"reference loops over {r['pairs']:,} (pruned, kept) pairs in "
             f"{C.fmt_ms(r['t_ref'])} ms. `nm.merge` takes {C.fmt_ms(r['t_ours'])} ms: the "
-            f"similarity products {C.fmt_ms(sp['similarity'])} ms and tracing "
+            f"similarity products {C.fmt_ms(sp['similarity'])} ms"
+            f"{_product_rate(r, sp)} and tracing "
             f"{C.fmt_ms(sp['trace'])} ms, "
             f"together {C.fmt_ms(floor)} ms, and everything else {C.fmt_ms(rest)} ms "
             f"(selection, assignment and surgery ≈{per_group * 1e3:.2f} ms per group over "
