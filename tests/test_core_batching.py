@@ -211,3 +211,87 @@ def test_parameter_registration_hooks_still_run() -> None:
         handle.remove()
     assert "weight" in seen
     assert result.model.convs[0].weight.shape[0] == 3
+
+
+class Twins(nn.Module):
+    """Two identical-shaped Linear → ReLU → Linear chains, so their layers are built as one batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(3, 2, bias=False), nn.Linear(2, 2)
+        self.b1, self.b2 = nn.Linear(3, 2, bias=False), nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a2(torch.relu(self.a1(x))) + self.b2(torch.relu(self.b1(x)))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3])
+@pytest.mark.parametrize("mode", ["merge", "prune"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_build_equals_building_each_layer_alone(
+    threshold: float | None, mode: str, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same-shaped layers and batch norms are sliced and folded as one stack, bit for bit.
+
+    ``Repeated`` has convolutions and linear layers that both consume one group
+    and produce the next (row selection and fold at once); ``TinyResNet`` has
+    producer-only and consumer-only convolutions. A threshold leaves some pruned
+    neurons without a partner inside a batch.
+    """
+    batches: list[int] = []
+    fold_batch, gather_rows = build.fold_batch, build.gather_rows
+
+    def fold_spy(weights: list[torch.Tensor], *args: object) -> object:
+        batches.append(len(weights))
+        return fold_batch(weights, *args)  # type: ignore[arg-type]
+
+    def rows_spy(tensors: list[torch.Tensor], index: list[torch.Tensor]) -> list[torch.Tensor]:
+        batches.append(len(tensors))
+        return gather_rows(tensors, index)
+
+    for model, x in [
+        (Repeated(seed), torch.randn(1, 6, 4, 4)),
+        (TinyResNet(channels=4, mid=6, seed=seed), torch.randn(1, 3, 6, 6)),
+    ]:
+        config = nm.MergeConfig(mode=mode, ratio=0.5, threshold=threshold, bn_rule="exact")
+        with monkeypatch.context() as patch:
+            patch.setattr(build, "fold_batch", fold_spy)
+            patch.setattr(build, "gather_rows", rows_spy)
+            batches.clear()
+            batched = nm.compress(model, x, config)
+            assert max(batches) >= 2  # layers really were built together
+            patch.setattr(build, "_BATCH_ELEMENTS", -1)  # every layer alone
+            batches.clear()
+            alone = nm.compress(model, x, config)
+            assert set(batches) <= {1}
+        _plans_equal(batched.plans, alone.plans)
+        _weights_equal(batched.model, alone.model)
+        if threshold is not None and mode == "merge":
+            assert any(bool((p.partner < 0).any()) for p in batched.plans)
+
+
+def test_batched_fold_that_overflows_drops_those_merges_layer_by_layer() -> None:
+    """One chain of a batch would fold to Inf: only its merge is dropped, the twin merges.
+
+    In chain ``a`` the pruned neuron is parallel to a kept one of norm 1e-20
+    (scale 1e20) and its consumer column holds 1e30; chain ``b`` is harmless.
+    """
+    model = Twins().eval()
+    with torch.no_grad():
+        model.a1.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [1e-20, 2e-20, 3e-20]]))
+        model.a2.weight.copy_(torch.tensor([[1e30, 1.0], [1.0, 1.0]]))
+        model.b1.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]]))
+        model.b2.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+
+    def keep_second(rows: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([0.0, 1.0])
+
+    result = nm.merge(
+        model, torch.randn(1, 3), keep={"a1": 1, "b1": 1}, criterion=keep_second, threshold=0
+    )
+    plans = {p.group.name: p for p in result.plans}
+    assert plans["a1"].partner.tolist() == [-1] and plans["a1"].scale.tolist() == [0.0]
+    assert plans["b1"].partner.tolist() == [0] and plans["b1"].scale.tolist() == [0.5]
+    assert torch.equal(result.model.a2.weight, model.a2.weight[:, 1:])
+    assert torch.equal(result.model.b2.weight, torch.tensor([[2.5], [5.5]]))
+    assert all(bool(torch.isfinite(t).all()) for t in result.model.state_dict().values())

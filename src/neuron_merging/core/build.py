@@ -39,6 +39,11 @@ FOLD_BLOCK_ELEMENTS = 1 << 21
 #: layers the index arithmetic costs more than it saves.
 _FLAT_GATHER_WIDTH = 4
 _FLAT_GATHER_ELEMENTS = 1 << 17
+#: Layers with at most this many weights are built together with their
+#: same-shaped siblings (stacked, so one gather serves them all): a deep network
+#: of narrow layers then costs a few tensor calls per shape instead of a dozen per
+#: layer. The values are those of building each layer alone, bit for bit.
+_BATCH_ELEMENTS = 1 << 17
 
 
 @dataclass
@@ -264,17 +269,119 @@ def _full_index(channels: int, segments: list[tuple[int, Tensor, int]]) -> Tenso
     return keep.nonzero().flatten()
 
 
-def _slice_bn(bn: nn.Module, index: Tensor, direct: bool) -> None:
-    for attr in ("weight", "bias", "running_mean", "running_var"):
-        if attr in bn._parameters:
-            value = bn._parameters[attr]
-        elif attr in bn._buffers:
-            value = bn._buffers[attr]
-        else:
-            value = getattr(bn, attr, None)
-        if value is not None:
-            _replace(bn, attr, torch.index_select(value.detach(), 0, index), direct)
-    bn.num_features = index.numel()
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _slice_bns(items: list[tuple[nn.Module, Tensor]], direct: bool) -> None:
+    """Keep channels ``index`` of every ``(batch norm, index)``.
+
+    Same-shaped tensors of all the batch norms (weights, biases and running
+    statistics alike) are sliced by one gather.
+    """
+    buckets: dict[tuple[object, ...], list[tuple[nn.Module, str, Tensor, Tensor]]] = {}
+    for bn, index in items:
+        for attr in _BN_TENSORS:
+            if attr in bn._parameters:
+                value = bn._parameters[attr]
+            elif attr in bn._buffers:
+                value = bn._buffers[attr]
+            else:
+                value = getattr(bn, attr, None)
+            if value is not None:
+                key: tuple[object, ...] = (value.shape, value.dtype, index.numel())
+                if value.numel() > _BATCH_ELEMENTS:
+                    key = (id(value),)
+                buckets.setdefault(key, []).append((bn, attr, value.detach(), index))
+    for members in buckets.values():
+        sliced = gather_rows([m[2] for m in members], [m[3] for m in members])
+        for (bn, attr, _, _), value in zip(members, sliced, strict=True):
+            _replace(bn, attr, value, direct)
+    for bn, index in items:
+        bn.num_features = index.numel()
+
+
+def _oriented(layer: nn.Module) -> Tensor:
+    """The layer's weight with output channels first (GPT-2's ``Conv1D`` transposed)."""
+    weight = layer.weight.detach()
+    return weight.t() if is_conv1d_transposed(layer) else weight
+
+
+def _whole(weight: Tensor, segments: list[tuple[int, GroupPlan, int]]) -> bool:
+    """Whether one group's columns span the consumer's whole input."""
+    if len(segments) != 1 or segments[0][0] != 0:
+        return False
+    _, plan, f = segments[0]
+    n = plan.kept.numel() + plan.pruned.numel()
+    return n * (f if weight.dim() == 2 else 1) == weight.shape[1]
+
+
+def gather_rows(tensors: list[Tensor], index: list[Tensor]) -> list[Tensor]:
+    """``tensors[b][index[b]]`` (rows along dim 0) of same-shaped tensors, by one gather.
+
+    Each result is a contiguous slice of one new tensor; the values are those of
+    ``torch.index_select`` on each tensor alone.
+    """
+    if len(tensors) == 1:
+        return [torch.index_select(tensors[0], 0, index[0])]
+    stacked = torch.stack(tensors)
+    b, n = stacked.shape[0], stacked.shape[1]
+    flat = stacked.view(b * n, -1)
+    batch = torch.arange(b).unsqueeze(1)
+    picked = torch.index_select(flat, 0, (torch.stack(index) + batch * n).reshape(-1))
+    return list(picked.view(b, -1, *stacked.shape[2:]).unbind(0))
+
+
+def fold_batch(
+    weights: list[Tensor],
+    plans: list[GroupPlan],
+    features_per_channel: int,
+    rows: list[Tensor] | None = None,
+) -> list[Tensor] | None:
+    """:func:`fold_columns` of same-shaped consumers with same-shaped plans, in one pass.
+
+    The stacked weights are gathered through flat indices of their
+    ``(row, channel)`` kernels, channel by channel. The
+    values are those of folding each alone: the same products, added to each
+    partner in the same order (a pruned neuron without a partner adds zeros).
+    ``None`` when a folded weight is not finite: :func:`fold_columns`, layer by
+    layer, then decides which merges to drop.
+    """
+    b = len(weights)
+    k = plans[0].kept.numel()
+    n = k + plans[0].pruned.numel()
+    stacked = torch.stack(weights)
+    rows_in = stacked.shape[1]
+    out = rows_in if rows is None else rows[0].numel()
+    kernels = stacked.view(b * rows_in * n, -1)  # one row per (layer, row, channel)
+    batch = torch.arange(b).view(b, 1, 1)
+    # Flat (layer, row) of every output row, laid out (layer, 1, row): the gathers
+    # below come out channel-major, so the fold adds whole channels at once.
+    if rows is None:
+        first = torch.arange(out).view(1, 1, out) + batch * rows_in
+    else:
+        first = (torch.stack(rows) + batch.view(b, 1) * rows_in).unsqueeze(1)
+
+    def gather(channels: Tensor) -> Tensor:  # (B, m) → (B·m, out·width), channel-major
+        flat = torch.index_select(kernels, 0, (channels.unsqueeze(2) + first * n).reshape(-1))
+        return flat.view(b * channels.shape[1], -1)
+
+    folded = gather(torch.stack([plan.kept for plan in plans]))
+    partner = torch.stack([plan.partner for plan in plans])
+    merged = partner >= 0
+    if bool(merged.any()):
+        scale = torch.stack([plan.scale for plan in plans]).to(stacked.dtype)
+        scale = torch.where(merged, scale, torch.zeros_like(scale))
+        moved = gather(torch.stack([plan.pruned for plan in plans])).mul_(scale.view(-1, 1))
+        folded.index_add_(0, (partner.clamp_min(0) + batch.view(b, 1) * k).reshape(-1), moved)
+        if not _all_finite(folded):
+            return None
+    folded = folded.view(b, k, out, -1).transpose(1, 2).contiguous()
+    shape = (
+        (out, k * features_per_channel)
+        if weights[0].dim() == 2
+        else (out, k, *weights[0].shape[2:])
+    )
+    return [part.view(shape) for part in folded.unbind(0)]
 
 
 def _new_weights(
@@ -282,29 +389,43 @@ def _new_weights(
     rows: dict[str, Tensor],
     cols: dict[str, list[tuple[int, GroupPlan, int]]],
 ) -> dict[str, Tensor]:
-    """The new weight of every producer and consumer."""
-    new_weights: dict[str, Tensor] = {}
-    for name in set(rows) | set(cols):
-        layer = modules[name]
-        transposed = is_conv1d_transposed(layer)
-        weight = layer.weight.detach()
-        if transposed:
-            weight = weight.t()
+    """The new weight of every producer and consumer (output channels first)."""
+    weights = {name: _oriented(modules[name]) for name in {*rows, *cols}}
+    buckets: dict[tuple[object, ...], list[str]] = {}
+    for name, weight in weights.items():
         segments = cols.get(name)
-        if segments is None:
-            weight = torch.index_select(weight, 0, rows[name])
-        elif (
-            len(segments) == 1
-            and segments[0][0] == 0
-            and (segments[0][1].kept.numel() + segments[0][1].pruned.numel())
-            * (segments[0][2] if weight.dim() == 2 else 1)
-            == weight.shape[1]
-        ):
-            _, plan, f = segments[0]
-            weight = fold_columns(weight, plan, f, rows.get(name))
-        else:
-            weight = fold_segments(weight, segments, rows.get(name))
-        new_weights[name] = weight.t() if transposed else weight
+        key: tuple[object, ...] = (name,)
+        if weight.numel() <= _BATCH_ELEMENTS and (segments is None or _whole(weight, segments)):
+            index = rows.get(name)
+            key = (weight.shape, weight.dtype, None if index is None else index.numel())
+            if segments is not None:
+                plan, f = segments[0][1], segments[0][2]
+                key += (plan.kept.numel(), plan.pruned.numel(), f)
+        buckets.setdefault(key, []).append(name)
+    new_weights: dict[str, Tensor] = {}
+    for names in buckets.values():
+        segments = cols.get(names[0])
+        built: list[Tensor] | None = None
+        if len(names) > 1 and segments is None:
+            built = gather_rows([weights[n] for n in names], [rows[n] for n in names])
+        elif len(names) > 1:
+            index = [rows[n] for n in names] if names[0] in rows else None
+            plans = [cols[n][0][1] for n in names]
+            built = fold_batch([weights[n] for n in names], plans, segments[0][2], index)
+        if built is None:  # alone, or a batch whose fold overflowed
+            built = []
+            for name in names:
+                weight, segments = weights[name], cols.get(name)
+                if segments is None:
+                    built.append(torch.index_select(weight, 0, rows[name]))
+                elif _whole(weight, segments):
+                    built.append(
+                        fold_columns(weight, segments[0][1], segments[0][2], rows.get(name))
+                    )
+                else:
+                    built.append(fold_segments(weight, segments, rows.get(name)))
+        for name, weight in zip(names, built, strict=True):
+            new_weights[name] = weight.t() if is_conv1d_transposed(modules[name]) else weight
     return new_weights
 
 
@@ -356,8 +477,7 @@ def apply_plans(
                 layer.nf = weight.shape[1]
             else:
                 layer.out_channels, layer.in_channels = weight.shape[0], weight.shape[1]
-        for name, kept in bns.items():
-            _slice_bn(modules[name], kept, direct)
+        _slice_bns([(modules[name], kept) for name, kept in bns.items()], direct)
         for name, segments in slices.items():
             layer = modules[name]
             if isinstance(layer, (nn.Conv1d, nn.Conv2d)):  # depthwise: one filter per channel
@@ -371,4 +491,4 @@ def apply_plans(
                     )
                 layer.in_channels = layer.out_channels = layer.groups = index.numel()
             else:
-                _slice_bn(layer, _full_index(layer.num_features, segments), direct)
+                _slice_bns([(layer, _full_index(layer.num_features, segments))], direct)
