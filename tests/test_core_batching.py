@@ -228,25 +228,37 @@ class Twins(nn.Module):
 @pytest.mark.parametrize("threshold", [None, 0.3])
 @pytest.mark.parametrize("mode", ["merge", "prune"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("stack_limit", [None, 700])
 def test_batched_build_equals_building_each_layer_alone(
-    threshold: float | None, mode: str, seed: int, monkeypatch: pytest.MonkeyPatch
+    threshold: float | None,
+    mode: str,
+    seed: int,
+    stack_limit: int | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Same-shaped layers and batch norms are sliced and folded as one stack, bit for bit.
 
     ``Repeated`` has convolutions and linear layers that both consume one group
     and produce the next (row selection and fold at once); ``TinyResNet`` has
     producer-only and consumer-only convolutions. A threshold leaves some pruned
-    neurons without a partner inside a batch.
+    neurons without a partner inside a batch. With ``stack_limit``, batches are
+    split so that no stacked copy exceeds it.
     """
     batches: list[int] = []
     fold_batch, gather_rows = build.fold_batch, build.gather_rows
+    if stack_limit is not None:
+        monkeypatch.setattr(build, "_STACK_ELEMENTS", stack_limit)
+
+    def stacked(tensors: list[torch.Tensor]) -> None:
+        batches.append(len(tensors))
+        assert stack_limit is None or sum(t.numel() for t in tensors) <= stack_limit
 
     def fold_spy(weights: list[torch.Tensor], *args: object) -> object:
-        batches.append(len(weights))
+        stacked(weights)
         return fold_batch(weights, *args)  # type: ignore[arg-type]
 
     def rows_spy(tensors: list[torch.Tensor], index: list[torch.Tensor]) -> list[torch.Tensor]:
-        batches.append(len(tensors))
+        stacked(tensors)
         return gather_rows(tensors, index)
 
     for model, x in [

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .errors import ModelError
 
 #: Tensors smaller than this are checked together, concatenated, by :func:`check_finite`.
-_FINITE_SMALL = 1 << 14
+_FINITE_SMALL = 1 << 16
 
 
 def _finite(flat: Tensor) -> bool:

@@ -13,13 +13,16 @@ a layer that consumes one group and produces the next is sliced on both axes
 from its unmodified weight. Modules are shrunk in place on the caller's copy:
 they keep their type (and any subclass behaviour), and ``in_features``,
 ``out_features``, ``in_channels``, ``out_channels``, ``groups``, ``nf`` and
-``num_features`` are updated.
+``num_features`` are updated. Small same-shaped layers and batch norms (a deep
+network's repeated blocks) are sliced and folded as one stack, with the values of
+building each alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +30,8 @@ from torch.nn.modules import module as _module_impl
 
 from .groups import ChannelGroup
 from .record import is_conv1d_transposed
+
+_T = TypeVar("_T")
 
 #: Consumer weights are folded in blocks of rows of at most this many elements
 #: (8 MB of float32: within the last-level cache, and the bound on the temporary
@@ -44,6 +49,14 @@ _FLAT_GATHER_ELEMENTS = 1 << 17
 #: of narrow layers then costs a few tensor calls per shape instead of a dozen per
 #: layer. The values are those of building each layer alone, bit for bit.
 _BATCH_ELEMENTS = 1 << 17
+#: A batch's stacked copy holds at most this many elements (16 MB of float32).
+_STACK_ELEMENTS = 1 << 22
+
+
+def _chunks(items: list[_T], size: int) -> list[list[_T]]:
+    """``items`` in batches whose stacked copy stays within :data:`_STACK_ELEMENTS`."""
+    step = max(1, _STACK_ELEMENTS // max(size, 1))
+    return [items[i : i + step] for i in range(0, len(items), step)]
 
 
 @dataclass
@@ -292,7 +305,7 @@ def _slice_bns(items: list[tuple[nn.Module, Tensor]], direct: bool) -> None:
                 if value.numel() > _BATCH_ELEMENTS:
                     key = (id(value),)
                 buckets.setdefault(key, []).append((bn, attr, value.detach(), index))
-    for members in buckets.values():
+    for members in (c for b in buckets.values() for c in _chunks(b, b[0][2].numel())):
         sliced = gather_rows([m[2] for m in members], [m[3] for m in members])
         for (bn, attr, _, _), value in zip(members, sliced, strict=True):
             _replace(bn, attr, value, direct)
@@ -403,7 +416,7 @@ def _new_weights(
                 key += (plan.kept.numel(), plan.pruned.numel(), f)
         buckets.setdefault(key, []).append(name)
     new_weights: dict[str, Tensor] = {}
-    for names in buckets.values():
+    for names in (c for b in buckets.values() for c in _chunks(b, weights[b[0]].numel())):
         segments = cols.get(names[0])
         built: list[Tensor] | None = None
         if len(names) > 1 and segments is None:
