@@ -17,6 +17,7 @@ import io
 import os
 import pickle
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -278,6 +279,24 @@ def test_short_body(tmp_path: Path) -> None:
         download_file(url + "short.gz", tmp_path / "short.gz", "0" * 32, timeout=5)
     assert url in str(err.value)
     assert all_files(tmp_path) == []
+
+
+def test_download_gets_the_permissions_of_a_new_file(
+    server: str, served_dir: Path, tmp_path: Path
+) -> None:
+    """The file is written through the same temporary-file helper as every other output:
+    a finished download has ``0666 & ~umask``, not the ``0600`` of a private temporary."""
+    (served_dir / "plain.bin").write_bytes(b"weights")
+    previous = os.umask(0o022)
+    try:
+        got = download_file(
+            server + "plain.bin", tmp_path / "plain.bin", hashlib.md5(b"weights").hexdigest()
+        )
+    finally:
+        os.umask(previous)
+    assert got.read_bytes() == b"weights"
+    assert stat.S_IMODE(got.stat().st_mode) == 0o644
+    assert all_files(tmp_path) == ["plain.bin"]
 
 
 def test_refuses_other_schemes(tmp_path: Path) -> None:

@@ -251,10 +251,12 @@ def restore_signals(deferred: Deferred | None) -> None:
 
 
 @contextlib.contextmanager
-def temporary_file(target: Path, mode: int | None = None) -> Iterator[tuple[int, Path]]:
+def temporary_file(
+    target: Path, mode: int | None = None, suffix: str = ".tmp"
+) -> Iterator[tuple[int, Path]]:
     """A new temporary file for ``target``, in its directory: ``(descriptor, path)``.
 
-    The file is named ``.NAME.<pid>.XXXX.tmp`` (so :func:`remove_stale_temporaries` knows
+    The file is named ``.NAME.<pid>.XXXX<suffix>`` (so :func:`remove_stale_temporaries` knows
     its writer), gets permission bits ``mode`` (default ``0666 & ~umask``, as a new file
     would), and is removed when the block ends unless the caller renamed it; the
     descriptor is the caller's to close. SIGINT and SIGTERM wait while it is made (see
@@ -262,7 +264,7 @@ def temporary_file(target: Path, mode: int | None = None) -> Iterator[tuple[int,
     """
     directory = target.parent if str(target.parent) else Path(".")
     try:
-        fd, tmp, deferred = mkstemp_held(directory, temporary_prefix(target), ".tmp")
+        fd, tmp, deferred = mkstemp_held(directory, temporary_prefix(target), suffix)
     except OSError as exc:
         raise OutputError(f"cannot write to {directory}: {_strerror(exc)}") from exc
     try:

@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
-from ..core.errors import DatasetError
+from ..core.errors import DatasetError, OutputError
 from ._locate import CIFAR_DIRS, canonical_name, expand
 
 ENV_MIRROR = "NEURON_MERGING_MIRROR"
@@ -107,7 +107,7 @@ def download_file(
     is refused at once, and a body that grows past it is cut off. Stale
     ``.part`` files of dead processes are removed first.
     """
-    from .._io import mkstemp_held, remove_stale_temporaries, restore_signals
+    from .._io import remove_stale_temporaries, temporary_file
 
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in _ALLOWED_SCHEMES:
@@ -122,71 +122,69 @@ def download_file(
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target.parent, [target.name], suffix=".part")
-        fd, tmp, deferred = mkstemp_held(target.parent, f".{target.name}.{os.getpid()}.", ".part")
     except OSError as exc:
         raise DatasetError(
             f"cannot write the download of {url} to {target.parent}: {exc.strerror or exc}"
         ) from exc
     try:
-        restore_signals(deferred)
-        digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out:
-            try:
-                request = urllib.request.Request(url, headers={"User-Agent": "neuron-merging"})
-                with urllib.request.urlopen(request, timeout=timeout) as response:
-                    length = response.headers.get("Content-Length")
-                    total = int(length) if length and length.isdigit() else None
-                    if total is not None and limit is not None and total > limit:
-                        raise DatasetError(
-                            f"download of {url} refused: the server announces {total} bytes, "
-                            f"but the file has {limit}"
-                        )
-                    received = 0
-                    while chunk := response.read1(_CHUNK):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        if limit is not None and received > limit:
+        # the temporary file is removed on any failure, and SIGINT/SIGTERM wait while it is made
+        with temporary_file(target, suffix=".part") as (fd, tmp):
+            digest = hashlib.md5(usedforsecurity=False)
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    request = urllib.request.Request(url, headers={"User-Agent": "neuron-merging"})
+                    with urllib.request.urlopen(request, timeout=timeout) as response:
+                        length = response.headers.get("Content-Length")
+                        total = int(length) if length and length.isdigit() else None
+                        if total is not None and limit is not None and total > limit:
                             raise DatasetError(
-                                f"download of {url} stopped: more than the file's {limit} bytes "
-                                "arrived (a wrong or hostile mirror?); the partial file was deleted"
+                                f"download of {url} refused: the server announces {total} bytes, "
+                                f"but the file has {limit}"
                             )
-                        if time.monotonic() - started > deadline:
-                            raise DatasetError(
-                                f"download of {url} stopped: not finished after {deadline:g} s "
-                                f"({received} bytes received); the partial file was deleted"
-                            )
-                        if progress is not None:
-                            progress(received, total)
-            except urllib.error.HTTPError as exc:
-                exc.close()  # an HTTPError holds the open response socket
+                        received = 0
+                        while chunk := response.read1(_CHUNK):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            received += len(chunk)
+                            if limit is not None and received > limit:
+                                raise DatasetError(
+                                    f"download of {url} stopped: more than the file's {limit} bytes "
+                                    "arrived (a wrong or hostile mirror?); the partial file was deleted"
+                                )
+                            if time.monotonic() - started > deadline:
+                                raise DatasetError(
+                                    f"download of {url} stopped: not finished after {deadline:g} s "
+                                    f"({received} bytes received); the partial file was deleted"
+                                )
+                            if progress is not None:
+                                progress(received, total)
+                except urllib.error.HTTPError as exc:
+                    exc.close()  # an HTTPError holds the open response socket
+                    raise DatasetError(
+                        f"download of {url} failed: HTTP {exc.code} {exc.reason}"
+                    ) from exc
+                except urllib.error.URLError as exc:
+                    raise DatasetError(f"download of {url} failed: {exc.reason}") from exc
+                except (OSError, ValueError) as exc:  # resets, timeouts, IncompleteRead
+                    raise DatasetError(f"download of {url} failed: {exc!r}") from exc
+                if total is not None and received != total:
+                    raise DatasetError(
+                        f"download of {url} is incomplete: got {received} of {total} bytes"
+                    )
+                out.flush()
+                os.fsync(out.fileno())
+            actual = digest.hexdigest()
+            if actual.lower() != md5.lower():
                 raise DatasetError(
-                    f"download of {url} failed: HTTP {exc.code} {exc.reason}"
-                ) from exc
-            except urllib.error.URLError as exc:
-                raise DatasetError(f"download of {url} failed: {exc.reason}") from exc
-            except (OSError, ValueError) as exc:  # resets, timeouts, IncompleteRead
-                raise DatasetError(f"download of {url} failed: {exc!r}") from exc
-            if total is not None and received != total:
-                raise DatasetError(
-                    f"download of {url} is incomplete: got {received} of {total} bytes"
+                    f"checksum mismatch for {url}: expected md5 {md5.lower()}, got {actual}; "
+                    "the download was deleted (corrupt transfer or a wrong mirror?)"
                 )
-            out.flush()
-            os.fsync(out.fileno())
-        actual = digest.hexdigest()
-        if actual.lower() != md5.lower():
-            raise DatasetError(
-                f"checksum mismatch for {url}: expected md5 {md5.lower()}, got {actual}; "
-                "the download was deleted (corrupt transfer or a wrong mirror?)"
-            )
-        try:
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise DatasetError(f"cannot move the download to {target}: {exc.strerror}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise DatasetError(f"cannot move the download to {target}: {exc.strerror}") from exc
+    except OutputError as exc:  # the temporary file could not be made
+        raise DatasetError(f"cannot write the download of {url}: {exc}") from exc
     return target
 
 
