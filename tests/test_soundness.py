@@ -166,7 +166,7 @@ def test_write_through_view_excludes_group() -> None:
     class Net(Chain):
         def forward(self, x: Tensor) -> Tensor:
             h = self.fc1(x)
-            v = h.view(2, 8)
+            v = h.view(h.shape)
             out = self.fc3(F.relu(self.fc2(F.relu(h))))
             v.mul_(self.mask)  # h changes after fc2 read it; v is returned below
             return out + v.mean(-1, keepdim=True)
@@ -458,6 +458,82 @@ def test_channel_count_read_through_shape() -> None:
 def test_channel_count_read_through_other_numbers(mode: str, words: tuple[str, ...]) -> None:
     """``y / h.nelement()``, ``y / h.stride(0)``, ``y / h.nbytes`` change when h is pruned."""
     assert_excluded(Chain(mode), X, "fc1", *words)
+
+
+class ReshapeTo(nn.Module):
+    """conv → relu → a reshape of its output → a layer, with the target shape of ``mode``."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.mode = mode
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16, 5)
+        self.gate = nn.Conv2d(8, 4, 1)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.conv(x))
+        b, c, h, w = y.shape
+        mode = self.mode
+        if mode == "literal flatten":  # LeNet-style view(-1, 16 * 4 * 4)
+            return self.fc(y.view(-1, 8 * 16))
+        if mode == "literal regroup":  # runs after pruning, silently wrong: 4 channels as 8 rows
+            z = y.view(b, 8, -1)
+            return self.fc((z - z.mean(-1, keepdim=True)).flatten(1))
+        if mode == "literal channels":
+            return self.gate(y.reshape(b, 8, h, w)).mean((2, 3))
+        if mode == "literal unflatten":
+            return self.gate(y.flatten(2).unflatten(1, (8,)).unflatten(2, (h, w))).mean((2, 3))
+        if mode == "other tensor's size":
+            z = torch.zeros(1, 8, 1, 1)
+            return self.gate(y.reshape(b, z.shape[1], h, w)).mean((2, 3))
+        if mode == "view_as constant":
+            return self.gate(y.view_as(torch.zeros(b, 8, h, w))).mean((2, 3))
+        if mode == "sizes read":
+            return self.fc(y.view(b, c, h * w).reshape(b, -1))
+        if mode == "minus one":
+            return self.fc(y.view(y.size(0), -1))
+        if mode == "view_as own":
+            return self.gate(y.flatten(2).view_as(y)).mean((2, 3))
+        if mode == "unflatten read":
+            return self.gate(y.flatten(2).unflatten(1, (c,)).unflatten(2, (h, w))).mean((2, 3))
+        raise AssertionError(mode)
+
+
+X_IMAGE = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(8))
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "literal flatten",
+        "literal regroup",
+        "literal channels",
+        "literal unflatten",
+        "other tensor's size",
+        "view_as constant",
+    ],
+)
+def test_literal_channel_count_in_a_reshape_excludes_group(mode: str) -> None:
+    """A number in a reshape's target keeps its value after pruning: the returned model
+    would fail on its first forward (``shape '[-1, 128]' is invalid``), so the group ends."""
+    net = ReshapeTo(mode)
+    assert_excluded(net, X_IMAGE, "conv", "size of the channel dimension", "view_as")
+    fresh = torch.randn(3, 3, 4, 4)
+    for verb in (nm.prune, nm.merge):
+        assert verb(net, X_IMAGE, ratio=0.5).model(fresh).shape == net(fresh).shape
+
+
+@pytest.mark.parametrize("mode", ["sizes read", "minus one", "view_as own", "unflatten read"])
+def test_reshape_with_sizes_from_the_tensor_is_compressed(mode: str) -> None:
+    net = ReshapeTo(mode)
+    groups, _ = nm.find_groups(net, X_IMAGE)
+    assert "conv" in {g.name for g in groups}
+    assert_merge_correct(net, X_IMAGE)
+    fresh = torch.randn(3, 3, 4, 4)
+    result = nm.prune(net, X_IMAGE, ratio=0.5)
+    assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
 
 
 # ----------------------------------------------------------------------- explicit groups

@@ -42,6 +42,7 @@ from torch import nn
 from .errors import ModelError
 from .record import (
     BATCHNORMS,
+    DimSize,
     Op,
     Recording,
     Value,
@@ -866,7 +867,70 @@ class _Analysis:
             raise _Break(
                 f"{func_name(op.target)} reshapes {list(before)} to {list(after)}, mixing channels"
             )
+        self.check_target_size(op, new, others)
         self.set(out, new)
+
+    def check_target_size(self, op: Op, new: _Info, others: list[Value]) -> None:
+        """A reshape's requested size of the channel dimension must follow the channels.
+
+        A number written into the target shape (``view(-1, 128)``, ``reshape(b, 8, 1, 1)``)
+        keeps its value after pruning and breaks the smaller model, so the channel
+        dimension must be requested as ``-1``, as a size read from the channel dimension of
+        a value of the same group (``x.size(1)``), or by ``view_as`` a tensor of the group.
+        """
+        key = func_name(op.target)
+        if key in ("view_as", "reshape_as"):
+            other = others[0] if others else None
+            if not self.same_channels(self.get(other), new):
+                raise _Break(
+                    f"{key} takes its shape from a tensor whose channels are not this group's"
+                )
+            return
+        if key in ("view", "reshape"):
+            sizes = op.args[1:] or tuple(
+                op.kwargs.get(k) for k in ("shape", "size") if k in op.kwargs
+            )
+            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+                sizes = tuple(sizes[0])
+            if not sizes or not all(isinstance(n, int) for n in sizes):
+                return  # a dtype view, whose shape follows the input's
+            requested = sizes[new.axis] if new.axis < len(sizes) else -1
+        elif key == "unflatten":
+            dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
+            sizes = op.args[2] if len(op.args) > 2 else op.kwargs.get("sizes")
+            dim %= len(op.args[0].shape)
+            if not dim <= new.axis < dim + len(sizes):
+                return  # the channel dimension is not the one unflattened
+            requested = sizes[new.axis - dim]
+        else:
+            return  # flatten, squeeze, unsqueeze: no sizes are given
+        # A DimSize notes every comparison or conversion as a use: read it with int's own.
+        if isinstance(requested, DimSize):
+            value, dim = requested.source or (None, None)
+            info = self.get(value)
+            if (
+                info is not None
+                and dim is not None
+                and dim % max(len(value.shape), 1) == info.axis
+                and self.same_channels(info, new)
+            ):
+                return
+        elif requested == -1:
+            return
+        raise _Break(
+            f"{key} asks for {int.__int__(requested)} as the size of the channel dimension, "
+            "which pruning changes (use -1, flatten, or a size read from the tensor)"
+        )
+
+    @staticmethod
+    def same_channels(a: _Info | None, b: _Info) -> bool:
+        """Whether ``a`` lays out the same groups' channels as ``b``, in the same blocks."""
+        if a is None or a.block != b.block or len(a.segments) != len(b.segments):
+            return False
+        return all(
+            n == m and (s is None) == (t is None) and (s is None or s.root() is t.root())
+            for (s, n), (t, m) in zip(a.segments, b.segments, strict=True)
+        )
 
     def permute(
         self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None

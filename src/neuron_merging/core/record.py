@@ -241,9 +241,12 @@ class DimSize(int):
     number protocol (``numpy.sqrt(size)``) cannot be seen.
     """
 
-    def __new__(cls, size: int, note: Callable[[str], None]) -> DimSize:
+    def __new__(
+        cls, size: int, note: Callable[[str], None], source: tuple[Value, int | None] | None = None
+    ) -> DimSize:
         obj = super().__new__(cls, size)
         obj._note = note  # type: ignore[attr-defined]
+        obj.source = source  # type: ignore[attr-defined]  # (value, dimension) it was read from
         return obj
 
     def _used(self, what: str) -> None:
@@ -958,12 +961,12 @@ class _Recorder(TorchFunctionMode):
         if self.stack:
             self.sized_in.append(self.stack[-1][2])
         if isinstance(result, torch.Size):
-            return torch.Size(DimSize(n, note(i)) for i, n in enumerate(result))
+            return torch.Size(DimSize(n, note(i), (value, i)) for i, n in enumerate(result))
         if isinstance(result, int) and not isinstance(result, bool):
             d = dim if isinstance(dim, int) else (0 if dim is None and len(tensor.shape) else None)
             if dim is None:  # numel() or len(): every dimension, or the first
                 d = None if result == tensor.numel() and tensor.dim() != 1 else 0
-            return DimSize(result, note(d))
+            return DimSize(result, note(d), (value, d))
         return result
 
     # -- module calls
@@ -1605,6 +1608,7 @@ def record(
 __all__ = [
     "BATCHNORMS",
     "LEAF_TYPES",
+    "DimSize",
     "Op",
     "Recording",
     "Value",
