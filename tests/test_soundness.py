@@ -536,6 +536,54 @@ def test_reshape_with_sizes_from_the_tensor_is_compressed(mode: str) -> None:
     assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
 
 
+class Stochastic(nn.Module):
+    """fc1 → a random or deterministic unit → fc2 (MC dropout hard-coded in forward)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.mode = mode
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.drop = nn.Dropout(0.5)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.fc1(x))
+        if self.mode == "F.dropout(training=True)":
+            h = F.dropout(h, 0.5, training=True)
+        elif self.mode == "alpha_dropout(training=True)":
+            h = F.alpha_dropout(h, 0.5, training=True)
+        elif self.mode == "rrelu(training=True)":
+            h = F.rrelu(h, training=True)
+        elif self.mode == "rrelu(training=False)":
+            h = F.rrelu(h, training=False)
+        elif self.mode == "nn.Dropout":
+            h = self.drop(h)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize(
+    "mode", ["F.dropout(training=True)", "alpha_dropout(training=True)", "rrelu(training=True)"]
+)
+def test_random_units_in_training_mode_are_pruned_not_merged(mode: str) -> None:
+    """Each channel draws its own mask or slope: a merged channel would share its partner's."""
+    net = Stochastic(mode)
+    groups, _ = nm.find_groups(net, X)
+    (group,) = groups
+    assert not group.mergeable and "training mode" in group.reason, group.reason
+    result = nm.merge(net, X, ratio=0.5, threshold=None)
+    assert result.plans[0].merged == 0
+    assert result.model(X).shape == (2, 3)
+
+
+@pytest.mark.parametrize("mode", ["rrelu(training=False)", "nn.Dropout"])
+def test_deterministic_units_still_merge(mode: str) -> None:
+    net = Stochastic(mode)
+    (group,) = nm.find_groups(net, X)[0]
+    assert group.mergeable
+    assert_merge_correct(net, X)
+
+
 # ----------------------------------------------------------------------- explicit groups
 
 

@@ -174,6 +174,33 @@ class SkippedLayer:
 
 # ---------------------------------------------------------------- operation tables
 
+#: Random operations. A dropout is recorded only when it ran in training mode (in eval mode
+#: it returns its input, which is not recorded); ``rrelu`` is random only in training mode.
+_RANDOM = frozenset(
+    {
+        "dropout",
+        "dropout_",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "feature_dropout",
+        "feature_dropout_",
+        "alpha_dropout",
+        "alpha_dropout_",
+        "feature_alpha_dropout",
+        "feature_alpha_dropout_",
+        "rrelu",
+        "rrelu_",
+    }
+)
+
+
+def _rrelu_training(op: Op) -> bool:
+    """Whether a recorded ``rrelu`` drew random slopes (``training=True``)."""
+    training = op.kwargs.get("training", op.args[3] if len(op.args) > 3 else False)
+    return training is not False
+
+
 #: Element-wise operations that commute with positive scaling and act alike on every channel.
 _HOMOGENEOUS = frozenset(
     {
@@ -719,6 +746,12 @@ class _Analysis:
                 raise _Break(
                     f"its output passes through {func_name(op.target)} with a tensor argument"
                 )
+        if key in _RANDOM and (not key.startswith("rrelu") or _rrelu_training(op)):
+            self.nonhomogeneous(
+                info,
+                f"{key} runs in training mode in forward: each channel gets its own random "
+                "mask or slope, and merged channels would share one",
+            )
         if key in _CHANNELWISE:
             shown = _display(op, _CHANNELWISE[key])
             if key == "hardtanh" and shown == "Hardtanh":
