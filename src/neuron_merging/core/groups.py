@@ -174,8 +174,8 @@ class SkippedLayer:
 
 # ---------------------------------------------------------------- operation tables
 
-#: Random operations. A dropout is recorded only when it ran in training mode (in eval mode
-#: it returns its input, which is not recorded); ``rrelu`` is random only in training mode.
+#: Random operations in training mode (see :func:`_random_in_forward`). In eval mode a
+#: dropout returns its input, and ``rrelu`` is a leaky ReLU of fixed slope.
 _RANDOM = frozenset(
     {
         "dropout",
@@ -195,10 +195,21 @@ _RANDOM = frozenset(
 )
 
 
-def _rrelu_training(op: Op) -> bool:
-    """Whether a recorded ``rrelu`` drew random slopes (``training=True``)."""
-    training = op.kwargs.get("training", op.args[3] if len(op.args) > 3 else False)
-    return training is not False
+def _random_in_forward(op: Op, key: str) -> bool:
+    """Whether a recorded dropout or ``rrelu`` drew random masks or slopes (training mode).
+
+    ``F.dropout(x, p, training)`` reaches the recorder with ``training`` as a keyword,
+    ``torch.dropout(x, p, train)`` with ``train`` third, ``torch.rrelu`` with ``training``
+    fourth. A dropout whose flag cannot be read counts as random.
+    """
+    rrelu = key.startswith("rrelu")
+    position = 3 if rrelu else 2
+    for name in ("training", "train"):
+        if name in op.kwargs:
+            return op.kwargs[name] is not False
+    if len(op.args) > position:
+        return op.args[position] is not False
+    return not rrelu  # rrelu's default is training=False; a dropout recorded ran in training
 
 
 #: Element-wise operations that commute with positive scaling and act alike on every channel.
@@ -746,7 +757,7 @@ class _Analysis:
                 raise _Break(
                     f"its output passes through {func_name(op.target)} with a tensor argument"
                 )
-        if key in _RANDOM and (not key.startswith("rrelu") or _rrelu_training(op)):
+        if key in _RANDOM and _random_in_forward(op, key):
             self.nonhomogeneous(
                 info,
                 f"{key} runs in training mode in forward: each channel gets its own random "
