@@ -174,26 +174,6 @@ class SkippedLayer:
 
 # ---------------------------------------------------------------- operation tables
 
-#: Random operations in training mode (see :func:`_random_in_forward`). In eval mode a
-#: dropout returns its input, and ``rrelu`` is a leaky ReLU of fixed slope.
-_RANDOM = frozenset(
-    {
-        "dropout",
-        "dropout_",
-        "dropout1d",
-        "dropout2d",
-        "dropout3d",
-        "feature_dropout",
-        "feature_dropout_",
-        "alpha_dropout",
-        "alpha_dropout_",
-        "feature_alpha_dropout",
-        "feature_alpha_dropout_",
-        "rrelu",
-        "rrelu_",
-    }
-)
-
 
 def _random_in_forward(op: Op, key: str) -> bool:
     """Whether a recorded dropout or ``rrelu`` drew random masks or slopes (training mode).
@@ -243,6 +223,15 @@ _HOMOGENEOUS = frozenset(
         "type_as",
     }
 )
+
+#: Random operations in training mode (see :func:`_random_in_forward`). In eval mode a
+#: dropout returns its input, and ``rrelu`` is a leaky ReLU of fixed slope.
+_RANDOM = frozenset(
+    {n for n in _HOMOGENEOUS if "dropout" in n or n.startswith("rrelu")}
+    | {"feature_dropout_", "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_"}
+    | {"rrelu_"}
+)
+
 #: Element-wise operations that act on each channel alone but do not commute with scaling.
 _CHANNELWISE = {
     "gelu": "GELU",
