@@ -1,5 +1,6 @@
 """Hypothesis: random DAGs of linear/conv blocks (ReLU/GELU/LeakyReLU/ReLU6/SiLU, BN,
-depthwise convs, residual adds, concats, scalar multiples, several consumers per value).
+depthwise convs, residual adds, concats, scalar multiples, maps of positions (flips, rolls,
+resampling, indexing), several consumers per value).
 
 Properties, for ``coupled`` off and on:
 
@@ -69,7 +70,7 @@ def dags(draw) -> Spec:
     layer(-1)  # the stem reads the input
     for _ in range(draw(st.integers(1, 7))):
         kinds = ["layer", "layer", "dw", "add", "add", "cat", "cat", "scale", "gate", "pool", "bn"]
-        kinds += ["bcast"]
+        kinds += ["bcast", "move"]
         kind = draw(st.sampled_from(kinds))
         src = draw(st.integers(0, len(widths) - 1))
         if kind in ("dw", "pool") and mode == "seq":
@@ -105,10 +106,43 @@ def dags(draw) -> Spec:
         elif kind == "scale":
             steps.append(("scale", src, draw(st.sampled_from(SCALES))))
             widths.append(widths[src])
+        elif kind == "move":
+            steps.append(("move", src, draw(st.integers(0, len(_MOVES[mode]) - 1))))
+            widths.append(widths[src])
     if draw(st.booleans()):  # the last value is read by one more layer before the head
         layer(len(widths) - 1)
     flatten = mode == "conv" and draw(st.booleans())  # flatten (25 features per channel)
     return Spec(mode, tuple(steps), draw(st.integers(0, 2**16)), flatten)
+
+
+#: Maps of positions that leave every value's shape as it is, per mode (channels at dim 1
+#: for "conv", last otherwise).
+_MOVES = {
+    "conv": (
+        lambda h: h.flip(-1),
+        lambda h: torch.roll(h, (1, -1), (2, 3)),
+        lambda h: torch.rot90(h, 1, (2, 3)),
+        lambda h: F.avg_pool2d(F.interpolate(h, scale_factor=2, mode="bilinear"), 2),
+        lambda h: h[:, :, None][:, :, 0],
+        lambda h: h[..., None, :][..., -1, :],
+    ),
+    "seq": (
+        lambda h: h.flip(1),
+        lambda h: torch.roll(h, 1, 1),
+        lambda h: h[:, None][:, 0],
+        lambda h: F.interpolate(h.transpose(1, 2), scale_factor=2, mode="linear")[
+            ..., ::2
+        ].transpose(1, 2),
+        lambda h: h[None][0],
+        lambda h: h.flip(0),
+    ),
+    "linear": (
+        lambda h: h[None][0],
+        lambda h: h[:, None][:, 0],
+        lambda h: h.flip(0),
+        lambda h: h[..., None][..., 0],
+    ),
+}
 
 
 def _act(name: str, x: Tensor) -> Tensor:
@@ -203,6 +237,8 @@ class DagNet(nn.Module):
                 h = torch.cat([h, x if step[2] < 0 else nodes[step[2]]], self.dim)
             elif kind == "bcast":
                 h = h + F.adaptive_avg_pool2d(nodes[step[2]], 1)
+            elif kind == "move":
+                h = _MOVES[self.spec.mode][step[2]](h)
             else:
                 h = h * step[2]
             nodes.append(h)

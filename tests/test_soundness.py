@@ -536,6 +536,101 @@ def test_reshape_with_sizes_from_the_tensor_is_compressed(mode: str) -> None:
     assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
 
 
+class PositionMap(nn.Module):
+    """conv → relu → an operation that moves, mirrors, resamples or indexes positions → a
+    layer (``mode`` picks it): channel-wise when the channel dimension is left alone."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.mode = mode
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+        self.upsample = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.conv(x))
+        mode = self.mode
+        maps = {
+            "interpolate": lambda: F.interpolate(y, scale_factor=2),
+            "interpolate to a size read": lambda: F.interpolate(
+                y, size=(x.shape[2] + 1, x.shape[3] * 2), mode="bicubic"
+            ),
+            "nn.Upsample": lambda: self.upsample(y),
+            "flip": lambda: y.flip(-1),
+            "roll": lambda: torch.roll(y, (1, -2), (2, 3)),
+            "rot90": lambda: torch.rot90(y, 1, (2, 3)),
+            "flip channels": lambda: y.flip(1),
+            "fliplr": lambda: torch.fliplr(y),
+            "roll flat": lambda: torch.roll(y, 3),
+            "interpolate channels last": lambda: F.interpolate(
+                y.permute(0, 2, 3, 1), size=(4, 16), mode="bilinear"
+            )[..., 1::2].permute(0, 3, 1, 2),
+        }
+        if mode in maps:
+            return self.gate(maps[mode]()).mean((2, 3))
+        rows = {
+            "a row": lambda: y[:, :, 0].mean(-1),
+            "a row and a column": lambda: y[:, :, -1, 2],
+            "the last token": lambda: y.flatten(2).transpose(1, 2)[:, -1],
+            "None and Ellipsis": lambda: y[None, ..., 1].mean((0, 3)),
+            "a channel": lambda: y[:, 0:8, 1].mean(-1),
+            "a channel after None": lambda: (
+                y[None, :, 0].mean((0, 2, 3)).unsqueeze(1).expand(-1, 8)
+            ),
+        }
+        return self.head(rows[mode]())
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "interpolate",
+        "interpolate to a size read",
+        "nn.Upsample",
+        "flip",
+        "roll",
+        "rot90",
+        "a row",
+        "a row and a column",
+        "the last token",
+        "None and Ellipsis",
+    ],
+)
+def test_maps_of_positions_are_compressed(mode: str) -> None:
+    """Resampling, mirroring, shifting or indexing positions acts on each channel alone and
+    linearly: pruning equals masking and planted duplicates merge losslessly, on a batch of
+    another size too."""
+    net = PositionMap(mode)
+    groups, _ = nm.find_groups(net, X_IMAGE)
+    assert [g.mergeable for g in groups if g.name == "conv"] == [True]
+    assert_merge_correct(net, X_IMAGE)
+    fresh = torch.randn(3, 3, 4, 4)
+    result = nm.prune(net, X_IMAGE, ratio=0.5)
+    assert result.plans and rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("flip channels", ("flip moves values along the channel dimension",)),
+        ("fliplr", ("fliplr moves values along the channel dimension",)),
+        ("roll flat", ("rolled as one flat sequence",)),
+        ("interpolate channels last", ("interpolate moves values along the channel",)),
+        ("a channel", ("sliced along the channels",)),
+        ("a channel after None", ("indexed (x[...]) in a way that selects channels",)),
+    ],
+)
+def test_maps_across_channels_exclude_group(mode: str, words: tuple[str, ...]) -> None:
+    net = PositionMap(mode)
+    assert_excluded(net, X_IMAGE, "conv", *words)
+    fresh = torch.randn(3, 3, 4, 4)
+    for verb in (nm.prune, nm.merge):
+        assert verb(net, X_IMAGE, ratio=0.5).model(fresh).shape == net(fresh).shape
+
+
 class Stochastic(nn.Module):
     """fc1 → a random or deterministic unit → fc2 (MC dropout hard-coded in forward)."""
 

@@ -313,6 +313,11 @@ _POOLS = {
     "adaptive_max_pool1d_with_indices": 1,
     "adaptive_max_pool2d_with_indices": 2,
 }
+#: Linear maps that act on each channel alone, over the dimensions they name (moving,
+#: mirroring or resampling positions): channel-wise and positively homogeneous, so long as
+#: those dimensions do not include the channels. ``interpolate`` resamples every
+#: dimension after the first two (``nn.Upsample`` runs it); the others take ``dims``.
+_SPATIAL = frozenset({"interpolate", "flip", "fliplr", "flipud", "roll", "rot90"})
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "nanmean", "nansum"})
 _RESHAPES = frozenset(
     {
@@ -699,6 +704,8 @@ class _Analysis:
                 self.binary(op, key)
             elif key in _POOLS:
                 self.pool(op, _POOLS[key], info, others)
+            elif key in _SPATIAL:
+                self.spatial(op, key, info, others, out)
             elif key in _REDUCTIONS:
                 self.reduction(op, key, info, others, out)
             elif key in _RESHAPES:
@@ -869,6 +876,34 @@ class _Analysis:
         ndim = len(op.args[0].shape)
         if info.axis >= ndim - dims or info.block != 1 or others:
             raise _Break(f"{_display(op, func_name(op.target))} pools over the channel dimension")
+        self.set(out, info)
+
+    def spatial(
+        self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None
+    ) -> None:
+        """A map of positions (:data:`_SPATIAL`), kept when it leaves the channels alone."""
+        if info is None or out is None or others or len(op.outputs) != 1:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        ndim = len(op.args[0].shape)
+        if key == "interpolate":
+            dims: Any = range(2, ndim)
+        elif key in ("fliplr", "flipud"):
+            dims = [1 if key == "fliplr" else 0]
+        else:
+            position = {"flip": 1, "roll": 2, "rot90": 2}[key]
+            default = [0, 1] if key == "rot90" else None
+            dims = op.args[position] if len(op.args) > position else op.kwargs.get("dims", default)
+            if isinstance(dims, int):
+                dims = [dims]
+        shown = _display(op, func_name(op.target))
+        if dims is None:  # roll without dims: the flattened tensor is rolled
+            raise _Break(f"its output is rolled as one flat sequence ({shown}), mixing channels")
+        touched = {d % ndim for d in dims}
+        if info.axis in touched:
+            raise _Break(f"{shown} moves values along the channel dimension")
+        if out.shape[info.axis] != op.args[0].shape[info.axis]:
+            raise _Break(f"{shown} changes the size of the channel dimension")
         self.set(out, info)
 
     def reduction(
@@ -1056,12 +1091,30 @@ class _Analysis:
         ndim = len(op.args[0].shape)
         if any(i is Ellipsis for i in items):
             at = items.index(Ellipsis)
-            items = items[:at] + (slice(None),) * (ndim - len(items) + 1) + items[at + 1 :]
-        if not all(isinstance(i, slice) for i in items) or len(items) > ndim:
+            named = sum(1 for i in items if i is not None and i is not Ellipsis)
+            items = items[:at] + (slice(None),) * (ndim - named) + items[at + 1 :]
+        # Slices keep a dimension, integers drop one and None adds one: each must leave
+        # the channel dimension whole, and the channels then sit at ``axis`` of the output.
+        position, axis = 0, info.axis
+        for item in items:
+            if item is None:
+                if position <= info.axis:
+                    axis += 1
+                continue
+            whole = isinstance(item, slice) and item.start is item.stop is item.step is None
+            plain = type(item) is int or isinstance(item, DimSize)  # never compared (a use)
+            if not (isinstance(item, slice) or plain) or position >= ndim:
+                raise _Break("its output is indexed (x[...]) in a way that selects channels")
+            if position == info.axis and plain:
+                raise _Break("its output is indexed (x[...]) in a way that selects channels")
+            if position == info.axis and not whole:
+                raise _Break("its output is sliced along the channels")
+            if plain and position < info.axis:
+                axis -= 1
+            position += 1
+        if len(out.shape) <= axis or out.shape[axis] != op.args[0].shape[info.axis]:
             raise _Break("its output is indexed (x[...]) in a way that selects channels")
-        if info.axis < len(items) and items[info.axis] != slice(None):
-            raise _Break("its output is sliced along the channels")
-        self.set(out, info)
+        self.set(out, _Info(info.segments, axis, info.block))
 
 
 _GATED = {"silu": "swiglu", "gelu": "geglu"}
