@@ -1,6 +1,6 @@
 """Hypothesis: random DAGs of linear/conv blocks (ReLU/GELU/LeakyReLU/ReLU6/SiLU, BN,
 depthwise convs, residual adds, concats, scalar multiples, maps of positions (flips, rolls,
-resampling, indexing), several consumers per value).
+resampling, indexing, flattening and splitting back), several consumers per value).
 
 Properties, for ``coupled`` off and on:
 
@@ -125,6 +125,8 @@ _MOVES = {
         lambda h: F.avg_pool2d(F.interpolate(h, scale_factor=2, mode="bilinear"), 2),
         lambda h: h[:, :, None][:, :, 0],
         lambda h: h[..., None, :][..., -1, :],
+        lambda h: h.flatten(1).unflatten(1, (-1, 5, 5)),
+        lambda h: h.flatten(1).view(h.size(0), h.size(1), 25).view_as(h),
     ),
     "seq": (
         lambda h: h.flip(1),

@@ -496,6 +496,14 @@ class ReshapeTo(nn.Module):
             return self.fc(y.view(y.size(0), -1))
         if mode == "view_as own":
             return self.gate(y.flatten(2).view_as(y)).mean((2, 3))
+        if mode == "flatten then unflatten":
+            return self.gate(y.flatten(1).unflatten(1, (c, h, w))).mean((2, 3))
+        if mode == "flatten then view":
+            return self.gate(y.flatten(1).view(b, -1, h, w)).mean((2, 3))
+        if mode == "literal unflatten after flatten":
+            return self.gate(y.flatten(1).unflatten(1, (8, h, w))).mean((2, 3))
+        if mode == "unflatten across channels":
+            return self.gate(y.flatten(1).unflatten(1, (h, c, w)).transpose(1, 2)).mean((2, 3))
         if mode == "unflatten read":
             return self.gate(y.flatten(2).unflatten(1, (c,)).unflatten(2, (h, w))).mean((2, 3))
         raise AssertionError(mode)
@@ -513,19 +521,31 @@ X_IMAGE = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(8))
         "literal unflatten",
         "other tensor's size",
         "view_as constant",
+        "literal unflatten after flatten",
+        "unflatten across channels",
     ],
 )
 def test_literal_channel_count_in_a_reshape_excludes_group(mode: str) -> None:
     """A number in a reshape's target keeps its value after pruning: the returned model
     would fail on its first forward (``shape '[-1, 128]' is invalid``), so the group ends."""
     net = ReshapeTo(mode)
-    assert_excluded(net, X_IMAGE, "conv", "size of the channel dimension", "view_as")
+    assert_excluded(net, X_IMAGE, "conv", "size of the channel dimension", "view_as", "mixing")
     fresh = torch.randn(3, 3, 4, 4)
     for verb in (nm.prune, nm.merge):
         assert verb(net, X_IMAGE, ratio=0.5).model(fresh).shape == net(fresh).shape
 
 
-@pytest.mark.parametrize("mode", ["sizes read", "minus one", "view_as own", "unflatten read"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "sizes read",
+        "minus one",
+        "view_as own",
+        "unflatten read",
+        "flatten then unflatten",
+        "flatten then view",
+    ],
+)
 def test_reshape_with_sizes_from_the_tensor_is_compressed(mode: str) -> None:
     net = ReshapeTo(mode)
     groups, _ = nm.find_groups(net, X_IMAGE)

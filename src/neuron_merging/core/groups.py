@@ -1158,12 +1158,14 @@ def _reshaped(before: Sequence[int], after: Sequence[int], info: _Info) -> _Info
     the same elements: the product of the dimensions before it is unchanged, and it
     is the channel dimension itself or the channel dimension merged with the
     dimensions right after it (a channel-major flatten: each channel then owns a
-    block of consecutive features). Size-1 dimensions make several positions
+    block of consecutive features). A channel-major dimension may also be split
+    again, its first part a whole number of elements per channel (``unflatten(1, (c,
+    h, w))`` after ``flatten(1)``). Size-1 dimensions make several positions
     equivalent; the channel's own position is preferred, else the last one.
     """
     a = info.axis
     prefix, channel = math.prod(before[:a]), before[a]
-    options: list[tuple[int, int]] = []
+    options: list[tuple[int, int]] = []  # (dimension of after, elements per channel there)
     # The channel dimension never moves to the front: with batch 1 that position
     # would be accepted for a reshape that mixes channels across the batch.
     for a2 in range(1 if a > 0 else 0, len(after)):
@@ -1172,17 +1174,30 @@ def _reshaped(before: Sequence[int], after: Sequence[int], info: _Info) -> _Info
         merged = channel
         for j in range(a + 1, len(before) + 1):
             if merged == after[a2] and math.prod(after[a2 + 1 :]) == math.prod(before[j:]):
-                options.append((a2, merged // channel if channel else 1))
+                options.append((a2, info.block * (merged // channel if channel else 1)))
                 break
             if j == len(before) or merged > after[a2]:
                 break
             merged *= before[j]
-    for a2, factor in options:
+        if info.block > 1 and after[a2] < channel and after[a2] % info.width == 0:
+            block = after[a2] // info.width  # of each channel's elements, this many per index
+            split, j = after[a2], a2
+            for j in range(a2 + 1, len(after)):
+                split *= after[j]
+                if split >= channel:
+                    break
+            if (
+                split == channel
+                and info.block % block == 0
+                and math.prod(after[j + 1 :]) == math.prod(before[a + 1 :])
+            ):
+                options.append((a2, block))
+    for a2, block in options:
         if a2 == a:
-            return _Info(info.segments, a2, info.block * factor)
+            return _Info(info.segments, a2, block)
     if options:
-        a2, factor = options[-1]
-        return _Info(info.segments, a2, info.block * factor)
+        a2, block = options[-1]
+        return _Info(info.segments, a2, block)
     return None
 
 
