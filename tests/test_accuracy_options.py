@@ -473,3 +473,55 @@ def test_options_leave_a_training_mode_model_untouched(options: dict, calibrated
     assert same_state(state_copy(net), before)
     assert all(m.training for m in net.modules())
     assert same_state(state_copy(result.eval()), state_copy(expected))
+
+
+class _GeluThenRelu(nn.Module):
+    """fc1 → GELU → fc2 → ReLU → fc3: fc2 reads a group the options cannot rewrite (GELU,
+    pruned only) and produces one they could."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(nn.functional.gelu(self.fc1(x)))))
+
+
+BEYOND = [
+    {"selection": "group"},
+    {"selection": "cover"},
+    {"compensation": "fold"},
+    {"compensation": "lstsq"},
+    {"repair": "mean"},
+    {"selection": "lstsq", "compensation": "lstsq", "repair": "mean+var"},
+]
+
+
+@pytest.mark.parametrize("opts", BEYOND, ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()))
+def test_a_layer_shared_with_a_group_of_the_paper_keeps_the_paper_options(opts: dict) -> None:
+    """The options rewrite a group's layers whole: a layer that a pruned-only group also
+    slices (fc2's input columns) would lose that slicing (the model failed on its first
+    forward), so fc2's group uses the paper's options, as the note says."""
+    net, x = _GeluThenRelu(), torch.randn(5, 4, generator=gen(1))
+    result = nm.compress(net, x, MergeConfig(ratio=0.5, **opts))
+    paper = nm.compress(net, x, MergeConfig(ratio=0.5))
+    assert same_state(state_copy(result.model), state_copy(paper.model))
+    assert any("2 other group(s) used the options of the paper" in n for n in result.report.notes)
+    assert result.model(torch.randn(7, 4)).shape == (7, 3)
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "densenet", "inception", "resnet_cifar_a"])
+@pytest.mark.parametrize("opts", BEYOND, ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()))
+def test_options_with_coupled_groups_give_a_model_that_runs(name: str, opts: dict) -> None:
+    from _zoo import ZOO, run
+
+    make, x = ZOO[name]
+    net = make()
+    result = nm.compress(net, x, MergeConfig(ratio=0.5, coupled=True, **opts))
+    for layer in result.model.modules():
+        if isinstance(layer, nn.Conv2d):
+            assert layer.weight.shape[:2] == (layer.out_channels, layer.in_channels // layer.groups)
+    out = run(result.model, x)
+    assert out.shape == run(net, x).shape and torch.isfinite(out).all()

@@ -195,8 +195,12 @@ def _plan(
     criterion_fn: CriterionFn | None,
     timings: dict[str, float],
     extras: Extras | None = None,
+    capable: frozenset[str] = frozenset(),
 ) -> list[GroupPlan]:
     """Select the kept channels of every target group and assign partners to the rest.
+
+    ``extras`` select the kept channels of the groups named in ``capable``
+    (:func:`_capable`); every other group keeps the criterion's top scores.
 
     Groups with the same shape (``n``, ``k``, row width, batch norm or not) are
     processed as one batch; the result is the same, group by group, as planning
@@ -234,7 +238,7 @@ def _plan(
         else:
             kept = select_kept(rows, k, criterion_fn or config.criterion)
             if extras is not None and all(
-                _beyond_paper(targets[i][0], modules) for i in members
+                targets[i][0].name in capable for i in members
             ):  # selection beyond the criterion's top scores
                 kept = torch.stack(
                     [
@@ -310,6 +314,35 @@ def _beyond_paper(group: ChannelGroup, modules: dict[str, nn.Module]) -> bool:
         and group.mergeable
         and not any(is_conv1d_transposed(modules[n]) for n in (group.producer, group.consumer))
     )
+
+
+def _capable(
+    targets: list[tuple[ChannelGroup, int, int]], modules: dict[str, nn.Module]
+) -> frozenset[str]:
+    """The groups that use the options beyond the paper: :func:`_beyond_paper`, and no
+    layer of theirs shared with a group that prunes under the paper's options.
+
+    Those options rewrite each of their layers whole from the original (its rows and
+    its columns), so a layer whose other side another kind of group compresses (a
+    consumer of a GELU group that produces a ReLU group) would lose that group's
+    slicing, and the model its shapes. Demoting such a group can demote its
+    neighbours in turn, so this runs to a fixed point.
+    """
+    capable = {g.name for g, _n, _k in targets if _beyond_paper(g, modules)}
+    layers = {
+        g.name: {*g.producers, *(b for b in g.bns if b), *g.consumers, *g.passthrough}
+        for g, _n, _k in targets
+    }
+    changed = True
+    while changed:
+        touched: set[str] = set()
+        for g, n, k in targets:
+            if g.name not in capable and k < n:
+                touched |= layers[g.name]
+        demoted = {name for name in capable if layers[name] & touched}
+        capable -= demoted
+        changed = bool(demoted)
+    return frozenset(capable)
 
 
 def _approximates(group: ChannelGroup, config: MergeConfig) -> bool:
@@ -461,8 +494,9 @@ def compress(
     if config.beyond_paper or calibration is not None:
         extras = Extras(config, model, example_inputs, [t[0] for t in targets], calibration)
 
+    capable = _capable(targets, modules) if extras is not None else frozenset()
     with torch.no_grad():
-        plans = _plan(targets, modules, config, criterion_fn, timings, extras)
+        plans = _plan(targets, modules, config, criterion_fn, timings, extras, capable)
     if not found:
         warnings.warn(
             f"{type(model).__name__} has no mergeable group; returning an unchanged copy",
@@ -484,14 +518,15 @@ def compress(
     timings["fold"] = time.perf_counter() - t0
     if extras is not None:
         t0 = time.perf_counter()
-        capable = [p for p in plans if _beyond_paper(p.group, modules)]
-        if len(capable) < len(plans):
+        rewritten = [p for p in plans if p.group.name in capable]
+        if len(rewritten) < len(plans):
             notes.append(
                 f"selection, compensation, repair and calibration apply to single-producer "
-                f"groups of Linear/Conv layers without layers in between: {len(plans) - len(capable)} "
+                f"groups of Linear/Conv layers without layers in between, whose layers no "
+                f"other group prunes: {len(plans) - len(rewritten)} "
                 "other group(s) used the options of the paper"
             )
-        extras.post_build(modules, capable)
+        extras.post_build(modules, rewritten)
         timings["compensate"] = time.perf_counter() - t0
         if calibration is not None and config.calibrate:
             t0 = time.perf_counter()
@@ -499,7 +534,7 @@ def compress(
                 model,
                 work,
                 extras.groups,
-                capable,
+                rewritten,
                 calibration,
                 config.calibrate,
                 config.ridge,
