@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import ModelError
@@ -223,6 +224,23 @@ _HOMOGENEOUS = frozenset(
         "type_as",
     }
 )
+
+#: Casts among the operations above: homogeneous only to a floating-point type
+#: (rounding aside); to an integer or ``bool`` they truncate (see :func:`_cast_target`).
+_CASTS = frozenset({"to", "type_as"})
+
+
+def _cast_target(op: Op, key: str) -> str | None:
+    """The type a cast truncates to (``"torch.int64"``), or ``None`` for a floating-point
+    type or no change of type. ``type_as`` and ``to(other)`` take another tensor's type,
+    which the recording does not keep: they count as truncating."""
+    if key == "type_as" or any(isinstance(a, Value) for a in op.args[1:]):
+        return "another tensor's type"
+    for arg in (*op.args[1:], op.kwargs.get("dtype")):
+        if isinstance(arg, torch.dtype) and not arg.is_floating_point:
+            return str(arg)
+    return None
+
 
 #: Random operations in training mode (see :func:`_random_in_forward`). In eval mode a
 #: dropout returns its input, and ``rrelu`` is a leaky ReLU of fixed slope.
@@ -510,6 +528,8 @@ class _Analysis:
             live = infos.count(None) != len(infos)
             is_module = op.kind == "module"
             if not live and not is_module:
+                if func_name(op.target) in _RESHAPES:  # a table reshaped by a channel count
+                    self.sizes_elsewhere(op, _target_sizes(op), None)
                 continue
             owner_name = op.owner
             if owner_name and live:
@@ -595,7 +615,7 @@ class _Analysis:
         space = _Space(n, len(self.spaces), producers=[name])
         space.modules_seen.add(name)
         self.spaces.append(space)
-        axis = 1 if is_conv else len(out.shape) - 1
+        axis = _conv_axis(module, len(out.shape)) if is_conv else len(out.shape) - 1
         if len(out.shape) <= axis or out.shape[axis] != n:
             space.broken = f"{name!r} has an output of unexpected shape {list(out.shape)}"
         self.set(out, _Info(((space, n),), axis))
@@ -608,7 +628,11 @@ class _Analysis:
     ) -> None:
         ndim = len(op.args[0].shape)
         if is_conv:
-            fits = info.axis == 1 and info.block == 1 and info.width == module.in_channels
+            fits = (
+                info.axis == _conv_axis(module, ndim)
+                and info.block == 1
+                and info.width == module.in_channels
+            )
         else:
             inputs = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
             fits = info.axis == ndim - 1 and info.width * info.block == inputs
@@ -669,7 +693,7 @@ class _Analysis:
         self, op: Op, module: nn.Module, info: _Info, out: Value | None, taint: str | None
     ) -> None:
         name = op.target
-        if info.axis != 1 or info.block != 1:
+        if info.axis != _conv_axis(module, len(op.args[0].shape)) or info.block != 1:
             self.break_info(
                 info, f"depthwise convolution {name!r} reads a dimension other than its channels"
             )
@@ -753,6 +777,12 @@ class _Analysis:
                 raise _Break(
                     f"its output passes through {func_name(op.target)} with a tensor argument"
                 )
+        if key in _CASTS:
+            target = _cast_target(op, key)
+            if target is not None:
+                self.nonhomogeneous(
+                    info, f"{key} casts to {target}, which is not positively homogeneous"
+                )
         if key in _RANDOM and _random_in_forward(op, key):
             self.nonhomogeneous(
                 info,
@@ -798,7 +828,15 @@ class _Analysis:
             if (info := self.get(v)) is not None
         ]
         constants = [v for v in tensors if self.get(v) is None]
-        numbers = [a for a in operands if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        # Any operand that is not a tensor and not exactly zero shifts: True, a NumPy
+        # scalar, a complex number, a size (compared by int's own, which notes no use).
+        shifts = [
+            a
+            for a in operands
+            if not isinstance(a, Value)
+            and not (type(a) in (int, float, bool) and a == 0)
+            and not (isinstance(a, DimSize) and int.__eq__(a, 0))
+        ]
         is_add = key in _ADD
         result = infos[0]
         for other in infos[1:]:
@@ -809,7 +847,7 @@ class _Analysis:
         if key in _RDIV_RSUB:
             why = f"{name} is not positively homogeneous"
         elif is_add:
-            shifted = constants or any(n != 0 for n in numbers)
+            shifted = constants or shifts
             why = "adding a constant is not positively homogeneous" if shifted else None
         elif len(infos) > 1:
             why = "an element-wise product of two layers' outputs is not positively homogeneous"
@@ -876,7 +914,18 @@ class _Analysis:
         ndim = len(op.args[0].shape)
         if info.axis >= ndim - dims or info.block != 1 or others:
             raise _Break(f"{_display(op, func_name(op.target))} pools over the channel dimension")
+        self.unused_indices(op, info, "max pooling (return_indices=True)")
         self.set(out, info)
+
+    def unused_indices(self, op: Op, info: _Info, what: str) -> None:
+        """The indices a call returns beside its values hold positions, not values that
+        scale with their channel, one per channel: any use of them ends the group (an
+        unpooling layer, ``idx.float()``). They carry the group's channels, so that their
+        sizes read as numbers, or their return as a model output, end it too."""
+        for value in op.outputs[1:]:
+            if value.users:
+                raise _Break(f"the indices of {what} are used")
+            self.set(value, info)
 
     def spatial(
         self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None
@@ -921,12 +970,15 @@ class _Analysis:
         if info.axis in dims or info.block != 1:
             raise _Break(f"its output is reduced over the channels ({key})")
         axis = info.axis if keepdim else info.axis - sum(1 for d in dims if d < info.axis)
+        new = _Info(info.segments, axis, info.block)
         if key in ("max", "min") and len(op.outputs) > 1:
-            pass  # (values, indices): only the values carry channels
-        self.set(out, _Info(info.segments, axis, info.block))
+            self.unused_indices(op, new, f"{key}(dim)")  # (values, indices)
+        self.set(out, new)
 
     def reshape(self, op: Op, info: _Info | None, others: list[Value], out: Value | None) -> None:
+        target = _target_sizes(op)
         if info is None or out is None:
+            self.sizes_elsewhere(op, target, None)
             self.break_all(op, self.not_channelwise(op))
             return
         before, after = op.args[0].shape, out.shape
@@ -935,10 +987,44 @@ class _Analysis:
             raise _Break(
                 f"{func_name(op.target)} reshapes {list(before)} to {list(after)}, mixing channels"
             )
-        self.check_target_size(op, new, others)
+        self.check_target_size(op, new, others, target)
+        self.sizes_elsewhere(op, target, new.axis)
         self.set(out, new)
 
-    def check_target_size(self, op: Op, new: _Info, others: list[Value]) -> None:
+    def channel_count_of(self, size: Any) -> _Info | None:
+        """The group whose channel count ``size`` was read as (``x.size(1)``), if any."""
+        if not isinstance(size, DimSize) or size.source is None:
+            return None
+        value, dim = size.source
+        info = self.get(value)
+        if info is None or dim is None or dim % max(len(value.shape), 1) != info.axis:
+            return None
+        return info
+
+    def sizes_elsewhere(
+        self, op: Op, target: tuple[tuple[Any, ...], int] | None, channel: int | None
+    ) -> None:
+        """A group's channel count asked for as the size of another dimension of a reshape,
+        or of a reshape of a tensor outside the groups (``table.view(-1, c)``), follows
+        pruning where nothing else does: it ends that group."""
+        if target is None:
+            return
+        sizes, first = target
+        for position, size in enumerate(sizes, first):
+            info = self.channel_count_of(size) if position != channel else None
+            self.break_info(
+                info,
+                f"its channel count (.shape/.size()) sizes another dimension in "
+                f"{func_name(op.target)}",
+            )
+
+    def check_target_size(
+        self,
+        op: Op,
+        new: _Info,
+        others: list[Value],
+        target: tuple[tuple[Any, ...], int] | None,
+    ) -> None:
         """A reshape's requested size of the channel dimension must follow the channels.
 
         A number written into the target shape (``view(-1, 128)``, ``reshape(b, 8, 1, 1)``)
@@ -954,34 +1040,20 @@ class _Analysis:
                     f"{key} takes its shape from a tensor whose channels are not this group's"
                 )
             return
-        if key in ("view", "reshape"):
-            sizes = op.args[1:] or tuple(
-                op.kwargs.get(k) for k in ("shape", "size") if k in op.kwargs
-            )
-            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
-                sizes = tuple(sizes[0])
-            if not sizes or not all(isinstance(n, int) for n in sizes):
-                return  # a dtype view, whose shape follows the input's
-            requested = sizes[new.axis] if new.axis < len(sizes) else -1
-        elif key == "unflatten":
-            dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
-            sizes = op.args[2] if len(op.args) > 2 else op.kwargs.get("sizes")
-            dim %= len(op.args[0].shape)
-            if not dim <= new.axis < dim + len(sizes):
+        if target is None:
+            if key == "unflatten":
+                raise _Break("its output is unflattened with sizes of an unexpected form")
+            return  # flatten, squeeze, unsqueeze, a dtype view: no sizes are given
+        sizes, first = target
+        if not first <= new.axis < first + len(sizes):
+            if key == "unflatten":
                 return  # the channel dimension is not the one unflattened
-            requested = sizes[new.axis - dim]
+            requested: Any = -1
         else:
-            return  # flatten, squeeze, unsqueeze: no sizes are given
+            requested = sizes[new.axis - first]
         # A DimSize notes every comparison or conversion as a use: read it with int's own.
         if isinstance(requested, DimSize):
-            value, dim = requested.source or (None, None)
-            info = self.get(value)
-            if (
-                info is not None
-                and dim is not None
-                and dim % max(len(value.shape), 1) == info.axis
-                and self.same_channels(info, new)
-            ):
+            if self.same_channels(self.channel_count_of(requested), new):
                 return
         elif requested == -1:
             return
@@ -1149,6 +1221,26 @@ def _approximation(space: _Space) -> tuple[str | None, str | None]:
 
 class _Break(Exception):
     """An operation ends the groups of its inputs (the message says why)."""
+
+
+def _target_sizes(op: Op) -> tuple[tuple[Any, ...], int] | None:
+    """The sizes a ``view``/``reshape``/``unflatten`` asks for, and the output dimension
+    of the first; ``None`` when it takes none (``flatten``, a dtype view)."""
+    key = func_name(op.target)
+    if key in ("view", "reshape"):
+        sizes = op.args[1:] or tuple(op.kwargs.get(k) for k in ("shape", "size") if k in op.kwargs)
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = tuple(sizes[0])
+        if not sizes or not all(isinstance(n, int) for n in sizes):
+            return None
+        return tuple(sizes), 0
+    if key == "unflatten":
+        dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
+        sizes = op.args[2] if len(op.args) > 2 else op.kwargs.get("sizes")
+        if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
+            return None
+        return tuple(sizes), dim % len(op.args[0].shape)
+    return None
 
 
 def _reshaped(before: Sequence[int], after: Sequence[int], info: _Info) -> _Info | None:
@@ -1323,6 +1415,12 @@ def find_groups(
         modules = dict(model.named_modules())
     with recorded(model, example_inputs, modules, checked) as recording:
         return groups_from_recording(recording, coupled)
+
+
+def _conv_axis(module: nn.Module, ndim: int) -> int:
+    """The channel dimension of a convolution's input or output of ``ndim`` dimensions:
+    0 for an unbatched one (``(C, L)`` for ``Conv1d``), else 1."""
+    return 0 if ndim == (2 if isinstance(module, nn.Conv1d) else 3) else 1
 
 
 def _out_channels(module: nn.Module) -> int:

@@ -37,6 +37,7 @@ import operator
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -210,25 +211,13 @@ def _func_name(func: Any) -> str:
     return name
 
 
-#: Functions that may take a recorded dimension size as an argument: they only shape
-#: tensors, so a size read from a value and passed on stays consistent after pruning.
-_SHAPE_ARGUMENTS = frozenset(
-    {
-        "view",
-        "reshape",
-        "expand",
-        "flatten",
-        "unflatten",
-        "broadcast_to",
-        "zeros",
-        "ones",
-        "empty",
-        "new_zeros",
-        "new_ones",
-        "new_empty",
-        "size",
-    }
-)
+#: Functions that may take a recorded dimension size as an argument: they only reshape
+#: their input, and the group analysis checks the size asked for the channel dimension
+#: (``check_target_size``), so a size read from a value and passed on stays consistent
+#: after pruning. Factories (``torch.zeros(b, c)``) and ``expand`` are not among them: a
+#: tensor they make as wide as a group (zero channels concatenated to it, a constant
+#: summed) would follow the pruned width where the analysis counts a fixed one.
+_SHAPE_ARGUMENTS = frozenset({"view", "reshape", "flatten", "unflatten", "size"})
 
 
 class DimSize(int):
@@ -383,8 +372,8 @@ def flatten_tensors(value: Any, out: list[Tensor], depth: int = 0) -> list[Tenso
     elif isinstance(value, Mapping):
         for item in value.values():
             flatten_tensors(item, out, depth + 1)
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        for item in value:
+    elif isinstance(value, (list, tuple, set, frozenset, Sequence, AbstractSet)):
+        for item in value:  # a deque or any other registered sequence or set too
             flatten_tensors(item, out, depth + 1)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for item in dataclasses.fields(value):
@@ -874,14 +863,15 @@ class _Recorder(TorchFunctionMode):
         if kind == "size":
             result = func(*args, **kwargs)
             if args:
-                return self.sizes(args[0], result, args[1] if len(args) > 1 else kwargs.get("dim"))
+                dim = args[1] if len(args) > 1 else kwargs.get("dim")
+                sizes = self.sizes(args[0], result, dim)
+                if name == "__len__" and isinstance(sizes, DimSize):
+                    sizes._used("len()")  # len() hands Python a plain int
+                return sizes
             return result
         shaping = kind == "shape"
-        if self.sized and not shaping:
-            for arg in (*args, *kwargs.values()):
-                for item in arg if isinstance(arg, (list, tuple)) else (arg,):
-                    if isinstance(item, DimSize):
-                        item._used(f"passed to {name}")
+        if self.sized:
+            self.note_sizes(name, shaping, (*args, *kwargs.values()))
         values: list[Value] | None
         if _all_passed_as_is(args) and (
             not kwargs or _all_passed_as_is(kwargs.values())
@@ -927,6 +917,21 @@ class _Recorder(TorchFunctionMode):
         self.add_op("function", func, wrapped_args, wrapped_kwargs, tensors, result, values)
         return result
 
+    @staticmethod
+    def note_sizes(name: str, shaping: bool, args: tuple[Any, ...]) -> None:
+        """Sizes passed to ``name`` (itself, in a list or tuple, or in a slice: C reads an
+        int subclass's value directly) are used as numbers. A reshape's sizes are checked
+        by the group analysis instead, except a layer's width (``fc.out_features``), which
+        does not say what tensor it was read from."""
+        for arg in args:
+            for item in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if isinstance(item, slice):
+                    for part in (item.start, item.stop, item.step):
+                        if isinstance(part, DimSize):
+                            part._used(f"in a slice passed to {name}")
+                elif isinstance(item, DimSize) and (not shaping or item.source is None):
+                    item._used(f"passed to {name}")
+
     def taint_read(self, tensor: Tensor, name: str) -> None:
         """Parameter ``tensor`` of a leaf layer is read by ``name`` outside that layer's call."""
         owner = self.params.get(id(tensor))
@@ -946,27 +951,49 @@ class _Recorder(TorchFunctionMode):
         except (RuntimeError, AttributeError):
             version = _NO_VERSION
         found = self.values.get(id(tensor))
-        if found is None or found[0] != version or found[1].producer is None:
+        owner = self.params.get(id(tensor))
+        # A layer's weight or bias: pruning changes its sizes too. Its sizes carry no
+        # source, so that they are noted wherever they go, a reshape's sizes included.
+        value: Value | None = None
+        if owner is not None:
+            where = self.owner()
+            place = f"{where[1]}.forward" if where[0] else "forward"
+
+            def note(d: int | None) -> Callable[[str], None]:
+                def record_use(what: str) -> None:
+                    self.taints.setdefault(
+                        owner[0],
+                        f"the size of {owner[1]} of {owner[0]} is used as a number in {place} "
+                        f"({what}), and pruning changes it",
+                    )
+
+                return record_use
+
+        elif found is None or found[0] != version or found[1].producer is None:
             return result
-        value = found[1]
+        else:
+            value = found[1]
 
-        def note(d: int | None) -> Callable[[str], None]:
-            def record_use(what: str) -> None:
-                if not self.shaping:
-                    self.size_uses.append((value, d, what))
+            def note(d: int | None) -> Callable[[str], None]:
+                def record_use(what: str) -> None:
+                    if not self.shaping:
+                        self.size_uses.append((value, d, what))
 
-            return record_use
+                return record_use
 
         self.sized = True
         if self.stack:
             self.sized_in.append(self.stack[-1][2])
         if isinstance(result, torch.Size):
-            return torch.Size(DimSize(n, note(i), (value, i)) for i, n in enumerate(result))
+            return torch.Size(
+                DimSize(n, note(i), None if value is None else (value, i))
+                for i, n in enumerate(result)
+            )
         if isinstance(result, int) and not isinstance(result, bool):
             d = dim if isinstance(dim, int) else (0 if dim is None and len(tensor.shape) else None)
             if dim is None:  # numel() or len(): every dimension, or the first
                 d = None if result == tensor.numel() and tensor.dim() != 1 else 0
-            return DimSize(result, note(d), (value, d))
+            return DimSize(result, note(d), None if value is None else (value, d))
         return result
 
     # -- module calls
@@ -1066,6 +1093,22 @@ class _Recorder(TorchFunctionMode):
         leaf.__wrapped__ = forward  # type: ignore[attr-defined]
         return leaf
 
+    def width_read(self, name: str, attr: str) -> Callable[[str], None]:
+        """What notes a use of layer ``name``'s ``attr`` (``fc1.out_features``) as a number
+        outside the layer's own call: pruning changes it, so the layer is left intact."""
+
+        def note(what: str) -> None:
+            if self.watching and self.leaf is None:
+                where = self.owner()
+                place = f"{where[1]}.forward" if where[0] else "forward"
+                self.taints.setdefault(
+                    name,
+                    f"{attr} of {name} is used as a number in {place} ({what}), and pruning "
+                    "changes it",
+                )
+
+        return note
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """Every module's ``forward`` wrapped (see above) inside; restored at the end.
@@ -1077,12 +1120,20 @@ class _Recorder(TorchFunctionMode):
         placed: list[tuple[nn.Module, Any, Any]] = []  # module, wrapper, instance forward
         handles = []
         compiled: list[tuple[nn.Module, Any]] = []  # module.compile(): run eagerly here
+        widths: list[tuple[dict[str, Any], str, int, DimSize]] = []  # state, attribute, n, size
         try:
             for name, module in self.modules.items():
-                if module.__dict__.get("_compiled_call_impl") is not None:
-                    compiled.append((module, module.__dict__["_compiled_call_impl"]))
-                    module.__dict__["_compiled_call_impl"] = None
+                state = module.__dict__
+                if state.get("_compiled_call_impl") is not None:
+                    compiled.append((module, state["_compiled_call_impl"]))
+                    state["_compiled_call_impl"] = None
                 leaf = id(module) in leaves
+                if leaf:
+                    for attr in _WIDTHS:
+                        n = state.get(attr)
+                        if type(n) is int:
+                            size = state[attr] = DimSize(n, self.width_read(name, attr))
+                            widths.append((state, attr, n, size))
                 if name in self.hooked:
                     handles.extend(self.hooking(name, module))
                     if not leaf:
@@ -1093,8 +1144,13 @@ class _Recorder(TorchFunctionMode):
                 wrapper = make(name, module, forward)
                 module.__dict__["forward"] = wrapper
                 placed.append((module, wrapper, own))
+            if widths:
+                self.sized = True
             yield
         finally:
+            for state, attr, n, size in widths:
+                if state.get(attr) is size:
+                    state[attr] = n
             for handle in handles:
                 handle.remove()
             for module, call in compiled:
@@ -1109,6 +1165,11 @@ class _Recorder(TorchFunctionMode):
 
 _NONE = object()
 _TENSOR_TYPES = (Tensor,)
+#: The sizes a smaller model's layers get anew (``build.py``): while recording they note
+#: their uses as numbers, as sizes read from tensors do.
+_WIDTHS = (
+    "in_features", "out_features", "in_channels", "out_channels", "groups", "nf", "num_features"
+)  # fmt: skip
 
 
 def _linear(module: Any, x: Tensor) -> Tensor | None:
