@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import fractions
 import math
 import threading
 import warnings
@@ -959,6 +960,14 @@ class SizeAsNumber(nn.Module):
         }
         if mode in layer_sizes:
             return layer_sizes[mode]()
+        if mode == "math.floor":
+            return y / math.floor(d)
+        if mode == "unary plus":
+            return y / +d
+        if mode == "bit_length":
+            return y * d.bit_length()
+        if mode == "Fraction":
+            return y * float(fractions.Fraction(d, 3))
         if mode == "factory":
             return y * torch.ones(d).sum()
         if mode == "slice":
@@ -1003,6 +1012,10 @@ _C_LEVEL = pytest.mark.xfail(
         "compare",
         "eq",
         "np.sqrt",
+        "math.floor",
+        "unary plus",
+        "bit_length",
+        "Fraction",
         "factory",
         "slice",
         "len()",
@@ -2065,3 +2078,71 @@ def test_classes_patched_after_import_run_their_new_code(monkeypatch: pytest.Mon
     record.record(conv, image)
     with torch.no_grad():
         assert torch.equal(seen[0], conv[0](image))
+
+
+class Spelled(nn.Module):
+    """conv or fc1 → relu → an operation spelled with varargs or keywords → a layer."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(18)
+        self.mode = mode
+        self.conv, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode.startswith("flip"):
+            y = F.relu(self.conv(x))
+            y = y.flip(3, 1) if self.mode == "flip(3, 1)" else y.flip(3, 2)
+            return self.gate(y).mean((2, 3))
+        h = F.relu(self.fc1(x))
+        ops = {
+            "add(other=0.7)": lambda: torch.add(h, other=0.7),
+            "sub(other=0.5)": lambda: h.sub(other=0.5),
+            "mul(other=h)": lambda: torch.mul(h, other=h),
+            "div floor": lambda: torch.div(h, 0.3, rounding_mode="floor"),
+            "div trunc": lambda: h.div(0.3, rounding_mode="trunc"),
+            "mul(other=2.0)": lambda: torch.mul(h, other=2.0),
+            "div(rounding_mode=None)": lambda: torch.div(h, 2.0, rounding_mode=None),
+        }
+        return self.fc2(ops[self.mode]())
+
+
+def test_flip_with_dimensions_as_varargs_checks_each() -> None:
+    """``y.flip(3, 1)`` flips the channels too: only its first dimension was read, and
+    pruning changed the output by 1.26."""
+    assert_excluded(Spelled("flip(3, 1)"), X_IMAGE, "conv", "flip moves values along the channel")
+    net = Spelled("flip(3, 2)")
+    assert [g.mergeable for g in nm.find_groups(net, X_IMAGE)[0] if g.name == "conv"] == [True]
+    assert_merge_correct(net, X_IMAGE)
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("add(other=0.7)", "adding a constant"),
+        ("sub(other=0.5)", "adding a constant"),
+        ("mul(other=h)", "product of two layers' outputs"),
+        ("div floor", "rounding_mode='floor'"),
+        ("div trunc", "rounding_mode='trunc'"),
+    ],
+)
+def test_keyword_operands_and_rounding_divisions_are_pruned_not_merged(
+    mode: str, words: str
+) -> None:
+    """Keyword operands were not read, and a rounding division was taken for scaling: a
+    planted duplicate merged through them changed the output by 0.02 to 0.22."""
+    net = Spelled(mode)
+    (group,) = [g for g in nm.find_groups(net, X)[0] if g.name == "fc1"]
+    assert not group.mergeable and words in group.reason
+    result = nm.prune(net, X, ratio=0.5)
+    fresh = torch.randn(6, 4)
+    assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["mul(other=2.0)", "div(rounding_mode=None)"])
+def test_scaling_by_keyword_still_merges(mode: str) -> None:
+    net = Spelled(mode)
+    assert [g.mergeable for g in nm.find_groups(net, X)[0] if g.name == "fc1"] == [True]
+    assert_merge_correct(net, X)

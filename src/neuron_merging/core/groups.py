@@ -814,7 +814,10 @@ class _Analysis:
         out = op.outputs[0] if op.outputs else None
         if out is None:
             return
-        operands = list(op.args[:2])
+        operands = [op.kwargs["input"]] if "input" in op.kwargs else []
+        operands += op.args[: 2 - len(operands)]
+        if "other" in op.kwargs:  # torch.add(h, other=0.7)
+            operands.append(op.kwargs["other"])
         tensors = [a for a in operands if isinstance(a, Value)]
         inputs = op.inputs()
         if len(inputs) != len(tensors) and [v for v in inputs if not any(v is t for t in tensors)]:
@@ -855,6 +858,12 @@ class _Analysis:
                 self.note_gate(tensors, result)
         elif key in _DIV and self.get(operands[0]) is None:
             why = "division by a layer's output is not positively homogeneous"
+        elif key in _DIV and (
+            op.kwargs.get("rounding_mode") is not None
+            or (len(op.args) > 2 and op.args[2] is not None)
+        ):
+            mode = op.kwargs.get("rounding_mode", op.args[2] if len(op.args) > 2 else None)
+            why = f"division with rounding_mode={mode!r} is not positively homogeneous"
         else:
             why = None  # scaling by a constant is linear
         if why is not None:
@@ -939,6 +948,8 @@ class _Analysis:
             dims: Any = range(2, ndim)
         elif key in ("fliplr", "flipud"):
             dims = [1 if key == "fliplr" else 0]
+        elif key == "flip" and len(op.args) > 2:  # y.flip(3, 1): the dimensions as varargs
+            dims = op.args[1:]
         else:
             position = {"flip": 1, "roll": 2, "rot90": 2}[key]
             default = [0, 1] if key == "rot90" else None

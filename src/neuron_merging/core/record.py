@@ -269,9 +269,23 @@ for _name in (
     "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__",
     "__rpow__", "__neg__", "__float__", "__lshift__", "__rshift__", "__divmod__", "__int__",
     "__index__", "__bool__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
-    "__and__", "__or__", "__xor__", "__abs__", "__round__", "__trunc__",
+    "__and__", "__or__", "__xor__", "__abs__", "__round__", "__trunc__", "__pos__",
+    "__invert__", "__floor__", "__ceil__", "bit_length", "bit_count", "conjugate", "to_bytes",
+    "as_integer_ratio",
 ):  # fmt: skip
     setattr(DimSize, _name, _noting(_name))
+
+
+def _noting_value(name: str) -> property:
+    def read(self: DimSize) -> int:
+        self._used(f"Python .{name}")
+        return int.__int__(self)
+
+    return property(read)
+
+
+for _name in ("real", "numerator"):  # what fractions.Fraction and numbers.Integral read
+    setattr(DimSize, _name, _noting_value(_name))
 
 
 @dataclass(eq=False, slots=True)
@@ -1640,7 +1654,9 @@ def record(
             raise ModelError(
                 f"{type(model).__name__} runs on the example inputs but not while it is "
                 f"recorded ({what}); code that needs to own the whole call, such as "
-                "torch.cond outside torch.compile, cannot be recorded"
+                "torch.cond outside torch.compile, cannot be recorded, nor code that "
+                "requires type(size) is int (sizes and layer widths are int subclasses "
+                "while recording)"
             ) from exc
         raise ModelError(
             f"running {type(model).__name__} on the example inputs failed ({what}); "
