@@ -7,6 +7,7 @@ import collections
 import copy
 import dataclasses
 import fractions
+import functools
 import math
 import threading
 import warnings
@@ -973,7 +974,7 @@ class SizeAsNumber(nn.Module):
         if mode == "slice":
             return y * self.table[:d].sum()
         if mode == "len()":
-            return y * len(h.t())
+            return y * len(h[0])
         if mode == "reshape of a buffer":  # the first d entries after pruning: silently wrong
             return y + self.table.view(-1, d)[0].sum()
         if mode == "divide":
@@ -2146,3 +2147,95 @@ def test_scaling_by_keyword_still_merges(mode: str) -> None:
     net = Spelled(mode)
     assert [g.mergeable for g in nm.find_groups(net, X)[0] if g.name == "fc1"] == [True]
     assert_merge_correct(net, X)
+
+
+class Reordered(nn.Module):
+    """fc1 or conv → relu → ``mode`` → a layer, at any batch size."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(19)
+        self.mode = mode
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.register_buffer("w1", torch.randn(8, 4))
+        self.register_buffer("w2", torch.randn(3, 8))
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        if self.mode == "functional_call producer":
+            h = torch.func.functional_call(self.fc1, {"weight": self.w1}, (x,))
+        else:
+            h = self.fc1(x)
+        h = F.relu(h)
+        if self.mode == "t then reshape":  # the identity at batch 1 only
+            h = h.t().reshape(b, -1)
+        elif self.mode == "unsqueeze, transpose, reshape":
+            h = h.unsqueeze(-1).transpose(0, 2).reshape(b, -1)
+        elif self.mode == "offset from a size":  # zero at batch 1 only
+            h = h + (b - 1)
+        elif self.mode == "sum in int32":
+            h = (h * 10).unsqueeze(-1).sum(-1, dtype=torch.int32).float()
+        if self.mode == "functional_call consumer":
+            return torch.func.functional_call(self.fc2, {"weight": self.w2}, (h,))
+        return self.fc2(h)
+
+
+X1 = torch.randn(1, 4, generator=torch.Generator().manual_seed(6))
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("t then reshape", "moves a dimension from before the channels to behind them"),
+        ("unsqueeze, transpose, reshape", "moves a dimension from before the channels"),
+        ("functional_call producer", "weight of fc1 is replaced while the model runs"),
+        ("functional_call consumer", "weight of fc2 is replaced while the model runs"),
+    ],
+)
+def test_batch_one_coincidences_and_swapped_weights_exclude_group(mode: str, words: str) -> None:
+    """At batch 1, ``h.t().reshape(b, -1)`` is the identity; at batch 3 it mixes samples and
+    channels (prune vs mask 0.118). ``functional_call`` computes with other tensors than
+    the ones compression edits (the smaller model failed on its first forward)."""
+    net = Reordered(mode)
+    assert_excluded(net, X1, "fc1", words)
+    for verb in (nm.prune, nm.merge):
+        assert verb(net, X1, ratio=0.5).model(torch.randn(3, 4)).shape == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("offset from a size", "adding a constant"),
+        ("sum in int32", "sum computes in torch.int32"),
+    ],
+)
+def test_size_offsets_and_integer_reductions_are_pruned_not_merged(mode: str, words: str) -> None:
+    """``h + (b - 1)`` adds nothing at batch 1 and 2 at batch 3 (a planted merge was off by
+    0.63 there); an integer ``sum`` truncates like ``.to(torch.int32)``."""
+    net = Reordered(mode)
+    (group,) = [g for g in nm.find_groups(net, X1)[0] if g.name == "fc1"]
+    assert not group.mergeable and words in group.reason
+    result = nm.prune(net, X1, ratio=0.5)
+    fresh = torch.randn(3, 4)
+    with torch.no_grad():  # an integer sum has no gradient
+        assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["generator", "partial"])
+def test_outputs_that_hide_tensors_leave_every_group_intact(kind: str) -> None:
+    """A generator (or a callable) returned by the model hides its tensors until it runs:
+    returned features shrank from 8 to 4 channels."""
+
+    class Net(DataclassOutput):
+        def forward(self, x: Tensor) -> object:
+            h = self.fc1(x)
+            out = self.fc2(F.relu(h))
+            if kind == "generator":
+                return (t for t in (out, h))
+            return out, functools.partial(torch.clone, h)
+
+    net = Net()
+    groups, skipped = nm.find_groups(net, X)
+    assert not groups
+    assert f"the model's output holds a {kind}" in _skips(skipped)["fc1"]

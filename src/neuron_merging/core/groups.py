@@ -721,6 +721,12 @@ class _Analysis:
         data = op.args[0] if op.args else None
         info = self.get(data)
         others = [v for v in op.inputs() if v is not data]
+        if info is not None and key not in _CASTS:
+            for arg in (*op.args[1:], *op.kwargs.values()):
+                if isinstance(arg, torch.dtype) and not arg.is_floating_point:
+                    self.nonhomogeneous(
+                        info, f"{key} computes in {arg}, which is not positively homogeneous"
+                    )
         try:
             if key in _HOMOGENEOUS or key in _CHANNELWISE:
                 self.elementwise(op, key, info, others, out)
@@ -836,9 +842,7 @@ class _Analysis:
         shifts = [
             a
             for a in operands
-            if not isinstance(a, Value)
-            and not (type(a) in (int, float, bool) and a == 0)
-            and not (isinstance(a, DimSize) and int.__eq__(a, 0))
+            if not isinstance(a, Value) and not (type(a) in (int, float, bool) and a == 0)
         ]
         is_add = key in _ADD
         result = infos[0]
@@ -1091,27 +1095,36 @@ class _Analysis:
             return
         ndim = len(op.args[0].shape)
         a = info.axis
+        order = list(range(ndim))  # the input dimension each output dimension takes
         if key in ("t", "t_", ".T"):
-            axis = ndim - 1 - a
+            order.reverse()
         elif key == ".mT":
-            axis = a if a < ndim - 2 else (2 * ndim - 3 - a)
+            order[-2:] = order[:-3:-1]
         elif key == "permute":
             dims = (
                 op.args[1:]
                 if len(op.args) > 2 or not isinstance(op.args[1], (list, tuple))
                 else op.args[1]
             )
-            dims = [d % ndim for d in dims]
-            axis = dims.index(a)
+            order = [d % ndim for d in dims]
         else:
             d0, d1 = (
                 (op.args[1] % ndim, op.args[2] % ndim)
                 if len(op.args) > 2
                 else (op.kwargs["dim0"] % ndim, op.kwargs["dim1"] % ndim)
             )
-            axis = d1 if a == d0 else d0 if a == d1 else a
+            order[d0], order[d1] = d1, d0
+        axis = order.index(a)
         if info.block != 1 and axis != a:
             raise _Break(f"{key} moves flattened channels")
+        # A dimension moved from before the channels to behind them may be the batch,
+        # of size 1 in the example: a reshape that looks channel-preserving there would
+        # mix the samples of a larger batch (h.t().reshape(b, -1)).
+        if not set(range(a)) <= set(order[:axis]):
+            raise _Break(
+                f"{key} moves a dimension from before the channels to behind them (the "
+                "batch, perhaps), which a later reshape could mix with the channels"
+            )
         self.set(out, _Info(info.segments, axis, info.block))
 
     def cat(self, op: Op, out: Value | None) -> None:
@@ -1151,7 +1164,8 @@ class _Analysis:
             return
         ndim = len(op.args[0].shape)
         pad = op.args[1] if len(op.args) > 1 else op.kwargs.get("pad")
-        padded = {ndim - 1 - i // 2 for i, p in enumerate(pad) if p}
+        # A size read as a pad (``x.shape[0] - 1``) may be zero only in the example.
+        padded = {ndim - 1 - i // 2 for i, p in enumerate(pad) if isinstance(p, DimSize) or p}
         owner = f" in {op.owner_type}" if op.owner_type else ""
         if info.axis in padded:
             raise _Break(
@@ -1159,7 +1173,7 @@ class _Analysis:
             )
         mode = op.args[2] if len(op.args) > 2 else op.kwargs.get("mode", "constant")
         value = op.args[3] if len(op.args) > 3 else op.kwargs.get("value", None)
-        if mode == "constant" and value not in (None, 0, 0.0):
+        if mode == "constant" and (isinstance(value, DimSize) or value not in (None, 0, 0.0)):
             self.nonhomogeneous(
                 info, "padding with a non-zero constant is not positively homogeneous"
             )

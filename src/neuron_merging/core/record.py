@@ -253,12 +253,29 @@ class DimSize(int):
         return int.__int__(self)
 
 
+#: Arithmetic whose integer result is itself a size (``x.shape[0] - 1``): it comes back as
+#: one, noting its uses as the size it was computed from, so that a number that depends on
+#: the example's sizes (zero at batch 1, say) is not taken for a constant.
+_DERIVED = frozenset(
+    {
+        "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
+        "__rfloordiv__", "__mod__", "__rmod__", "__neg__", "__pos__", "__abs__", "__pow__",
+        "__rpow__", "__lshift__", "__rshift__", "__and__", "__or__", "__xor__", "__invert__",
+        "__round__", "__trunc__", "__floor__", "__ceil__",
+    }
+)  # fmt: skip
+
+
 def _noting(name: str) -> Callable[..., Any]:
     plain = getattr(int, name)
+    derived = name in _DERIVED
 
     def method(self: DimSize, *args: Any) -> Any:
         self._used(f"Python {name.strip('_')}")
-        return plain(self, *args)
+        result = plain(self, *args)
+        if derived and type(result) is int:
+            return DimSize(result, self._note)  # type: ignore[attr-defined]
+        return result
 
     method.__name__ = name
     return method
@@ -374,8 +391,14 @@ _FLAT = frozenset(
 )
 
 
-def flatten_tensors(value: Any, out: list[Tensor], depth: int = 0) -> list[Tensor]:
-    """Every tensor in a nest of tuples, lists, mappings, dataclasses and plain objects."""
+def flatten_tensors(
+    value: Any, out: list[Tensor], depth: int = 0, opaque: list[str] | None = None
+) -> list[Tensor]:
+    """Every tensor in a nest of tuples, lists, mappings, dataclasses and plain objects.
+
+    ``opaque`` collects what may hold tensors that cannot be looked at without running
+    it: iterators (a generator) and callables (``functools.partial(torch.clone, h)``).
+    """
     if type(value) in (tuple, list) and all(type(v) in _FLAT for v in value):
         out.extend(v for v in value if isinstance(v, Tensor))
         return out
@@ -385,20 +408,22 @@ def flatten_tensors(value: Any, out: list[Tensor], depth: int = 0) -> list[Tenso
         out.append(value)
     elif isinstance(value, Mapping):
         for item in value.values():
-            flatten_tensors(item, out, depth + 1)
+            flatten_tensors(item, out, depth + 1, opaque)
     elif isinstance(value, (list, tuple, set, frozenset, Sequence, AbstractSet)):
         for item in value:  # a deque or any other registered sequence or set too
-            flatten_tensors(item, out, depth + 1)
+            flatten_tensors(item, out, depth + 1, opaque)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for item in dataclasses.fields(value):
-            flatten_tensors(getattr(value, item.name, None), out, depth + 1)
+            flatten_tensors(getattr(value, item.name, None), out, depth + 1, opaque)
+    elif opaque is not None and (callable(value) or isinstance(value, Iterator)):
+        opaque.append(type(value).__name__)
     elif not callable(value):
         for item in getattr(value, "__dict__", {}).values():
-            flatten_tensors(item, out, depth + 1)
+            flatten_tensors(item, out, depth + 1, opaque)
         for cls in type(value).__mro__:
             for slot in getattr(cls, "__slots__", ()):
                 if isinstance(slot, str) and slot not in ("__dict__", "__weakref__"):
-                    flatten_tensors(getattr(value, slot, None), out, depth + 1)
+                    flatten_tensors(getattr(value, slot, None), out, depth + 1, opaque)
     return out
 
 
@@ -983,7 +1008,11 @@ class _Recorder(TorchFunctionMode):
 
                 return record_use
 
-        elif found is None or found[0] != version or found[1].producer is None:
+        elif (
+            found is None
+            or found[0] != version
+            or (found[1].producer is None and not found[1].is_input)
+        ):
             return result
         else:
             value = found[1]
@@ -1075,13 +1104,31 @@ class _Recorder(TorchFunctionMode):
         ]
 
     def leaf_call(self, name: str, module: nn.Module, forward: Callable[..., Any]) -> Any:
-        """``forward`` of leaf layer ``module``, recorded as one operation."""
+        """``forward`` of leaf layer ``module``, recorded as one operation.
+
+        Its registered tensors must be the ones it holds as the pass starts: a call with
+        others swapped in (``torch.func.functional_call``) computes with tensors that
+        compression does not edit, and its module is left intact.
+        """
         calls = self.calls
         direct = _DIRECT_LEAVES.get(type(module)) if _unpatched(module) else None
+        state = module.__dict__
+        held = [
+            (state[kind], attr, tensor)
+            for kind in ("_parameters", "_buffers")
+            for attr, tensor in state[kind].items()
+        ]
 
         def leaf(*args: Any, **kwargs: Any) -> Any:
             if self.leaf is not None:  # a leaf layer run by another one's forward
                 return forward(*args, **kwargs)
+            for registered, attr, tensor in held:
+                if registered.get(attr) is not tensor:
+                    self.taints.setdefault(
+                        name,
+                        f"{attr} of {name} is replaced while the model runs (set anew in "
+                        "forward, or swapped for its call by torch.func.functional_call)",
+                    )
             self.leaf = module
             try:
                 with _DISABLE_TORCH_FUNCTION():
@@ -1662,7 +1709,13 @@ def record(
             f"running {type(model).__name__} on the example inputs failed ({what}); "
             "check their shapes and dtypes"
         ) from exc
-    outputs = [recorder.value(t) for t in flatten_tensors(output, [])]
+    opaque: list[str] = []
+    outputs = [recorder.value(t) for t in flatten_tensors(output, [], 0, opaque)]
+    if opaque:
+        recorder.unseen.append(
+            f"the model's output holds a {opaque[0]}, which may return any value when "
+            "called or iterated: return tensors in tuples, lists, dicts or dataclasses"
+        )
     recorder.watching = False
     recorder.alive.clear()  # no callbacks once the recording is done
     recorder.check_owned()
