@@ -963,6 +963,8 @@ class _Recorder(TorchFunctionMode):
         by the group analysis instead, except a layer's width (``fc.out_features``), which
         does not say what tensor it was read from."""
         for arg in args:
+            if type(arg) in _FLAT:  # a tensor, a plain number, None: the common case
+                continue
             for item in arg if isinstance(arg, (list, tuple)) else (arg,):
                 if isinstance(item, slice):
                     for part in (item.start, item.stop, item.step):
@@ -1113,10 +1115,11 @@ class _Recorder(TorchFunctionMode):
         calls = self.calls
         direct = _DIRECT_LEAVES.get(type(module)) if _unpatched(module) else None
         state = module.__dict__
-        held = [
-            (state[kind], attr, tensor)
-            for kind in ("_parameters", "_buffers")
-            for attr, tensor in state[kind].items()
+        held = [  # the tensors compression edits, as they are when the pass starts
+            (registered, attr, registered[attr])
+            for registered in (state["_parameters"], state["_buffers"])
+            for attr in _LEAF_TENSORS_BN
+            if registered.get(attr) is not None
         ]
 
         def leaf(*args: Any, **kwargs: Any) -> Any:
@@ -1190,7 +1193,11 @@ class _Recorder(TorchFunctionMode):
                     state["_compiled_call_impl"] = None
                 leaf = id(module) in leaves
                 if leaf:
-                    for attr in _WIDTHS:
+                    key = (type(module), len(state))
+                    names = _WIDTHS_OF.get(key)
+                    if names is None:
+                        names = _WIDTHS_OF[key] = tuple(a for a in _WIDTHS if a in state)
+                    for attr in names:
                         n = state.get(attr)
                         if type(n) is int:
                             size = state[attr] = DimSize(n, self.width_read(name, attr))
@@ -1228,6 +1235,8 @@ _NONE = object()
 _TENSOR_TYPES = (Tensor,)
 #: The sizes a smaller model's layers get anew (``build.py``): while recording they note
 #: their uses as numbers, as sizes read from tensors do.
+#: The attributes of _WIDTHS that a leaf class sets, by (class, number of attributes).
+_WIDTHS_OF: dict[tuple[type, int], tuple[str, ...]] = {}
 _WIDTHS = (
     "in_features", "out_features", "in_channels", "out_channels", "groups", "nf", "num_features"
 )  # fmt: skip
