@@ -2187,8 +2187,8 @@ X1 = torch.randn(1, 4, generator=torch.Generator().manual_seed(6))
 @pytest.mark.parametrize(
     "mode, words",
     [
-        ("t then reshape", "moves a dimension from before the channels to behind them"),
-        ("unsqueeze, transpose, reshape", "moves a dimension from before the channels"),
+        ("t then reshape", "moves a dimension of size 1 from before the channels"),
+        ("unsqueeze, transpose, reshape", "moves a dimension of size 1 from before"),
         ("functional_call producer", "weight of fc1 is replaced while the model runs"),
         ("functional_call consumer", "weight of fc2 is replaced while the model runs"),
     ],
@@ -2239,3 +2239,31 @@ def test_outputs_that_hide_tensors_leave_every_group_intact(kind: str) -> None:
     groups, skipped = nm.find_groups(net, X)
     assert not groups
     assert f"the model's output holds a {kind}" in _skips(skipped)["fc1"]
+
+
+class TokensToChannels(nn.Module):
+    """fc1 on tokens (B, T, C) → relu → transpose to (B, C, T) → Conv1d, as a sequence
+    model hands tokens to a convolution (SegFormer's Mix-FFN, Conformer blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(20)
+        self.fc1, self.conv = nn.Linear(4, 8), nn.Conv1d(8, 3, 3, padding=1)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.fc1(x)).transpose(1, 2)
+        b, c, t = h.shape
+        return self.conv(h.reshape(b, c, t)).mean(-1)
+
+
+def test_tokens_moved_behind_the_channels_keep_the_group() -> None:
+    """Only a dimension of size 1 in the example (a batch of 1, perhaps) moved behind the
+    channels ends the group: tokens moved there show any mixing in the example itself."""
+    net, x = TokensToChannels(), torch.randn(1, 5, 4)
+    groups, _ = nm.find_groups(net, x)
+    assert [g.mergeable for g in groups if g.name == "fc1"] == [True]
+    assert_merge_correct(net, x)
+    fresh = torch.randn(3, 7, 4)
+    result = nm.prune(net, x, ratio=0.5)
+    assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5

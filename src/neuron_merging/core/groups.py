@@ -1117,13 +1117,15 @@ class _Analysis:
         axis = order.index(a)
         if info.block != 1 and axis != a:
             raise _Break(f"{key} moves flattened channels")
-        # A dimension moved from before the channels to behind them may be the batch,
-        # of size 1 in the example: a reshape that looks channel-preserving there would
-        # mix the samples of a larger batch (h.t().reshape(b, -1)).
-        if not set(range(a)) <= set(order[:axis]):
+        # A dimension of size 1 moved from before the channels to behind them may be the
+        # batch of a batch-1 example: a reshape that looks channel-preserving there would
+        # mix the samples of a larger batch (h.t().reshape(b, -1)). A larger dimension
+        # moved so (tokens before a Conv1d) shows any such mixing in the example itself.
+        shape = op.args[0].shape
+        if any(shape[d] == 1 for d in set(range(a)) - set(order[:axis])):
             raise _Break(
-                f"{key} moves a dimension from before the channels to behind them (the "
-                "batch, perhaps), which a later reshape could mix with the channels"
+                f"{key} moves a dimension of size 1 from before the channels to behind them "
+                "(the batch, perhaps), which a later reshape could mix with the channels"
             )
         self.set(out, _Info(info.segments, axis, info.block))
 
