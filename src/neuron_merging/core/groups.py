@@ -837,8 +837,9 @@ class _Analysis:
             if (info := self.get(v)) is not None
         ]
         constants = [v for v in tensors if self.get(v) is None]
-        # Any operand that is not a tensor and not exactly zero shifts: True, a NumPy
-        # scalar, a complex number, a size (compared by int's own, which notes no use).
+        # Any operand that is not a tensor and not a plain zero shifts: True, a NumPy
+        # scalar, a complex number, and any size, which may be zero only in the example
+        # (``x.shape[0] - 1``; never compared, which would note a use).
         shifts = [
             a
             for a in operands
