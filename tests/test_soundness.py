@@ -177,6 +177,43 @@ def test_write_through_view_excludes_group() -> None:
     assert_excluded(Net(), X, "fc1", "written", "alias", "mul", "combined", "mean", "reduced")
 
 
+def test_tensor_freed_by_a_tracer_during_an_in_place_write_is_forgotten() -> None:
+    """A tracer or profiler (pyinstrument's sampling thread, say) can free a recorded
+    tensor at any bytecode, also while the recorder compares the live tensors with one
+    written in place; that used to end the recording with 'dictionary changed size
+    during iteration'."""
+    import sys
+
+    held: list[Tensor] = []
+
+    class Net(Chain):
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc1(x)
+            held.append(h * 2.0)  # recorded, alive only through ``held``
+            held.append(h * 3.0)
+            return self.fc3(F.relu(self.fc2(F.relu_(h))))
+
+    def each_opcode(frame, event, arg):
+        if event == "opcode" and held:
+            held.clear()  # the last references: their weak references' callbacks run now
+        return each_opcode
+
+    def trace(frame, event, arg):
+        caller = frame.f_back
+        if frame.f_code.co_name == "<listcomp>" and caller and caller.f_code.co_name == "_clobber":
+            frame.f_trace_opcodes = True
+            return each_opcode
+        return None
+
+    sys.settrace(trace)
+    try:
+        groups, _ = nm.find_groups(Net(), X)
+    finally:
+        sys.settrace(None)
+    assert not held
+    assert "fc1" in {g.name for g in groups}
+
+
 # ------------------------------------------------------------------------------ hooks
 
 

@@ -876,7 +876,11 @@ class _Recorder(TorchFunctionMode):
         ptr = _storage_ptr(tensor)
         if not ptr:
             return
-        live = [(i, ref()) for i, ref in self.alive.items()] + [(id(t), t) for t in self.pinned]
+        # A snapshot first: a tensor can be freed while the list is built (by a profiler's
+        # or tracer's callback, or another thread), and its weak reference's callback then
+        # removes it from ``alive``.
+        live = [(ref.tensor_id, ref()) for ref in list(self.alive.values())]
+        live += [(id(t), t) for t in self.pinned]
         for tensor_id, other in live:
             if other is None or tensor_id == id(tensor) or _storage_ptr(other) != ptr:
                 continue
