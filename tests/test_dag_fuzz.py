@@ -1,5 +1,5 @@
-"""Hypothesis: random DAGs of linear/conv blocks (ReLU/GELU/LeakyReLU/ReLU6/SiLU, BN,
-depthwise convs, residual adds, concats, scalar multiples, maps of positions (flips, rolls,
+"""Hypothesis: random DAGs of linear/conv blocks (ReLU/GELU/LeakyReLU/ReLU6/SiLU/clamp(min=0)/abs,
+BN, depthwise convs, residual adds, concats, scalar multiples, maps of positions (flips, rolls,
 resampling, indexing, flattening and splitting back), several consumers per value).
 
 Properties, for ``coupled`` off and on:
@@ -26,7 +26,7 @@ from _zoo import masked_copy, merge_planted, planted, run
 
 FAST_EXAMPLES = 30
 SLOW_EXAMPLES = 300
-ACTS = ("relu", "relu", "leaky", "none", "gelu", "relu6", "silu")
+ACTS = ("relu", "relu", "leaky", "none", "gelu", "relu6", "silu", "clamp0", "abs")
 SCALES = (0.5, 2.0, -1.0)
 
 
@@ -158,6 +158,10 @@ def _act(name: str, x: Tensor) -> Tensor:
         return F.relu6(x)
     if name == "silu":
         return F.silu(x)
+    if name == "clamp0":
+        return x.clamp(min=0)
+    if name == "abs":
+        return x.abs()
     return x
 
 

@@ -1223,6 +1223,68 @@ def test_floating_casts_and_zero_offsets_still_merge(mode: str) -> None:
     assert_merge_correct(net, X)
 
 
+_BOUNDED_UNITS: dict[str, Callable[[Tensor], Tensor]] = {
+    "clamp(min=0)": lambda h: h.clamp(min=0),
+    "clamp_min(h, 0.0)": lambda h: torch.clamp_min(h, 0.0),
+    "clip(max=0)": lambda h: torch.clip(h, max=0),
+    "clamp(-inf, 0)": lambda h: h.clamp(float("-inf"), 0),
+    "clamp_(min=0)": lambda h: h.clone().clamp_(min=0),
+    "hardtanh(0, inf)": lambda h: F.hardtanh(h, 0.0, float("inf")),
+    "nn.Hardtanh(0, inf)": nn.Hardtanh(0.0, float("inf")),
+    "threshold(0, 0)": lambda h: F.threshold(h, 0.0, 0.0),
+    "nn.Threshold(0, 0)": nn.Threshold(0.0, 0.0),
+    "abs": torch.abs,
+    "abs_": lambda h: h.clone().abs_(),
+    "clamp(0, 6)": lambda h: h.clamp(0, 6),
+    "clamp(min=-0.5)": lambda h: h.clamp(min=-0.5),
+    "clamp(min=tensor)": lambda h: h.clamp(min=torch.tensor(0.0)),
+    "threshold(0.1, 0)": lambda h: F.threshold(h, 0.1, 0.0),
+    "threshold(0, 1)": lambda h: F.threshold(h, 0.0, 1.0),
+    "hardtanh()": F.hardtanh,
+}
+
+
+class Bounded(nn.Module):
+    """fc1 → a clamp, threshold or ``abs`` → fc2."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(18)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        unit = _BOUNDED_UNITS[mode]
+        self.unit = copy.deepcopy(unit) if isinstance(unit, nn.Module) else unit
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.unit(self.fc1(x)))
+
+
+_ZERO_BOUNDS = list(_BOUNDED_UNITS)[:11]
+
+
+@pytest.mark.parametrize("mode", _ZERO_BOUNDS)
+def test_clamps_with_zero_or_infinite_bounds_and_abs_merge(mode: str) -> None:
+    """``f(s·z) = s·f(z)`` for s > 0 when every bound is 0 or infinite (a ReLU, or its
+    mirror image), and for ``abs``: these groups were pruned only."""
+    net = Bounded(mode)
+    groups, _ = nm.find_groups(net, X)
+    assert [g.mergeable for g in groups if g.name == "fc1"] == [True]
+    result = nm.prune(net, X, ratio=0.5)
+    fresh = torch.randn(6, 4)
+    assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, X)
+
+
+@pytest.mark.parametrize("mode", list(_BOUNDED_UNITS)[len(_ZERO_BOUNDS) :])
+def test_clamps_with_other_bounds_are_pruned_not_merged(mode: str) -> None:
+    net = Bounded(mode)
+    groups, _ = nm.find_groups(net, X)
+    (group,) = [g for g in groups if g.name == "fc1"]
+    assert not group.mergeable and "not positively homogeneous" in group.reason
+    result = nm.prune(net, X, ratio=0.5)
+    fresh = torch.randn(6, 4)
+    assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
+
+
 class Unbatched(nn.Module):
     """Conv1d layers on an unbatched ``(C, L)`` input, ``L`` equal to the channel count."""
 

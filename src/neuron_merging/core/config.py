@@ -7,6 +7,7 @@ argument, and it round-trips through plain JSON (``to_dict`` / ``from_dict``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -42,6 +43,12 @@ CALIBRATE_STEPS: tuple[str, ...] = (
     "bn",
     "repair",
 )
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_share(ratio: float) -> Fraction:
+    """``1 - ratio`` exactly, the ratio read as the decimal it was written as."""
+    return 1 - Fraction(repr(ratio))
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ class MergeConfig:
         presets' goldens were computed with.
         """
         if self.rounding == "floor":
-            return math.floor(n * (1 - Fraction(repr(float(self.ratio)))))
+            return math.floor(n * _kept_share(float(self.ratio)))
         return round(n * (1.0 - self.ratio))
 
     def to_dict(self) -> dict[str, Any]:

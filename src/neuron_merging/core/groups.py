@@ -222,6 +222,9 @@ _HOMOGENEOUS = frozenset(
         "half",
         "bfloat16",
         "type_as",
+        "abs",  # |s·z| = s·|z| for s > 0
+        "abs_",
+        "absolute",
     }
 )
 
@@ -278,11 +281,12 @@ _CHANNELWISE = {
     "softshrink": "Softshrink",
     "hardshrink": "Hardshrink",
     "threshold": "Threshold",
+    "threshold_": "Threshold",
+    "_threshold": "Threshold",
     "exp": "exp",
     "log": "log",
     "sqrt": "sqrt",
     "rsqrt": "rsqrt",
-    "abs": "abs",
     "square": "square",
     "erf": "erf",
     "sin": "sin",
@@ -291,11 +295,45 @@ _CHANNELWISE = {
     "clamp": "clamp",
     "clamp_": "clamp",
     "clip": "clamp",
+    "clip_": "clamp",
     "clamp_min": "clamp",
+    "clamp_min_": "clamp",
     "clamp_max": "clamp",
+    "clamp_max_": "clamp",
     "pow": "pow",
     "__pow__": "pow",
 }
+#: Clamps and thresholds, with the names and defaults of their bounds in argument order:
+#: positively homogeneous when every bound is 0 or infinite (``clamp(min=0)`` is a ReLU,
+#: ``threshold(x, 0, 0)`` too), since then ``f(s·z) = s·f(z)`` for s > 0.
+_BOUNDED: dict[str, tuple[tuple[str, float | None], ...]] = {
+    **dict.fromkeys(
+        ("clamp", "clamp_", "clip", "clip_"), (("min", None), ("max", None))
+    ),
+    "clamp_min": (("min", None),),
+    "clamp_min_": (("min", None),),
+    "clamp_max": (("max", None),),
+    "clamp_max_": (("max", None),),
+    **dict.fromkeys(("hardtanh", "hardtanh_"), (("min_val", -1.0), ("max_val", 1.0))),
+    **dict.fromkeys(("threshold", "threshold_", "_threshold"), (("threshold", None), ("value", None))),
+}  # fmt: skip
+
+
+def _homogeneous_bounds(op: Op, key: str) -> bool:
+    """Whether a clamp or threshold of :data:`_BOUNDED` has only zero or infinite bounds
+    (given as plain numbers: a tensor or a size read from one may be anything)."""
+    names = _BOUNDED.get(key)
+    if names is None:
+        return False
+    for position, (name, default) in enumerate(names, start=1):
+        bound = op.args[position] if len(op.args) > position else op.kwargs.get(name, default)
+        if bound is None and default is None and not key.endswith("threshold"):
+            continue
+        if type(bound) not in (int, float) or not (bound == 0 or math.isinf(bound)):
+            return False
+    return True
+
+
 _ADD = frozenset(
     {
         "add",
@@ -795,7 +833,7 @@ class _Analysis:
                 f"{key} runs in training mode in forward: each channel gets its own random "
                 "mask or slope, and merged channels would share one",
             )
-        if key in _CHANNELWISE:
+        if key in _CHANNELWISE and not _homogeneous_bounds(op, key):
             shown = _display(op, _CHANNELWISE[key])
             if key == "hardtanh" and shown == "Hardtanh":
                 shown = "Hardtanh (ReLU6)"
