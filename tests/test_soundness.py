@@ -12,6 +12,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -2366,3 +2367,163 @@ def test_tokens_moved_behind_the_channels_keep_the_group() -> None:
     fresh = torch.randn(3, 7, 4)
     result = nm.prune(net, x, ratio=0.5)
     assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
+
+
+# ------------------------------------------------ a forward that writes state (a fifth probe)
+
+
+class WritesState(nn.Module):
+    """fc1 → ReLU → fc2 → ReLU → fc3, whose forward writes a tensor of its own in place."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(19)
+        self.mode = mode
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.fc1(x))
+        with torch.no_grad():
+            if self.mode == "running mean":  # a statistic kept by user code
+                self.ema.mul_(0.9).add_(0.1 * h.mean(0))
+            else:  # "max-norm": a weight constraint
+                self.fc3.weight.clamp_(-0.1, 0.1)
+        return self.fc3(F.relu(self.fc2(h)))
+
+
+@pytest.mark.parametrize("mode", ["running mean", "max-norm"])
+def test_a_forward_that_writes_its_state_leaves_the_callers_model_alone(mode: str) -> None:
+    """The recorded pass ran on a copy that shared the caller's tensors: the caller's
+    buffer changed by 0.08, its clamped weight by 0.24, on every nm.prune or nm.merge."""
+    net = WritesState(mode).eval()
+    before = copy.deepcopy(net.state_dict())
+    for compress in (nm.prune, nm.merge):
+        result = compress(net, X, ratio=0.5)
+        for key, value in net.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        ptrs = {t.untyped_storage().data_ptr() for t in net.state_dict().values()}
+        assert not ptrs & {
+            t.untyped_storage().data_ptr() for t in result.model.state_dict().values()
+        }
+        with torch.no_grad():
+            result.model(torch.randn(3, 4))  # runs; writes its own state only
+        for key, value in net.state_dict().items():
+            assert torch.equal(value, before[key]), key
+    with pytest.warns(UserWarning, match="writes into its own state .*(ema|fc3.weight)"):
+        nm.find_groups(net, X)  # runs the forward on the model itself, as a call would
+
+
+def test_the_work_copy_keeps_shared_storage_shared_and_private() -> None:
+    """Tensors on one storage in the model share one storage in the copy, apart from it."""
+    from neuron_merging.core._copy import aliasing_copy
+
+    net = nn.Linear(4, 3)
+    net.register_buffer("flat", net.weight.detach().view(-1))
+    copied = aliasing_copy(net).model
+    with torch.no_grad():
+        copied.flat.mul_(2.0)
+    assert torch.equal(copied.weight, net.weight * 2.0)
+    assert torch.equal(net.flat, net.weight.detach().view(-1))
+    assert torch.equal(net.flat, copied.flat / 2.0)
+
+
+class TrainsBatchNorm(nn.Module):
+    """conv → BN → ReLU → conv, its BN switched to training mode in forward."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(20)
+        self.mode = mode
+        self.c1 = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 3, 3, padding=1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "train()":
+            self.bn.train()  # batch statistics, whatever the model's mode (test-time adaptation)
+        else:
+            self.bn.training = True
+        return self.c2(F.relu(self.bn(self.c1(x)))).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["train()", "training = True"])
+def test_batch_norm_switched_to_training_in_forward_is_not_folded(mode: str) -> None:
+    """It was folded with its running statistics, as in eval mode: merging planted
+    duplicates changed the output by 0.5."""
+    net = TrainsBatchNorm(mode).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.warns(UserWarning, match="bn.running_mean"):
+        groups, _ = nm.find_groups(net, x)
+    (group,) = groups
+    assert group.bns == (None,) and not group.mergeable
+    assert "runs in training mode in forward" in group.reason
+    stats = net.bn.running_mean.clone()
+    result = nm.prune(net, x, ratio=0.5)
+    assert torch.equal(net.bn.running_mean, stats)
+    fresh = torch.randn(3, 4, 6, 6)
+    with torch.no_grad():
+        want = _mask(net, result.plans)(fresh)
+        assert rel_error(result.model(fresh), want) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda h, x: h.apply_(lambda v: v + 1.0),
+        lambda h, x: h.map_(h.clone(), lambda a, b: max(a, 0.3)),
+        lambda h, x: h.map2_(h.clone(), h.clone(), lambda a, b, c: a * a),
+        lambda h, x: h.resize_(x.shape[0], 8),
+        lambda h, x: h.resize_as_(h),
+    ],
+    ids=["apply_", "map_", "map2_", "resize_", "resize_as_"],
+)
+def test_writes_that_leave_the_version_as_it_was_exclude_group(write) -> None:
+    """Their result was taken for their input returned unchanged: a planted merge through
+    apply_(v + 1) changed the output by 0.22, and a pruned resize_ failed to run."""
+
+    class Net(Chain):
+        def forward(self, x: Tensor) -> Tensor:
+            h = F.relu(self.fc1(x)).clone()
+            write(h, x)
+            return self.fc3(F.relu(self.fc2(h)))
+
+    reason = assert_excluded(Net(), X, "fc1", "apply_", "map_", "map2_", "resize_", "resize_as_")
+    assert "not a channel-wise operation" in reason
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        lambda o, h, self: (o, h.shape[1]),
+        lambda o, h, self: {"logits": o, "width": h.size(-1)},
+        lambda o, h, self: (o, h.shape),
+        lambda o, h, self: (o, self.fc1.out_features),
+    ],
+    ids=["shape[1]", "size(-1) in a dict", "shape", "out_features"],
+)
+def test_a_channel_count_in_the_models_output_excludes_group(out) -> None:
+    """The returned count went from 8 to 4 without a word."""
+
+    class Net(Chain):
+        def forward(self, x: Tensor) -> Any:
+            h = F.relu(self.fc1(x))
+            return out(self.fc3(F.relu(self.fc2(h))), h, self)
+
+    groups, skipped = nm.find_groups(Net(), X)
+    assert "fc1" not in {g.name for g in groups}
+    assert "returned in the model's output" in _skips(skipped)["fc1"]
+
+
+def test_a_model_in_training_mode_is_noted() -> None:
+    net = TrainsBatchNorm("train()").train()
+    x = torch.randn(2, 4, 6, 6)
+    result = nm.prune(net, x, ratio=0.5)
+    assert any("training mode" in n and ".eval()" in n for n in result.report.notes)
+    assert not any(
+        "training mode" in n for n in nm.prune(Chain().eval(), X, ratio=0.5).report.notes
+    )

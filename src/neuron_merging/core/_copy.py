@@ -1,8 +1,9 @@
 """Private helpers of :mod:`neuron_merging.api`: the finite-value check and a cheap model copy.
 
-The copy shares tensor storage with the input until surgery replaces the
-tensors it changes; :func:`unshare` then clones whatever is still shared, so
-the returned model never aliases the caller's.
+The copy's tensors are copy-on-write clones of the input's: they share its data until
+surgery replaces them or anything writes them; :func:`unshare` then gives whatever is
+still shared data of its own, so the returned model never aliases the caller's, and no
+write while compressing reaches it.
 """
 
 from __future__ import annotations
@@ -178,24 +179,65 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     return new
 
 
-def aliasing_copy(model: nn.Module, tensors: ModelTensors | None = None) -> nn.Module:
-    """A deep copy of ``model`` whose plain parameters and buffers still share its data.
+#: PyTorch's copy-on-write clone (``torch._lazy_clone``, PyTorch 2.3 and later): the clone
+#: shares its source's data until either is written, when the writer gets its own copy.
+_LAZY_CLONE = getattr(torch, "_lazy_clone", None)
+
+
+def _private(data: Tensor) -> Tensor:
+    """A tensor with ``data``'s values that no write can share with it: copy-on-write where
+    PyTorch has it, a copy otherwise."""
+    return _LAZY_CLONE(data) if _LAZY_CLONE is not None else data.clone()
+
+
+@dataclass
+class WorkCopy:
+    """:func:`aliasing_copy`'s copy, and where the original's tensors kept their data."""
+
+    model: nn.Module
+    storage_keys: frozenset[int]
+
+
+def aliasing_copy(model: nn.Module, tensors: ModelTensors | None = None) -> WorkCopy:
+    """A deep copy of ``model`` whose plain parameters and buffers are copy-on-write clones.
 
     Copying the data of every tensor up front is wasted for the tensors surgery
     replaces anyway (producers, consumers, batch norms), and doubles the peak
-    memory of wide layers. :func:`unshare` must run on the result before it is
-    returned, so that no tensor of the output aliases the input model.
+    memory of wide layers; so each clone shares its original's data until one of them
+    is written. The model's forward may write its own state (running statistics it
+    keeps, a weight it clamps): such a write, during the recorded pass, goes to the copy
+    only, never to the caller's model. Tensors that share storage in the original share
+    it in the copy too. :func:`unshare` must run on the result before it is returned, so
+    that no tensor of the output shares data with the input model.
     """
     tensors = tensors or ModelTensors.of(model)
     memo: dict[int, Any] = {}
-    for tensor in (*tensors.params, *tensors.buffers):
-        if tensor.__dict__:
-            continue  # tensors carrying Python attributes are copied the usual way
-        if type(tensor) is nn.Parameter:
-            memo[id(tensor)] = nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad)
-        elif type(tensor) is torch.Tensor:
-            memo[id(tensor)] = tensor.detach()
-    return _copy_module(model, memo)
+    keys: set[int] = set()
+    clones: dict[int, Tensor] = {}  # storage key -> the private clone of its first tensor
+    every = [
+        t
+        for t in (*tensors.params, *tensors.buffers)
+        if not t.__dict__ and type(t) in (nn.Parameter, torch.Tensor)
+    ]  # tensor subclasses and tensors with attributes are copied the usual way
+    # Every key before any clone: looking a storage up once it is copy-on-write would
+    # give the original a copy of its own.
+    storage_keys = [_storage_key(t) for t in every]
+    with torch.no_grad():
+        for tensor, key in zip(every, storage_keys, strict=True):
+            kind = type(tensor)
+            data = tensor.detach()
+            first = clones.get(key) if key is not None else None
+            if first is None:
+                data = _private(data)
+                if key is not None:
+                    keys.add(key)
+                    clones[key] = data
+            else:  # a view of the same storage: a view of the same clone
+                data = first.as_strided(data.size(), data.stride(), data.storage_offset())
+            if kind is nn.Parameter:
+                data = nn.Parameter(data, requires_grad=tensor.requires_grad)
+            memo[id(tensor)] = data
+    return WorkCopy(_copy_module(model, memo), frozenset(keys))
 
 
 def _storage_key(tensor: Tensor) -> int | None:
@@ -205,15 +247,14 @@ def _storage_key(tensor: Tensor) -> int | None:
         return None
 
 
-def unshare(copied: nn.Module, original: nn.Module | ModelTensors) -> ModelTensors:
-    """Clone every parameter or buffer of ``copied`` that still shares ``original``'s data.
+def unshare(copied: nn.Module, storage_keys: frozenset[int]) -> ModelTensors:
+    """Give every parameter or buffer of ``copied`` still on the original's storage (see
+    :attr:`WorkCopy.storage_keys`) data of its own.
 
-    Returns the distinct parameters and buffers of ``copied`` afterwards.
+    Returns the distinct parameters and buffers of ``copied`` afterwards. Looking up a
+    copy-on-write clone's storage gives it its own copy of the data, as a write would.
     """
-    if isinstance(original, nn.Module):
-        original = ModelTensors.of(original)
-    shared = {_storage_key(t) for t in (*original.params, *original.buffers)}
-    shared.discard(None)
+    shared = storage_keys
     clones: dict[int, Tensor] = {}
     seen: set[int] = set()
     result = ModelTensors([], [])

@@ -449,7 +449,8 @@ def compress(
     check_on_cpu(model, tensors)
     check_finite(model, tensors)
     t0 = time.perf_counter()
-    work = aliasing_copy(model, tensors)
+    copied = aliasing_copy(model, tensors)
+    work = copied.model
     modules = dict(work.named_modules())
     notes = materialise_reparametrisations(work, modules)
     if notes:  # their parametrization containers are gone
@@ -469,6 +470,14 @@ def compress(
         notes.append(
             "module.compile() is not carried over to the result (as with copy.deepcopy): "
             "call .compile() on the returned model"
+        )
+    training = [name or type(model).__name__ for name, m in original.items() if m.training]
+    if training:
+        notes.append(
+            f"{len(training)} of the model's modules are in training mode ({training[0]} among "
+            "them): the model is compressed as it runs in eval mode (batch norms with their "
+            "running statistics, dropout off), for which merging is exact; the returned model "
+            "keeps each module's mode, so call .eval() on it for inference"
         )
     modes = contextlib.ExitStack()  # the copy runs in eval mode until it is returned
     modes.enter_context(evaluating(work, modules.values()))
@@ -543,7 +552,7 @@ def compress(
             timings["calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     modes.close()  # each module back in its own mode
-    result_tensors = unshare(work, tensors)
+    result_tensors = unshare(work, copied.storage_keys)
     timings["rebuild"] += time.perf_counter() - t0
     timings["total"] = sum(timings.values())
 

@@ -704,7 +704,12 @@ class _Analysis:
         producer = self.producer_of_value.get(id(data))
         space = self.space_of_output.get(id(data))
         buffers = module._buffers
-        stats = buffers.get("running_mean") is not None and buffers.get("running_var") is not None
+        training = name in self.rec.batch_statistics
+        stats = (
+            buffers.get("running_mean") is not None
+            and buffers.get("running_var") is not None
+            and not training
+        )
         if (
             producer is not None
             and space is not None
@@ -720,7 +725,9 @@ class _Analysis:
             return
         self.slice_through(info, name)
         why = (
-            f"batch norm {name!r} uses batch statistics"
+            f"batch norm {name!r} runs in training mode in forward, with batch statistics"
+            if training
+            else f"batch norm {name!r} uses batch statistics"
             if not stats
             else f"batch norm {name!r} does not directly follow a producer (per-channel affine)"
         )
@@ -1449,9 +1456,11 @@ def find_groups(
     """Find every channel group of ``model`` from one forward pass on ``example_inputs``.
 
     Returns the groups (in execution order of their first producer) and the
-    producers left intact, each with the reason. ``model`` runs once under
+    producers left intact, each with the reason. ``model`` itself runs once under
     ``torch.no_grad()``, with every module in eval mode as compression runs it (each
-    module's own mode is restored, and batch norm statistics are left as they are).
+    module's own mode is restored); state that its forward writes (running statistics
+    it keeps, a batch norm it switches to training mode) is written, as by a call of the
+    model, with a warning naming it. ``nm.prune`` and ``nm.merge`` run a copy instead.
     ``example_inputs`` is a tensor, a tuple of
     tensors, or a mapping of keyword inputs (e.g. ``{"input_ids": ids}``).
 
@@ -1476,11 +1485,44 @@ def find_groups(
         from ._copy import aliasing_copy
 
         check_recordable(model, modules)
-        model = aliasing_copy(model)
+        model = aliasing_copy(model).model
         materialise_reparametrisations(model)
         modules = dict(model.named_modules())
+    # A forward may write its own state: the caller's, here, unless it was copied above.
+    state = [
+        t
+        for m in ([] if checked else modules.values())
+        for registered in (m._parameters, m._buffers)
+        if registered
+        for t in registered.values()
+        if t is not None
+    ]
+    versions = [t._version for t in state]
     with recorded(model, example_inputs, modules, checked) as recording:
-        return groups_from_recording(recording, coupled)
+        found = groups_from_recording(recording, coupled)
+    written = {id(t) for t, v in zip(state, versions, strict=True) if t._version != v}
+    for name in () if checked else recording.batch_statistics:  # their kernels' writes
+        stats = (modules[name]._buffers.get(k) for k in ("running_mean", "running_var"))
+        written |= {id(t) for t in stats if t is not None}
+    if written:
+        _warn_written(model, written)
+    return found
+
+
+def _warn_written(model: nn.Module, written: set[int]) -> None:
+    """Warn that the model's forward wrote into its own parameters or buffers."""
+    import warnings
+
+    names = [
+        name for name, t in (*model.named_parameters(), *model.named_buffers()) if id(t) in written
+    ]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    warnings.warn(
+        f"the forward of {type(model).__name__} writes into its own state ({shown}), and "
+        "find_groups ran it once, as a call of the model would; nm.prune and nm.merge never "
+        "write the model they are given",
+        stacklevel=3,
+    )
 
 
 def _conv_axis(module: nn.Module, ndim: int) -> int:

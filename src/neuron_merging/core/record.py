@@ -164,6 +164,12 @@ _METADATA = frozenset(
 )
 
 
+#: In-place writes that leave the version counter as it was (``apply_`` and ``map_`` run
+#: a Python function on each element; ``resize_`` to the same size changes nothing the
+#: counter sees): their result is recorded as a new value of theirs, never as their
+#: input returned unchanged.
+_UNVERSIONED_WRITES = frozenset({"apply_", "map_", "map2_", "resize_", "resize_as_"})
+
 _NAMES: dict[Any, str] = {}
 
 
@@ -392,38 +398,48 @@ _FLAT = frozenset(
 
 
 def flatten_tensors(
-    value: Any, out: list[Tensor], depth: int = 0, opaque: list[str] | None = None
+    value: Any,
+    out: list[Tensor],
+    depth: int = 0,
+    opaque: list[str] | None = None,
+    *,
+    sizes: list[DimSize] | None = None,
 ) -> list[Tensor]:
     """Every tensor in a nest of tuples, lists, mappings, dataclasses and plain objects.
 
     ``opaque`` collects what may hold tensors that cannot be looked at without running
-    it: iterators (a generator) and callables (``functools.partial(torch.clone, h)``).
+    it: iterators (a generator) and callables (``functools.partial(torch.clone, h)``);
+    ``sizes`` collects the recorded sizes (:class:`DimSize`) among them.
     """
     if type(value) in (tuple, list) and all(type(v) in _FLAT for v in value):
         out.extend(v for v in value if isinstance(v, Tensor))
         return out
     if depth > 32 or isinstance(value, (str, bytes, int, float, bool, type(None), nn.Module)):
+        if sizes is not None and type(value) is DimSize:
+            sizes.append(value)
         return out
     if isinstance(value, Tensor):
         out.append(value)
-    elif isinstance(value, Mapping):
+        return out
+    deeper = depth + 1
+    if isinstance(value, Mapping):
         for item in value.values():
-            flatten_tensors(item, out, depth + 1, opaque)
+            flatten_tensors(item, out, deeper, opaque, sizes=sizes)
     elif isinstance(value, (list, tuple, set, frozenset, Sequence, AbstractSet)):
         for item in value:  # a deque or any other registered sequence or set too
-            flatten_tensors(item, out, depth + 1, opaque)
+            flatten_tensors(item, out, deeper, opaque, sizes=sizes)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for item in dataclasses.fields(value):
-            flatten_tensors(getattr(value, item.name, None), out, depth + 1, opaque)
+            flatten_tensors(getattr(value, item.name, None), out, deeper, opaque, sizes=sizes)
     elif opaque is not None and (callable(value) or isinstance(value, Iterator)):
         opaque.append(type(value).__name__)
     elif not callable(value):
         for item in getattr(value, "__dict__", {}).values():
-            flatten_tensors(item, out, depth + 1, opaque)
+            flatten_tensors(item, out, deeper, opaque, sizes=sizes)
         for cls in type(value).__mro__:
             for slot in getattr(cls, "__slots__", ()):
                 if isinstance(slot, str) and slot not in ("__dict__", "__weakref__"):
-                    flatten_tensors(getattr(value, slot, None), out, depth + 1, opaque)
+                    flatten_tensors(getattr(value, slot, None), out, deeper, opaque, sizes=sizes)
     return out
 
 
@@ -445,6 +461,8 @@ class Recording:
         unseen: why, for each tensor that code the recording cannot see made or wrote
             (see :meth:`_Recorder.unseen_use`): that code may have read any value or
             weight of the model.
+        batch_statistics: batch norms that ran in training mode (normalising with the
+            batch's statistics: their forward, or code before it, switched them back).
     """
 
     ops: list[Op]
@@ -457,6 +475,7 @@ class Recording:
     size_uses: list[tuple[Value, int | None, str]] = field(default_factory=list)
     clobbered: list[Value] = field(default_factory=list)
     unseen: list[str] = field(default_factory=list)
+    batch_statistics: set[str] = field(default_factory=set)
 
     def release(self) -> None:
         """Empty the recording once it is used, freeing its values and operations at once.
@@ -592,6 +611,7 @@ class _Recorder(TorchFunctionMode):
         self.hooked: dict[str, str] = {}  # modules with user hooks, described
         self.watching = False  # whether the model is running (tensors seen are its own)
         self.unseen: list[str] = []
+        self.batch_statistics: set[str] = set()  # batch norms called in training mode
         # Each leaf's tensors as the pass starts, and every other tensor of the model's
         # modules (see unseen_use): held, so that their ids stay theirs.
         self.owned: list[tuple[str, nn.Module, list[tuple[str, Tensor | None]]]] = []
@@ -957,6 +977,8 @@ class _Recorder(TorchFunctionMode):
         finally:
             if shaping:
                 self.shaping -= 1
+        if name in _UNVERSIONED_WRITES and isinstance(result, Tensor):
+            self.values.pop(id(result), None)  # written in place: a new value, recorded so
         self.add_op("function", func, wrapped_args, wrapped_kwargs, tensors, result, values)
         return result
 
@@ -1118,6 +1140,7 @@ class _Recorder(TorchFunctionMode):
         """
         calls = self.calls
         direct = _DIRECT_LEAVES.get(type(module)) if _unpatched(module) else None
+        norm = isinstance(module, BATCHNORMS)
         state = module.__dict__
         held = [  # the tensors compression edits, as they are when the pass starts
             (registered, attr, registered[attr])
@@ -1137,6 +1160,8 @@ class _Recorder(TorchFunctionMode):
                         "forward, or swapped for its call by torch.func.functional_call)",
                     )
             self.leaf = module
+            if norm and module.training:  # switched back while the model ran
+                self.batch_statistics.add(name)
             try:
                 with _DISABLE_TORCH_FUNCTION():
                     if not kwargs and len(args) == 1 and type(args[0]) is Tensor:
@@ -1723,7 +1748,10 @@ def record(
             "check their shapes and dtypes"
         ) from exc
     opaque: list[str] = []
-    outputs = [recorder.value(t) for t in flatten_tensors(output, [], 0, opaque)]
+    sizes: list[DimSize] = []
+    outputs = [recorder.value(t) for t in flatten_tensors(output, [], 0, opaque, sizes=sizes)]
+    for size in sizes:  # a channel count returned as a number changes when pruned
+        size._used("returned in the model's output")
     if opaque:
         recorder.unseen.append(
             f"the model's output holds a {opaque[0]}, which may return any value when "
@@ -1745,6 +1773,7 @@ def record(
         recorder.size_uses,
         recorder.clobbered,
         recorder.unseen,
+        recorder.batch_statistics,
     )
 
 
