@@ -2527,3 +2527,85 @@ def test_a_model_in_training_mode_is_noted() -> None:
     assert not any(
         "training mode" in n for n in nm.prune(Chain().eval(), X, ratio=0.5).report.notes
     )
+
+
+# ------------------------------------- reductions over positions, and masks of positions
+
+
+_OVER_POSITIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "norm(dim=(2, 3))": lambda h: h.norm(dim=(2, 3)),
+    "linalg.vector_norm(ord=1)": lambda h: torch.linalg.vector_norm(h, 1, dim=(2, 3)),
+    "norm(inf, keepdim)": lambda h: h.norm(float("inf"), (2, 3), True).flatten(1),
+    "std(dim=(2, 3))": lambda h: h.std(dim=(2, 3)),
+    "std((2, 3), False, True)": lambda h: h.std((2, 3), False, True).flatten(1),
+    "median(dim=2).values": lambda h: h.flatten(2).median(dim=2).values,
+    "masked_fill(positions, 0)": lambda h: h.masked_fill(_positions(), 0.0).mean((2, 3)),
+    "var(dim=(2, 3))": lambda h: h.var(dim=(2, 3)),
+    "logsumexp(2)": lambda h: h.flatten(2).logsumexp(2),
+    "prod(2)": lambda h: h.flatten(2).prod(2),
+    "norm(0, dim=(2, 3))": lambda h: h.norm(0, (2, 3)),
+    "masked_fill(positions, 1)": lambda h: h.masked_fill(_positions(), 1.0).mean((2, 3)),
+}
+
+
+def _positions() -> Tensor:
+    """A mask of positions, the same for every channel (made in forward, as a padding
+    mask is: a tensor kept in a global would be unseen)."""
+    return (torch.arange(16).view(1, 1, 4, 4) % 3) == 0
+
+
+_HOMOGENEOUS_OVER_POSITIONS = list(_OVER_POSITIONS)[:7]
+
+
+class OverPositions(nn.Module):
+    """conv → ReLU → a reduction over positions, or a mask of them → linear."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(21)
+        self.c1, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3)
+        self.reduce = _OVER_POSITIONS[mode]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.reduce(F.relu(self.c1(x))))
+
+
+_IMAGES = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(22))
+
+
+@pytest.mark.parametrize("mode", list(_OVER_POSITIONS))
+def test_channel_wise_reductions_and_masks_of_positions_are_compressed(mode: str) -> None:
+    """Each output channel is its input channel's reduction: they were refused outright.
+    Norms (p ≠ 0), std, median and a zero fill are positively homogeneous: they merge."""
+    net = OverPositions(mode)
+    groups, _ = nm.find_groups(net, _IMAGES)
+    (group,) = [g for g in groups if g.name == "c1"]
+    result = nm.prune(net, _IMAGES, ratio=0.5)
+    fresh = torch.randn(3, 3, 4, 4)
+    assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
+    if mode in _HOMOGENEOUS_OVER_POSITIONS:
+        assert group.mergeable
+        assert_merge_correct(net, _IMAGES)
+    else:
+        assert not group.mergeable and "not positively homogeneous" in group.reason
+
+
+@pytest.mark.parametrize(
+    "reduce, words",
+    [
+        (lambda h: h.norm(dim=1).flatten(1)[:, :8], "reduced over the channels"),
+        (lambda h: h.std(False) * torch.ones(1, 8), "reduced over every dimension"),
+        (
+            lambda h: h.masked_fill(torch.arange(8).view(1, 8, 1, 1) % 2 == 0, 0.0).mean((2, 3)),
+            "combined (masked_fill) with a tensor of shape [1, 8, 1, 1], channel by channel",
+        ),
+        (lambda h: h.masked_fill(h > 0.5, 0.0).mean((2, 3)), "gt"),
+    ],
+    ids=["norm over channels", "std of everything", "mask per channel", "mask from the values"],
+)
+def test_reductions_and_masks_across_channels_exclude_group(reduce, words: str) -> None:
+    class Net(OverPositions):
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(reduce(F.relu(self.c1(x))))
+
+    assert_excluded(Net("prod(2)"), _IMAGES, "c1", words)

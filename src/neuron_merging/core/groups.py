@@ -374,7 +374,19 @@ _POOLS = {
 #: those dimensions do not include the channels. ``interpolate`` resamples every
 #: dimension after the first two (``nn.Upsample`` runs it); the others take ``dims``.
 _SPATIAL = frozenset({"interpolate", "flip", "fliplr", "flipud", "roll", "rot90"})
-_REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "nanmean", "nansum"})
+#: Reductions, with the names of their arguments after the input, in order. Over
+#: dimensions other than the channels each output channel is its input channel's
+#: reduction: channel-wise; all but :data:`_NONHOMOGENEOUS_REDUCTIONS` are positively
+#: homogeneous too (a p-norm only for p ≠ 0).
+_REDUCTIONS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("mean", "sum", "nanmean", "nansum", "prod"), ("dim", "keepdim", "dtype")),
+    **dict.fromkeys(("amax", "amin", "max", "min", "median", "nanmedian"), ("dim", "keepdim")),
+    **dict.fromkeys(("std", "var"), ("dim", "unbiased", "keepdim")),
+    "logsumexp": ("dim", "keepdim"),
+    "norm": ("p", "dim", "keepdim", "out", "dtype"),
+    "linalg_vector_norm": ("ord", "dim", "keepdim"),
+}  # fmt: skip
+_NONHOMOGENEOUS_REDUCTIONS = {"var": "var", "prod": "prod", "logsumexp": "logsumexp"}
 _RESHAPES = frozenset(
     {
         "view",
@@ -791,6 +803,8 @@ class _Analysis:
                 self.cat(op, out)
             elif key == "pad":
                 self.pad(op, info, others, out)
+            elif key in ("masked_fill", "masked_fill_"):
+                self.masked_fill(op, info, out)
             elif key == "__getitem__":
                 self.getitem(op, info, out)
             else:
@@ -1023,18 +1037,45 @@ class _Analysis:
             self.break_all(op, self.not_channelwise(op))
             return
         ndim = len(op.args[0].shape)
-        dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
-        keepdim = op.args[2] if len(op.args) > 2 else op.kwargs.get("keepdim", False)
-        if dim is None or isinstance(dim, Value):
+        given = dict(zip(_REDUCTIONS[key], op.args[1:], strict=False)) | op.kwargs
+        if key in ("std", "var") and isinstance(given.get("dim"), bool):
+            given = {"unbiased": given["dim"], **op.kwargs}  # std(x, False): every dimension
+        dim, keepdim = given.get("dim"), given.get("keepdim", False)
+        if dim is None or isinstance(dim, Value) or not isinstance(keepdim, bool):
             raise _Break(f"its output is reduced over every dimension ({key})")
         dims = {d % ndim for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
         if info.axis in dims or info.block != 1:
             raise _Break(f"its output is reduced over the channels ({key})")
         axis = info.axis if keepdim else info.axis - sum(1 for d in dims if d < info.axis)
         new = _Info(info.segments, axis, info.block)
-        if key in ("max", "min") and len(op.outputs) > 1:
+        if key in ("max", "min", "median", "nanmedian") and len(op.outputs) > 1:
             self.unused_indices(op, new, f"{key}(dim)")  # (values, indices)
+        order = given.get("p", given.get("ord", 2))
+        if key in _NONHOMOGENEOUS_REDUCTIONS or (
+            key in ("norm", "linalg_vector_norm") and (isinstance(order, Value) or order == 0)
+        ):
+            self.nonhomogeneous(
+                new, f"{key} over {_shown_dims(dims)} is not positively homogeneous"
+            )
         self.set(out, new)
+
+    def masked_fill(self, op: Op, info: _Info | None, out: Value | None) -> None:
+        """``h.masked_fill(mask, value)`` with a mask made outside the groups and the same
+        for every channel (padded tokens or positions): channel-wise, and positively
+        homogeneous when the value is 0."""
+        mask = op.args[1] if len(op.args) > 1 else op.kwargs.get("mask")
+        fill = op.args[2] if len(op.args) > 2 else op.kwargs.get("value")
+        if info is None or out is None or not isinstance(mask, Value) or self.get(mask):
+            self.break_all(op, self.not_channelwise(op))
+            return
+        if isinstance(fill, Value) and self.get(fill) is not None:
+            raise _Break("its output fills its own masked entries (masked_fill)")
+        self.against_constant(info, mask, len(out.shape), op)
+        if not (type(fill) in (int, float, bool) and fill == 0):
+            self.nonhomogeneous(
+                info, "masked_fill with a value other than 0 is not positively homogeneous"
+            )
+        self.set(out, info)
 
     def reshape(self, op: Op, info: _Info | None, others: list[Value], out: Value | None) -> None:
         target = _target_sizes(op)
@@ -1118,9 +1159,11 @@ class _Analysis:
                 return
         elif requested == -1:
             return
+        made = " (computed from sizes)" if isinstance(requested, DimSize) else ""
         raise _Break(
-            f"{key} asks for {int.__int__(requested)} as the size of the channel dimension, "
-            "which pruning changes (use -1, flatten, or a size read from the tensor)"
+            f"{key} asks for {int.__int__(requested)}{made} as the size of the channel "
+            "dimension, which pruning changes (use -1, flatten, or the channel dimension's "
+            "size as read from the tensor)"
         )
 
     @staticmethod
@@ -1290,6 +1333,10 @@ def _approximation(space: _Space) -> tuple[str | None, str | None]:
         if {gate, up} == set(space.producers):
             return activation, gate
     return None, None
+
+
+def _shown_dims(dims: set[int]) -> str:
+    return ("dimension " if len(dims) == 1 else "dimensions ") + ", ".join(map(str, sorted(dims)))
 
 
 class _Break(Exception):
