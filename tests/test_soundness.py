@@ -2609,3 +2609,148 @@ def test_reductions_and_masks_across_channels_exclude_group(reduce, words: str) 
             return self.fc(reduce(F.relu(self.c1(x))))
 
     assert_excluded(Net("prod(2)"), _IMAGES, "c1", words)
+
+
+# ------------------------------------------- the copy compression works on (a sixth probe)
+
+
+def test_parameters_on_memory_torch_did_not_allocate_are_copied() -> None:
+    """torch._lazy_clone raised 'Expected storage != nullptr' for them."""
+    net = Chain().eval()
+    with torch.no_grad():
+        net.fc1.weight = nn.Parameter(torch.from_numpy(net.fc1.weight.detach().numpy().copy()))
+    net.fc2.share_memory()
+    before = copy.deepcopy(net.state_dict())
+    result = nm.merge(net, X, ratio=0.5)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert run(result.model, X).shape == run(net, X).shape
+
+
+class Stateful(nn.Module):
+    """fc1 → ReLU → fc2 → ReLU → fc3, with state its forward writes beside the layers."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(23)
+        self.mode = mode
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.initialised = False
+        self.register_buffer("shift", torch.zeros(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        if self.mode == "counter":
+            self.calls += 1
+            return out * self.calls
+        if not self.initialised:  # a data-dependent initialisation (ActNorm)
+            self.shift = -out.mean(0).detach()
+            self.initialised = True
+        return out + self.shift
+
+
+@pytest.mark.parametrize("mode", ["counter", "initialisation"])
+def test_the_returned_model_is_built_from_the_model_as_given(mode: str) -> None:
+    """It was built on the copy the recorded pass had run: one call ahead (prune vs mask
+    1.0 for a counter, 2e7 for an initialisation)."""
+    net = Stateful(mode).eval()
+    result = nm.prune(net, X, ratio=0.5, criterion=keep_first)
+    assert any("writes its own state" in n for n in result.report.notes)
+    fresh = torch.randn(3, 4)
+    with torch.no_grad():
+        assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
+    assert not net.calls and not net.initialised
+
+
+def test_options_beyond_the_paper_run_a_copy_of_the_original() -> None:
+    """Their passes over the original ran the caller's model: it wrote the caller's state."""
+    net = WritesState("running mean").eval()
+    before = net.ema.clone()
+    data = torch.randn(16, 4)
+    for options, calibration in (
+        ({"selection": "lstsq"}, None),
+        ({"repair": "mean"}, None),
+        ({}, data),
+        ({"selection": "auto"}, data),
+    ):
+        nm.compress(net, X, nm.MergeConfig(ratio=0.5, **options), calibration=calibration)
+        assert torch.equal(net.ema, before), (options, calibration is not None)
+
+
+def test_a_hook_closing_over_the_given_model_is_warned_about() -> None:
+    net = Chain().eval()
+    net.register_buffer("seen", torch.zeros(()))
+    net.fc3.register_forward_hook(lambda m, i, o: net.seen.add_(1))
+    with pytest.warns(UserWarning, match=r"wrote into the given model's own state \(seen\)"):
+        result = nm.prune(net, X, ratio=0.5)
+    assert any("closing over it" in n for n in result.report.notes)
+
+
+class _CopiesAsItself(nn.Linear):
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        return self
+
+
+def test_a_module_that_copies_as_itself_is_refused() -> None:
+    """Surgery ran on the caller's own module: its weight became (4, 4)."""
+    net = nn.Sequential(_CopiesAsItself(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(nm.ModelError, match="copies as itself"):
+        nm.prune(net, X, ratio=0.5)
+    assert net[0].weight.shape == (8, 4)
+
+
+@pytest.mark.parametrize("how", ["l1_unstructured", "weight_norm"])
+def test_reparametrised_layers_before_any_forward(how: str) -> None:
+    """Their weight is a computed, non-leaf tensor until a forward under no_grad: the copy
+    raised 'Only Tensors created explicitly by the user support the deepcopy protocol'."""
+    net = Chain().eval()
+    if how == "weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.nn.utils.weight_norm(net.fc1)
+    else:
+        torch_prune.l1_unstructured(net.fc1, "weight", amount=0.3)
+    result = nm.prune(net, X, ratio=0.5)
+    assert run(result.model, X).shape == run(net, X).shape
+
+
+def test_an_attribute_that_cannot_be_copied_is_a_model_error() -> None:
+    net = Chain().eval()
+    net.fc1.lock = threading.Lock()
+    with pytest.raises(nm.ModelError, match=r"Linear.lock \(lock\) cannot be copied"):
+        nm.merge(net, X, ratio=0.5)
+
+
+@pytest.mark.parametrize(
+    "out",
+    [lambda o, h: {"logits": o, h.shape[1]: o}, lambda o, h: (o, slice(0, h.shape[1]))],
+    ids=["dict key", "slice"],
+)
+def test_a_channel_count_in_a_key_or_slice_of_the_output_excludes_group(out) -> None:
+    class Net(Chain):
+        def forward(self, x: Tensor) -> Any:
+            h = F.relu(self.fc1(x))
+            return out(self.fc3(F.relu(self.fc2(h))), h)
+
+    groups, skipped = nm.find_groups(Net(), X)
+    assert "fc1" not in {g.name for g in groups}
+    assert "returned in the model's output" in _skips(skipped)["fc1"]
+
+
+@pytest.mark.parametrize(
+    "bound",
+    [lambda b: float(b - 1), lambda b: b - 1.0],
+    ids=["float(b - 1)", "b - 1.0"],
+)
+def test_a_zero_that_a_size_became_is_not_trusted(bound) -> None:
+    """0 at batch 1 only: clamp(min=0) was taken for a ReLU and the merge was off by 0.31
+    at batch 3."""
+
+    class Net(Chain):
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc1(x).clamp(min=bound(x.shape[0]))
+            return self.fc3(F.relu(self.fc2(h)))
+
+    x = torch.randn(1, 4)
+    groups, _ = nm.find_groups(Net(), x)
+    assert [g.mergeable for g in groups if g.name == "fc1"] == [False]

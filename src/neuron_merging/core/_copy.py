@@ -139,6 +139,18 @@ def _copy_tensor(tensor: Tensor | None, memo: dict[int, Any]) -> Tensor | None:
     return done if done is not None else copy.deepcopy(tensor, memo)
 
 
+def _deepcopy(value: Any, memo: dict[int, Any], where: str) -> Any:
+    """``copy.deepcopy(value, memo)``, with a :class:`ModelError` for what cannot be copied."""
+    try:
+        return copy.deepcopy(value, memo)
+    except Exception as exc:  # whatever a user's __deepcopy__ or __reduce__ raises
+        raise ModelError(
+            f"{where} ({type(value).__name__}) cannot be copied ({type(exc).__name__}: {exc}); "
+            "compression works on a copy of the model and never changes the given one, so "
+            "everything the model holds must be copyable with copy.deepcopy"
+        ) from exc
+
+
 def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """``copy.deepcopy`` for a module tree, without its generic per-object overhead.
 
@@ -151,7 +163,7 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         return done
     cls = type(module)
     if not _plain_module_class(cls):
-        return copy.deepcopy(module, memo)
+        return _deepcopy(module, memo, cls.__name__)
     new = cls.__new__(cls)
     memo[id(module)] = new
     state = module.__dict__.copy()
@@ -170,8 +182,12 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             )
         elif key == "_parameters" or key == "_buffers":
             state[key] = kind((n, _copy_tensor(t, memo)) for n, t in value.items())
+        elif isinstance(value, Tensor) and not value.is_leaf:
+            # Computed by a forward pre-hook (torch.nn.utils.prune, legacy weight_norm)
+            # and not recomputed since: a copy of its values, as the hook would give.
+            state[key] = value.detach().clone()
         elif not (kind is tuple and _ATOMIC.issuperset(map(type, value))):
-            state[key] = copy.deepcopy(value, memo)
+            state[key] = _deepcopy(value, memo, f"{cls.__name__}.{key}")
     if cls.__setstate__ is nn.Module.__setstate__:
         new.__dict__.update(state)  # what it does for a complete state, minus the checks
     else:
@@ -186,8 +202,14 @@ _LAZY_CLONE = getattr(torch, "_lazy_clone", None)
 
 def _private(data: Tensor) -> Tensor:
     """A tensor with ``data``'s values that no write can share with it: copy-on-write where
-    PyTorch has it, a copy otherwise."""
-    return _LAZY_CLONE(data) if _LAZY_CLONE is not None else data.clone()
+    PyTorch can (memory it allocated itself), a copy otherwise (``torch.from_numpy``,
+    ``share_memory()``, a memory-mapped checkpoint)."""
+    if _LAZY_CLONE is not None:
+        try:
+            return _LAZY_CLONE(data)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return data.clone()
 
 
 @dataclass
@@ -237,7 +259,71 @@ def aliasing_copy(model: nn.Module, tensors: ModelTensors | None = None) -> Work
             if kind is nn.Parameter:
                 data = nn.Parameter(data, requires_grad=tensor.requires_grad)
             memo[id(tensor)] = data
-    return WorkCopy(_copy_module(model, memo), frozenset(keys))
+    copied = _copy_module(model, memo)
+    originals = {id(m) for m in model.modules()}
+    for name, module in copied.named_modules():
+        if id(module) in originals:  # its class's __deepcopy__ returned it, say
+            raise ModelError(
+                f"module {name or type(model).__name__!r} ({type(module).__name__}) copies as "
+                "itself: compression changes its copy, so it would change the given model; "
+                "give its class a __deepcopy__ that returns a new module"
+            )
+    return WorkCopy(copied, frozenset(keys))
+
+
+_IS_COW = getattr(torch._C, "_is_cow_tensor", None)
+
+
+def _cow_flags(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor is a copy-on-write clone not yet written (nor its data pointer
+    taken); all ``False`` on PyTorch without copy-on-write tensors."""
+    if _IS_COW is None:
+        return [False] * len(tensors)
+    return list(map(_IS_COW, tensors))
+
+
+class StateMarks:
+    """What a forward pass may write in a model: every module's attributes, and every
+    parameter and buffer (whether a copy-on-write clone is still unwritten, which also sees
+    writes through ``.data``, NumPy or the storage; the version counter of the others).
+
+    :meth:`written` names the modules whose state changed since the marks were taken.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.attributes = [tuple(m.__dict__.values()) for m in modules.values()]
+        self.owners = []
+        self.tensors = []
+        for name, m in modules.items():
+            for registered in (m._parameters, m._buffers):
+                for t in registered.values() if registered else ():
+                    if t is not None:
+                        self.owners.append(name)
+                        self.tensors.append(t)
+        self.versions = [t._version for t in self.tensors]
+        self.cow = _cow_flags(self.tensors)
+
+    def written(self) -> list[str]:
+        """The modules whose attributes were rebound or whose tensors were written."""
+        versions = [t._version for t in self.tensors]
+        names = {
+            name
+            for name, was_cow, is_cow, before, now in zip(
+                self.owners, self.cow, _cow_flags(self.tensors), self.versions, versions,
+                strict=True,
+            )
+            if (was_cow and not is_cow) or before != now
+        }  # fmt: skip
+        for (name, module), before in zip(self.modules.items(), self.attributes, strict=True):
+            now = tuple(module.__dict__.values())
+            try:  # element by element, identical objects first: all of them, normally
+                same = now == before
+            except Exception:  # a rebound value whose == raises (a tensor): changed
+                same = False
+            if not same:
+                names.add(name)
+        return [name for name in self.modules if name in names]
 
 
 def _storage_key(tensor: Tensor) -> int | None:

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._copy import ModelTensors, aliasing_copy, check_finite, check_on_cpu, unshare
+from ._copy import (
+    ModelTensors,
+    StateMarks,
+    WorkCopy,
+    aliasing_copy,
+    check_finite,
+    check_on_cpu,
+    unshare,
+)
 from .approx import assign_approx
 from .assign import BNStats, Workspace, assign_bn, assign_plain
 from .build import GroupPlan, apply_plans
@@ -400,6 +408,58 @@ def _stack_stats(stats: list[BNStats]) -> BNStats:
     )
 
 
+def _work_copy(
+    model: nn.Module, tensors: ModelTensors
+) -> tuple[WorkCopy, dict[str, nn.Module], list[str]]:
+    """A copy of ``model`` to record and build on, its modules, and notes on what changed:
+    re-parametrised layers hold their plain weights in it."""
+    copied = aliasing_copy(model, tensors)
+    modules = dict(copied.model.named_modules())
+    notes = materialise_reparametrisations(copied.model, modules)
+    if notes:  # their parametrization containers are gone
+        modules = dict(copied.model.named_modules())
+    return copied, modules, notes
+
+
+def _warn_given_written(
+    model: nn.Module, tensors: ModelTensors, versions: list[int], notes: list[str]
+) -> None:
+    """Warn, and note, when the recorded pass wrote the given model's own tensors: code
+    that refers to the model itself (a hook closing over it), which no copy redirects."""
+    written = {
+        id(t)
+        for t, v in zip((*tensors.params, *tensors.buffers), versions, strict=True)
+        if t._version != v
+    }
+    if not written:
+        return
+    names = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if id(t) in written]
+    notes.append(
+        f"code run by the model's forward wrote into the given model's own state "
+        f"({', '.join(names)}): it refers to that model itself (a hook or function closing "
+        "over it), so the copy that compression records could not take the write"
+    )
+    warnings.warn(notes[-1], stacklevel=4)
+
+
+def _unwritten(
+    found: list[ChannelGroup], skipped: list[SkippedLayer], written: set[str]
+) -> tuple[list[ChannelGroup], list[SkippedLayer]]:
+    """The groups none of whose producers, batch norms and consumers the recorded pass
+    wrote (their plans would be made from values that the given model does not hold); the
+    others are skipped."""
+    keep, out = [], list(skipped)
+    for group in found:
+        # What a plan is made from (a layer sliced in between is sliced whatever it holds)
+        layers = {*group.producers, *(b for b in group.bns if b), *group.consumers}
+        hit = sorted(layers & written)
+        if hit:
+            out.append(SkippedLayer(group.name, f"{hit[0]} is written while the model runs"))
+        else:
+            keep.append(group)
+    return keep, out
+
+
 def compress(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -449,12 +509,8 @@ def compress(
     check_on_cpu(model, tensors)
     check_finite(model, tensors)
     t0 = time.perf_counter()
-    copied = aliasing_copy(model, tensors)
+    copied, modules, notes = _work_copy(model, tensors)
     work = copied.model
-    modules = dict(work.named_modules())
-    notes = materialise_reparametrisations(work, modules)
-    if notes:  # their parametrization containers are gone
-        modules = dict(work.named_modules())
     shared = [
         name or type(model).__name__
         for name, m in original.items()
@@ -489,6 +545,8 @@ def compress(
             raise ConfigError("example_inputs are required to analyse the model (or pass groups=)")
         found, skipped = resolve_groups(work, groups), []
     else:
+        given = [t._version for t in (*tensors.params, *tensors.buffers)]
+        marks = StateMarks(modules)
         with recorded(work, example_inputs, modules, checked=True) as recording:
             found, skipped = groups_from_recording(recording, config.coupled)
             if groups is not None:
@@ -497,11 +555,31 @@ def compress(
                 )
                 found = resolve_groups(work, groups, simple)
                 skipped = []
+        _warn_given_written(model, tensors, given, notes)
+        written = marks.written()
+        if written:  # the returned model is built from the given model's state instead
+            found, skipped = _unwritten(found, skipped, set(written))
+            modes.close()
+            copied, modules, _ = _work_copy(model, tensors)
+            work = copied.model
+            modes = contextlib.ExitStack()
+            modes.enter_context(evaluating(work, modules.values()))
+            shown = ", ".join(written[:3]) + (
+                f" and {len(written) - 3} more" if len(written) > 3 else ""
+            )
+            notes.append(
+                f"the model's forward writes its own state ({shown or type(model).__name__}): "
+                "the returned model is built from the model as given, not as the recorded "
+                "pass left it; groups whose layers' tensors it wrote are left intact"
+            )
     timings["trace"] = time.perf_counter() - t0
     targets = _targets(config, found, skipped, modules)
     extras = None
     if config.beyond_paper or calibration is not None:
-        extras = Extras(config, model, example_inputs, [t[0] for t in targets], calibration)
+        # Their passes over the original run a copy of it too: a forward that writes its
+        # own state writes that copy, never the given model.
+        reference = aliasing_copy(model, tensors).model
+        extras = Extras(config, reference, example_inputs, [t[0] for t in targets], calibration)
 
     capable = _capable(targets, modules) if extras is not None else frozenset()
     with torch.no_grad():
@@ -540,7 +618,7 @@ def compress(
         if calibration is not None and config.calibrate:
             t0 = time.perf_counter()
             calibrate(
-                model,
+                reference,
                 work,
                 extras.groups,
                 rewritten,
@@ -632,12 +710,15 @@ def _compress_auto(
         res.report.notes.append("selection=auto without calibration data: lstsq")
         return res
     tried: list[tuple[float, str, MergeResult]] = []
+    reference: nn.Module | None = None  # run in the model's place: it may write its state
     for how in AUTO_SELECTIONS:
         res = compress(
             model, example_inputs, replace(config, selection=how),
             groups=groups, criterion_fn=criterion_fn, calibration=calibration,
         )  # fmt: skip
-        tried.append((calibration_error(model, res.model, calibration), how, res))
+        if reference is None:  # once compress has checked the model
+            reference = aliasing_copy(model).model
+        tried.append((calibration_error(reference, res.model, calibration), how, res))
     _err, how, best = min(tried, key=lambda t: t[0])  # min keeps the first of equal errors
     best.report.config["selection"] = "auto"
     others = ", ".join(f"{h} {e:.6g}" for e, h, _r in tried)

@@ -319,9 +319,10 @@ _BOUNDED: dict[str, tuple[tuple[str, float | None], ...]] = {
 }  # fmt: skip
 
 
-def _homogeneous_bounds(op: Op, key: str) -> bool:
+def _homogeneous_bounds(op: Op, key: str, sized_zero: bool) -> bool:
     """Whether a clamp or threshold of :data:`_BOUNDED` has only zero or infinite bounds
-    (given as plain numbers: a tensor or a size read from one may be anything)."""
+    (given as plain numbers: a tensor or a size read from one may be anything; with
+    ``sized_zero``, a size became a plain 0 in the pass, so a 0 may be one only there)."""
     names = _BOUNDED.get(key)
     if names is None:
         return False
@@ -329,7 +330,9 @@ def _homogeneous_bounds(op: Op, key: str) -> bool:
         bound = op.args[position] if len(op.args) > position else op.kwargs.get(name, default)
         if bound is None and default is None and not key.endswith("threshold"):
             continue
-        if type(bound) not in (int, float) or not (bound == 0 or math.isinf(bound)):
+        if type(bound) not in (int, float) or not (
+            (bound == 0 and not sized_zero) or math.isinf(bound)
+        ):
             return False
     return True
 
@@ -529,6 +532,16 @@ class _Analysis:
         self.activated: dict[int, tuple[str, str]] = {}  # act(producer output) -> (act, producer)
 
     # -- helpers
+    def zero(self, constant: Any) -> bool:
+        """Whether a plain number is 0 wherever the model runs: a size that became a plain
+        number 0 in the pass (``float(x.shape[0] - 1)`` at batch 1) may make any 0 suspect."""
+        kind = type(constant)
+        return (
+            kind in (int, float, bool)
+            and constant == 0
+            and (kind is bool or not self.rec.zero_from_size)
+        )
+
     def get(self, value: Any) -> _Info | None:
         return self.info.get(id(value)) if isinstance(value, Value) else None
 
@@ -854,7 +867,7 @@ class _Analysis:
                 f"{key} runs in training mode in forward: each channel gets its own random "
                 "mask or slope, and merged channels would share one",
             )
-        if key in _CHANNELWISE and not _homogeneous_bounds(op, key):
+        if key in _CHANNELWISE and not _homogeneous_bounds(op, key, self.rec.zero_from_size):
             shown = _display(op, _CHANNELWISE[key])
             if key == "hardtanh" and shown == "Hardtanh":
                 shown = "Hardtanh (ReLU6)"
@@ -899,11 +912,7 @@ class _Analysis:
         # Any operand that is not a tensor and not a plain zero shifts: True, a NumPy
         # scalar, a complex number, and any size, which may be zero only in the example
         # (``x.shape[0] - 1``; never compared, which would note a use).
-        shifts = [
-            a
-            for a in operands
-            if not isinstance(a, Value) and not (type(a) in (int, float, bool) and a == 0)
-        ]
+        shifts = [a for a in operands if not isinstance(a, Value) and not self.zero(a)]
         is_add = key in _ADD
         result = infos[0]
         for other in infos[1:]:
@@ -1071,7 +1080,7 @@ class _Analysis:
         if isinstance(fill, Value) and self.get(fill) is not None:
             raise _Break("its output fills its own masked entries (masked_fill)")
         self.against_constant(info, mask, len(out.shape), op)
-        if not (type(fill) in (int, float, bool) and fill == 0):
+        if not self.zero(fill):
             self.nonhomogeneous(
                 info, "masked_fill with a value other than 0 is not positively homogeneous"
             )
@@ -1264,7 +1273,7 @@ class _Analysis:
             )
         mode = op.args[2] if len(op.args) > 2 else op.kwargs.get("mode", "constant")
         value = op.args[3] if len(op.args) > 3 else op.kwargs.get("value", None)
-        if mode == "constant" and (isinstance(value, DimSize) or value not in (None, 0, 0.0)):
+        if mode == "constant" and value is not None and not self.zero(value):
             self.nonhomogeneous(
                 info, "padding with a non-zero constant is not positively homogeneous"
             )
@@ -1507,7 +1516,8 @@ def find_groups(
     ``torch.no_grad()``, with every module in eval mode as compression runs it (each
     module's own mode is restored); state that its forward writes (running statistics
     it keeps, a batch norm it switches to training mode) is written, as by a call of the
-    model, with a warning naming it. ``nm.prune`` and ``nm.merge`` run a copy instead.
+    model, with a warning naming what it wrote in place (writes through ``.data``, NumPy
+    or the storage leave no trace to see). ``nm.prune`` and ``nm.merge`` run a copy.
     ``example_inputs`` is a tensor, a tuple of
     tensors, or a mapping of keyword inputs (e.g. ``{"input_ids": ids}``).
 

@@ -274,13 +274,20 @@ _DERIVED = frozenset(
 
 def _noting(name: str) -> Callable[..., Any]:
     plain = getattr(int, name)
+    by_float = getattr(float, name, None)  # what Python falls back to for a float operand
     derived = name in _DERIVED
 
     def method(self: DimSize, *args: Any) -> Any:
         self._used(f"Python {name.strip('_')}")
         result = plain(self, *args)
+        if result is NotImplemented and len(args) == 1 and type(args[0]) is float and by_float:
+            result = by_float(float(int.__int__(self)), args[0])  # x.shape[0] - 1.0
         if derived and type(result) is int:
             return DimSize(result, self._note)  # type: ignore[attr-defined]
+        if type(result) in (int, float) and result == 0:  # float(x.shape[0] - 1) at batch 1
+            recorder = getattr(_RECORDING, "recorder", None)
+            if recorder is not None:
+                recorder.zero_from_size = True
         return result
 
     method.__name__ = name
@@ -425,6 +432,11 @@ def flatten_tensors(
     if isinstance(value, Mapping):
         for item in value.values():
             flatten_tensors(item, out, deeper, opaque, sizes=sizes)
+        if sizes is not None:  # {h.shape[1]: ...}
+            flatten_tensors(list(value.keys()), out, deeper, opaque, sizes=sizes)
+    elif isinstance(value, slice):
+        if sizes is not None:  # slice(0, h.shape[1])
+            flatten_tensors([value.start, value.stop, value.step], out, deeper, sizes=sizes)
     elif isinstance(value, (list, tuple, set, frozenset, Sequence, AbstractSet)):
         for item in value:  # a deque or any other registered sequence or set too
             flatten_tensors(item, out, deeper, opaque, sizes=sizes)
@@ -463,6 +475,8 @@ class Recording:
             weight of the model.
         batch_statistics: batch norms that ran in training mode (normalising with the
             batch's statistics: their forward, or code before it, switched them back).
+        zero_from_size: whether a size became a plain number 0 (``float(x.shape[0] - 1)``
+            at batch 1): a constant 0 may then be one only in the example.
     """
 
     ops: list[Op]
@@ -476,6 +490,7 @@ class Recording:
     clobbered: list[Value] = field(default_factory=list)
     unseen: list[str] = field(default_factory=list)
     batch_statistics: set[str] = field(default_factory=set)
+    zero_from_size: bool = False
 
     def release(self) -> None:
         """Empty the recording once it is used, freeing its values and operations at once.
@@ -612,6 +627,7 @@ class _Recorder(TorchFunctionMode):
         self.watching = False  # whether the model is running (tensors seen are its own)
         self.unseen: list[str] = []
         self.batch_statistics: set[str] = set()  # batch norms called in training mode
+        self.zero_from_size = False  # a size became a plain number 0 (see DimSize)
         # Each leaf's tensors as the pass starts, and every other tensor of the model's
         # modules (see unseen_use): held, so that their ids stay theirs.
         self.owned: list[tuple[str, nn.Module, list[tuple[str, Tensor | None]]]] = []
@@ -1774,6 +1790,7 @@ def record(
         recorder.clobbered,
         recorder.unseen,
         recorder.batch_statistics,
+        recorder.zero_from_size,
     )
 
 
