@@ -2754,3 +2754,18 @@ def test_a_zero_that_a_size_became_is_not_trusted(bound) -> None:
     x = torch.randn(1, 4)
     groups, _ = nm.find_groups(Net(), x)
     assert [g.mergeable for g in groups if g.name == "fc1"] == [False]
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_buffer_does_not_stop_compression(layout: str) -> None:
+    """The finite-value check raised 'reshape is not implemented for sparse tensors'."""
+    net = Chain().eval()
+    eye = torch.eye(3)
+    net.register_buffer("table", eye.to_sparse() if layout == "coo" else eye.to_sparse_csr())
+    result = nm.merge(net, X, ratio=0.5)
+    assert result.model.table.layout == net.table.layout
+    assert torch.equal(result.model.table.to_dense(), eye)
+    assert run(result.model, X).shape == run(net, X).shape
+    net.table = torch.tensor([[0.0, float("nan")]]).to_sparse()
+    with pytest.raises(nm.ModelError, match="buffer 'table' contains NaN"):
+        nm.merge(net, X, ratio=0.5)

@@ -67,6 +67,18 @@ class ModelTensors:
         return sum(p.numel() for p in self.params)
 
 
+def _values(tensor: Tensor) -> Tensor:
+    """The values a tensor holds: a sparse tensor's stored ones, an opaque one densely."""
+    tensor = tensor.detach()
+    if tensor.layout == torch.strided:
+        return tensor
+    if tensor.layout == torch.sparse_coo:
+        return tensor._values()
+    if tensor.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+        return tensor.values()
+    return tensor.to_dense()
+
+
 def check_finite(model: nn.Module, tensors: ModelTensors | None = None) -> None:
     """Raise :class:`ModelError` naming the first parameter or buffer holding NaN or Inf.
 
@@ -79,7 +91,7 @@ def check_finite(model: nn.Module, tensors: ModelTensors | None = None) -> None:
         for tensor in (*tensors.params, *tensors.buffers):
             if not tensor.is_floating_point():
                 continue
-            flat = tensor.reshape(-1)
+            flat = _values(tensor).reshape(-1)
             if flat.numel() < _FINITE_SMALL:
                 small.setdefault(flat.dtype, []).append(flat)
             elif not _finite(flat):
@@ -91,7 +103,7 @@ def check_finite(model: nn.Module, tensors: ModelTensors | None = None) -> None:
         return
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, tensor in items:  # slow path: name the first offender
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all()):
+            if tensor.is_floating_point() and not bool(torch.isfinite(_values(tensor)).all()):
                 raise ModelError(f"{kind} {name!r} contains NaN or Inf; refusing to compress")
 
 
@@ -279,7 +291,17 @@ def _cow_flags(tensors: list[Tensor]) -> list[bool]:
     taken); all ``False`` on PyTorch without copy-on-write tensors."""
     if _IS_COW is None:
         return [False] * len(tensors)
-    return list(map(_IS_COW, tensors))
+    try:
+        return list(map(_IS_COW, tensors))
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse)
+        return [_is_cow(t) for t in tensors]
+
+
+def _is_cow(tensor: Tensor) -> bool:
+    try:
+        return bool(_IS_COW(tensor))  # type: ignore[misc]
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 class StateMarks:
