@@ -44,6 +44,7 @@ from .groups import (
     MergeGroup,
     SkippedLayer,
     groups_from_recording,
+    listed_briefly,
     resolve_groups,
 )
 from .record import (
@@ -564,11 +565,9 @@ def compress(
             work = copied.model
             modes = contextlib.ExitStack()
             modes.enter_context(evaluating(work, modules.values()))
-            shown = ", ".join(written[:3]) + (
-                f" and {len(written) - 3} more" if len(written) > 3 else ""
-            )
             notes.append(
-                f"the model's forward writes its own state ({shown or type(model).__name__}): "
+                f"the model's forward writes its own state "
+                f"({listed_briefly(written) or type(model).__name__}): "
                 "the returned model is built from the model as given, not as the recorded "
                 "pass left it; groups whose layers' tensors it wrote are left intact"
             )
@@ -591,11 +590,8 @@ def compress(
         )
     not_run = [s.name for s in skipped if s.reason == NOT_RUN]
     if not_run and plans:
-        shown = ", ".join(not_run[:3]) + (
-            f" and {len(not_run) - 3} more" if len(not_run) > 3 else ""
-        )
         notes.append(
-            f"{shown} did not run on the example inputs: the result is analysed for the path "
+            f"{listed_briefly(not_run)} did not run on the example inputs: the result is analysed for the path "
             "they take; inputs that run those layers may feed them pruned channels and fail "
             "(give example inputs that run every layer)"
         )

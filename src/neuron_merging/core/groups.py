@@ -1566,6 +1566,12 @@ def find_groups(
     return found
 
 
+def listed_briefly(names: Sequence[str], limit: int = 3) -> str:
+    """``"a, b, c and 2 more"``: the first ``limit`` names, and how many others."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
 def _warn_written(model: nn.Module, written: set[int]) -> None:
     """Warn that the model's forward wrote into its own parameters or buffers."""
     import warnings
@@ -1573,7 +1579,7 @@ def _warn_written(model: nn.Module, written: set[int]) -> None:
     names = [
         name for name, t in (*model.named_parameters(), *model.named_buffers()) if id(t) in written
     ]
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = listed_briefly(names)
     warnings.warn(
         f"the forward of {type(model).__name__} writes into its own state ({shown}), and "
         "find_groups ran it once, as a call of the model would; nm.prune and nm.merge never "
