@@ -1,6 +1,7 @@
 """Hypothesis: random DAGs of linear/conv blocks (ReLU/GELU/LeakyReLU/ReLU6/SiLU/clamp(min=0)/abs,
 BN, depthwise convs, residual adds, concats, scalar multiples, maps of positions (flips, rolls,
-resampling, indexing, flattening and splitting back), several consumers per value).
+resampling, indexing, flattening and splitting back, masks, reductions), several consumers per
+value).
 
 Properties, for ``coupled`` off and on:
 
@@ -127,6 +128,10 @@ _MOVES = {
         lambda h: h[..., None, :][..., -1, :],
         lambda h: h.flatten(1).unflatten(1, (-1, 5, 5)),
         lambda h: h.flatten(1).view(h.size(0), h.size(1), 25).view_as(h),
+        lambda h: h.masked_fill(torch.arange(25).view(1, 1, 5, 5) % 3 == 0, 0.0),
+        lambda h: h.std((2, 3), keepdim=True) * torch.ones(1, 1, 5, 5),
+        lambda h: torch.linalg.vector_norm(h, 1, dim=(2, 3), keepdim=True) * torch.ones(5, 5),
+        lambda h: h.flatten(2).median(-1, keepdim=True).values[..., None] * torch.ones(5, 5),
     ),
     "seq": (
         lambda h: h.flip(1),
@@ -137,6 +142,8 @@ _MOVES = {
         ].transpose(1, 2),
         lambda h: h[None][0],
         lambda h: h.flip(0),
+        lambda h: h.masked_fill(torch.arange(h.size(1)).view(1, -1, 1) % 2 == 0, 0.0),
+        lambda h: h.norm(dim=1, keepdim=True) * torch.ones(1, h.size(1), 1),
     ),
     "linear": (
         lambda h: h[None][0],
