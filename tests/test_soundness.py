@@ -2769,3 +2769,64 @@ def test_a_sparse_buffer_does_not_stop_compression(layout: str) -> None:
     net.table = torch.tensor([[0.0, float("nan")]]).to_sparse()
     with pytest.raises(nm.ModelError, match="buffer 'table' contains NaN"):
         nm.merge(net, X, ratio=0.5)
+
+
+# ----------------------------------------------------------------- a seventh probe
+
+
+@pytest.mark.parametrize(
+    "reduce",
+    [
+        lambda y: y.sum(dim=[], keepdim=True),
+        lambda y: y.mean(dim=(), keepdim=True),
+        lambda y: y.std(dim=[], keepdim=True),
+        lambda y: torch.linalg.vector_norm(y, dim=(), keepdim=True),
+    ],
+    ids=["sum(dim=[])", "mean(dim=())", "std(dim=[])", "vector_norm(dim=())"],
+)
+def test_a_reduction_over_no_named_dimension_reduces_over_every_one(reduce) -> None:
+    """``dim=()`` reduces over every dimension, the channels too: it was taken for a
+    channel-wise reduction (prune vs mask 0.49 for a sum)."""
+
+    class Net(Chain):
+        def forward(self, x: Tensor) -> Tensor:
+            y = F.relu(self.fc1(x))
+            return self.fc3(F.relu(self.fc2(y + reduce(y))))
+
+    assert_excluded(Net(), X, "fc1", "reduced over every dimension")
+
+
+def test_a_mask_with_more_dimensions_moves_the_channels() -> None:
+    """``y.masked_fill(mask)`` with a wider mask broadcasts ``y`` up: its channels move, and
+    a sum over them was taken for one over positions (the pruned model failed to run)."""
+
+    class Net(Chain):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("sel", torch.tensor([True, False]).view(2, 1, 1))
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = F.relu(self.fc1(x))  # (N, 8)
+            z = y.masked_fill(self.sel, 0.0)  # (2, N, 8): the channels are axis 2
+            return self.fc3(F.relu(self.fc2(y))) + z.sum(-1).mean(0, keepdim=True).t()
+
+    assert_excluded(Net(), X, "fc1", "reduced over the channels")
+
+
+def test_a_plain_tensor_attribute_written_in_place_is_seen() -> None:
+    """The returned model kept the recorded pass's write (``scale`` 2 where the caller's
+    was 1): prune vs mask 1.17."""
+
+    class Net(Chain):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.ones(1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.scale.mul_(2.0)
+            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)) * self.scale)))
+
+    net = Net().eval()
+    result = nm.prune(net, X, ratio=0.5, criterion=keep_first)
+    assert float(net.scale) == 1.0 and float(result.model.scale) == 1.0
+    assert any("writes its own state" in n for n in result.report.notes)

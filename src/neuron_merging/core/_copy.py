@@ -317,12 +317,16 @@ class StateMarks:
         self.attributes = [tuple(m.__dict__.values()) for m in modules.values()]
         self.owners = []
         self.tensors = []
-        for name, m in modules.items():
+        for (name, m), values in zip(modules.items(), self.attributes, strict=True):
             for registered in (m._parameters, m._buffers):
                 for t in registered.values() if registered else ():
                     if t is not None:
                         self.owners.append(name)
                         self.tensors.append(t)
+            for t in values:  # tensors held as plain attributes (``self.scale``)
+                if isinstance(t, Tensor):
+                    self.owners.append(name)
+                    self.tensors.append(t)
         self.versions = [t._version for t in self.tensors]
         self.cow = _cow_flags(self.tensors)
 

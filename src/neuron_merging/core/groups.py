@@ -1050,7 +1050,12 @@ class _Analysis:
         if key in ("std", "var") and isinstance(given.get("dim"), bool):
             given = {"unbiased": given["dim"], **op.kwargs}  # std(x, False): every dimension
         dim, keepdim = given.get("dim"), given.get("keepdim", False)
-        if dim is None or isinstance(dim, Value) or not isinstance(keepdim, bool):
+        if (
+            dim is None
+            or isinstance(dim, Value)
+            or not isinstance(keepdim, bool)
+            or (isinstance(dim, (list, tuple)) and not dim)  # dim=(): every dimension too
+        ):
             raise _Break(f"its output is reduced over every dimension ({key})")
         dims = {d % ndim for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
         if info.axis in dims or info.block != 1:
@@ -1079,6 +1084,7 @@ class _Analysis:
             return
         if isinstance(fill, Value) and self.get(fill) is not None:
             raise _Break("its output fills its own masked entries (masked_fill)")
+        info = self.aligned(info, len(op.args[0].shape), len(out.shape))  # a wider mask
         self.against_constant(info, mask, len(out.shape), op)
         if not self.zero(fill):
             self.nonhomogeneous(
