@@ -408,6 +408,55 @@ class SqueezeNet(nn.Module):
         return torch.flatten(self.classifier(self.features(x)), 1)
 
 
+def _prelu(slopes: int) -> nn.PReLU:
+    act = nn.PReLU(slopes)
+    nn.init.uniform_(act.weight, -0.2, 0.5)  # distinct slopes, a negative one likely
+    return act
+
+
+class IRBlock(nn.Module):
+    """ArcFace-style improved residual block: BN → conv → BN → PReLU (a slope per
+    channel) → strided conv → BN, plus an identity or projection shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.prelu = _prelu(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.down = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return out + (x if self.down is None else self.down(x))
+
+
+class FaceResNet(nn.Module):
+    """Face-recognition style ResNet: conv-BN-PReLU stem, two IR blocks, and an embedding
+    head fc → BN → PReLU with one slope → fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  _prelu(8))  # fmt: skip
+        self.layer1 = IRBlock(8, 8, 1)
+        self.layer2 = IRBlock(8, 12, 2)
+        self.fc = nn.Linear(12 * 4 * 4, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.act = _prelu(1)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layer2(self.layer1(self.stem(x)))
+        return self.out(self.act(self.bn(self.fc(h.flatten(1)))))
+
+
 def _make(cls: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module]:
     def factory() -> nn.Module:
         torch.manual_seed(seed)
@@ -435,6 +484,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Any]] = {
     "vit": (_make(ViT, 9), _x(2, 3, 8, 8)),
     "resnet_torchvision": (_make(ResNetTV, 10), _x(2, 3, 8, 8)),
     "squeezenet": (_make(SqueezeNet, 11), _x(2, 3, 8, 8)),
+    "face_resnet": (_make(FaceResNet, 12), _x(2, 3, 8, 8)),
 }
 
 

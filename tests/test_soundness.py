@@ -1286,6 +1286,124 @@ def test_clamps_with_other_bounds_are_pruned_not_merged(mode: str) -> None:
     assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
 
 
+class Slopes(nn.Module):
+    """A PReLU between two layers: on features, on conv maps after batch norm, on tokens
+    (slopes along the tokens), after a channel-major flatten, shared or hooked."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(19)
+        self.mode = mode
+        conv = mode.startswith("conv")
+        width = {"tokens": 5, "flattened": 8 * 9}.get(mode, 8)
+        one = ("one slope", "conv, one slope", "one slope, shared", "slopes swapped")
+        slopes = 1 if mode in one else width
+        if conv:
+            self.a, self.bn, self.b = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)
+            _seed_bn(self.bn)
+        elif mode == "flattened":
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Linear(8 * 9, 3)
+        else:
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.act = nn.PReLU(slopes, init=0.1)
+        with torch.no_grad():  # distinct slopes, negative ones too
+            self.act.weight.copy_(torch.linspace(-0.6, 0.9, slopes))
+        if mode.endswith("shared"):
+            self.c, self.d = nn.Linear(4, 8), nn.Linear(8, 3)
+        if mode == "hooked":
+            self.act.register_forward_hook(lambda m, a, out: out * 1.5)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        mode = self.mode
+        if mode.startswith("conv"):
+            return self.b(self.act(self.bn(self.a(x)))).mean((2, 3))
+        if mode == "flattened":
+            return self.b(self.act(self.a(x).flatten(1)))
+        if mode == "tokens":
+            return self.b(self.act(self.a(x.unsqueeze(1).expand(-1, 5, -1) * 1.0))).sum(1)
+        if mode == "slopes swapped":  # the call computes with a slope per channel
+            swap = {"weight": torch.linspace(-0.6, 0.9, 8)}
+            return self.b(torch.func.functional_call(self.act, swap, (self.a(x),)))
+        out = self.b(self.act(self.a(x)))
+        if mode.endswith("shared"):
+            out = out + self.d(self.act(self.c(x)))
+        if mode == "read elsewhere":
+            out = out + self.act.weight.sum()
+        return out
+
+
+def _seed_bn(bn: nn.Module) -> None:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.uniform_(-0.5, 0.5, generator=g)
+        bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+        bn.running_var.uniform_(0.5, 1.5, generator=g)
+
+
+def _slopes_input(mode: str, batch: int = 1) -> Tensor:
+    shape = {"conv": (3, 7, 7), "flattened": (3, 5, 5)}.get(mode.split(",")[0], (4,))
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+
+
+@pytest.mark.parametrize(
+    "mode, method",
+    [
+        ("one slope", "merged"),
+        ("conv, one slope", "merged"),
+        ("tokens", "merged"),  # the slopes follow the tokens, the same for every channel
+        ("one slope, shared", "merged"),  # nothing of the PReLU is edited
+        ("per channel", "pruned"),
+        ("conv", "pruned"),
+    ],
+)
+def test_prelu_merges_with_one_slope_and_is_sliced_with_a_slope_per_channel(
+    mode: str, method: str, tmp_path
+) -> None:
+    """``prelu_a(s·z) = s·prelu_a(z)`` for s > 0: with the same slope for a channel and its
+    partner the group merges; a slope per channel is sliced with the channels (pruned
+    only). PReLU ended its group before."""
+    net = Slopes(mode)
+    x = _slopes_input(mode)
+    groups, _ = nm.find_groups(net, x)
+    (group,) = [g for g in groups if g.name in ("a", "c")][:1]
+    assert group.mergeable == (method == "merged"), group.reason
+    if method == "pruned":
+        assert group.reason == "PReLU 'act' has a slope per channel"
+        assert group.passthrough == ("act",)
+    result = nm.merge(net, x, ratio=0.5, threshold=None)
+    assert {g.method for g in result.report.groups if g.producers[0] == "a"} == {method}
+    if method == "pruned":
+        assert result.model.act.num_parameters == result.model.act.weight.numel() == 4
+    pruned = nm.prune(net, x, ratio=0.5)
+    fresh = _slopes_input(mode, batch=3)
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, x)
+    nm.save(result, tmp_path)
+    reloaded = nm.load(Slopes(mode), tmp_path)
+    assert torch.equal(reloaded(fresh), result.model(fresh))
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("per channel, shared", "called 2 times"),
+        ("hooked", "forward hook"),
+        ("read elsewhere", "weight of act"),
+        ("flattened", "flattened"),
+        ("slopes swapped", "replaced while the model runs"),
+    ],
+)
+def test_prelu_slopes_that_cannot_be_sliced_exclude_group(mode: str, words: str) -> None:
+    net = Slopes(mode)
+    x = _slopes_input(mode)
+    assert_excluded(net, x, "a", words)
+    result = nm.prune(net, x, ratio=0.5)
+    fresh = _slopes_input(mode, batch=3)
+    assert rel_error(result.model(fresh), _mask(net, result.plans)(fresh)) < 1e-5
+
+
 class Unbatched(nn.Module):
     """Conv1d layers on an unbatched ``(C, L)`` input, ``L`` equal to the channel count."""
 
@@ -2085,6 +2203,8 @@ def _leaf_cases() -> list[tuple[str, nn.Module, Tensor]]:
         bn.running_mean.uniform_(-1, 1, generator=g)
         bn.running_var.uniform_(0.5, 2, generator=g)
         bn.weight.data.uniform_(-2, 2, generator=g)
+    prelu = nn.PReLU(4)
+    prelu.weight.data.uniform_(-1, 1, generator=g)
     cases = [
         ("linear", nn.Linear(4, 6), flat),
         ("linear, no bias", nn.Linear(4, 6, bias=False), flat),
@@ -2102,6 +2222,9 @@ def _leaf_cases() -> list[tuple[str, nn.Module, Tensor]]:
         ("batchnorm2d without running stats", nn.BatchNorm2d(4, track_running_stats=False), image),
         ("batchnorm1d on 2-d input", bn1, flat),
         ("batchnorm1d on 3-d input", bn1, seq),
+        ("prelu, one slope", nn.PReLU(), image),
+        ("prelu, a slope per channel", prelu, image),
+        ("prelu on 3-d input", prelu, seq),
     ]  # fmt: skip
     return cases
 

@@ -267,6 +267,22 @@ def test_squeezenet_fire_concat() -> None:
     assert g["features.3.expand3x3"].consumer_offsets == (5,)
 
 
+def test_face_resnet_slices_per_channel_prelus_and_merges_one_slope() -> None:
+    factory, x = ZOO["face_resnet"]
+    g = _by_name(nm.find_groups(factory(), x, coupled=True)[0])
+    assert g["layer1.conv1"].passthrough == ("layer1.prelu",)
+    assert not g["layer1.conv1"].mergeable
+    assert g["layer1.conv1"].reason == "PReLU 'layer1.prelu' has a slope per channel"
+    stream = g["stem.0"]  # the stem's PReLU sits on the residual stream
+    assert stream.passthrough == ("stem.2", "layer1.bn1", "layer2.bn1")
+    assert g["fc"].mergeable and g["fc"].bns == ("bn",)  # fc → BN → PReLU() → out
+    result = nm.merge(factory(), x, ratio=0.5, coupled=True)
+    model = result.model
+    assert model.stem[2].weight.numel() == model.stem[0].out_channels == 4
+    assert model.layer2.prelu.num_parameters == model.layer2.conv1.out_channels == 6
+    assert model.act.num_parameters == 1
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_input_model_bitwise_untouched(name: str) -> None:
     factory, x = ZOO[name]

@@ -19,7 +19,7 @@ ever unpickled or executed: the manifest is JSON, the weights are safetensors
 attributes are taken from the file. Resizing is generic: a module's tensors are
 reallocated at the recorded shapes and its recorded shape attributes are set;
 the layers PyTorch ships (Linear, ConvNd, BatchNorm, LayerNorm, GroupNorm,
-Embedding) and GPT-2-style ``Conv1D`` layers are then checked for consistency.
+Embedding, PReLU) and GPT-2-style ``Conv1D`` layers are then checked for consistency.
 
 The write is atomic: the weights file is named by its content hash and the
 manifest, renamed into place last, is the commit point. An interrupted save
@@ -82,6 +82,7 @@ SHAPE_ATTRIBUTES = (
     "groups",
     "num_features",
     "num_channels",
+    "num_parameters",
     "normalized_shape",
     "num_embeddings",
     "embedding_dim",
@@ -428,6 +429,8 @@ def _expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     if isinstance(module, nn.LayerNorm):
         shape = tuple(module.normalized_shape)
         return {"weight": shape, "bias": shape}
+    if isinstance(module, nn.PReLU):
+        return {"weight": (module.num_parameters,)}
     if isinstance(module, nn.GroupNorm):
         return {"weight": (module.num_channels,), "bias": (module.num_channels,)}
     if isinstance(module, nn.Embedding):

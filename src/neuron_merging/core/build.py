@@ -503,5 +503,11 @@ def apply_plans(
                         layer, "bias", torch.index_select(layer.bias.detach(), 0, index), direct
                     )
                 layer.in_channels = layer.out_channels = layer.groups = index.numel()
+            elif isinstance(layer, nn.PReLU):  # a slope per channel
+                index = _full_index(layer.num_parameters, segments)
+                _replace(
+                    layer, "weight", torch.index_select(layer.weight.detach(), 0, index), direct
+                )
+                layer.num_parameters = index.numel()
             else:
                 _slice_bns([(layer, _full_index(layer.num_features, segments))], direct)

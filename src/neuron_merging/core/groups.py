@@ -8,8 +8,8 @@ found in the dataflow of one real forward pass (:mod:`.record`) by propagating, 
 every value, which group each of its channels belongs to:
 
 * a producer starts a group of its output channels;
-* element-wise activations, per-channel batch norm, depthwise convolution (its filters
-  are sliced too), pooling, dropout, flatten and permutations carry channels through;
+* element-wise activations, per-channel batch norm, depthwise convolution and a PReLU
+  with a slope per channel (their weights are sliced too), pooling, dropout, flatten and permutations carry channels through;
 * a residual add (or an element-wise product, as in gated units) joins the groups of
   its operands into one, and a concat lays its inputs' groups side by side, so that
   consumers of the result absorb each group at its own offset;
@@ -20,9 +20,9 @@ every value, which group each of its channels belongs to:
 **Pruning** a group needs only channel-wise operations. **Merging** (the paper's
 compensation) also needs every operation after the producers' batch norms to be
 positively homogeneous and the same on every channel, ``f(s·z) = s·f(z)`` for
-``s > 0``: ReLU, LeakyReLU, max/avg pooling, dropout in eval mode, identity, flatten,
+``s > 0``: ReLU, LeakyReLU, a PReLU with one slope, max/avg pooling, dropout in eval mode, identity, flatten,
 residual adds, concats and scalar multiples. Groups through GELU, SiLU, ReLU6,
-sigmoid, depthwise convolutions or a batch norm that does not directly follow a
+sigmoid, depthwise convolutions, per-channel PReLU slopes or a batch norm that does not directly follow a
 producer are pruned but not merged, and say why.
 
 Groups that join a residual add, a concat, or feed several consumers are *coupled*;
@@ -649,6 +649,9 @@ class _Analysis:
         if isinstance(module, BATCHNORMS):
             self.batch_norm(op, module, info, out, taint)
             return
+        if isinstance(module, nn.PReLU):
+            self.prelu(op, module, info, out, taint)
+            return
         is_conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
         groups = module.groups if is_conv else 1
         if is_conv and groups > 1:
@@ -774,6 +777,33 @@ class _Analysis:
         self.nonhomogeneous(info, f"depthwise convolution {name!r} has per-channel filters")
         if out is not None:
             self.set(out, info)
+
+    def prelu(
+        self, op: Op, module: nn.Module, info: _Info | None, out: Value | None, taint: str | None
+    ) -> None:
+        """``nn.PReLU``: one slope for every channel of the group is positively homogeneous
+        (``prelu_a(s·z) = s·prelu_a(z)``, the same ``a`` for a channel and its partner);
+        a slope per channel is sliced with them, and a merged channel would take its
+        partner's slope, so that group is pruned only."""
+        if info is None or out is None:
+            return
+        name = op.target
+        if module.weight.numel() == 1 or info.axis != 1:  # the slopes do not follow channels
+            own = self.rec.taints.get(name) or self.rec.hooked.get(name)  # calls do not matter
+            if own:
+                self.break_info(info, own)
+            self.set(out, info)
+            return
+        if info.block != 1:
+            self.break_info(
+                info, f"PReLU {name!r} has a slope per element of channel-major flattened features"
+            )
+            return
+        if taint:
+            self.break_info(info, taint)
+        self.slice_through(info, name)
+        self.nonhomogeneous(info, f"PReLU {name!r} has a slope per channel")
+        self.set(out, info)
 
     def slice_through(self, info: _Info, name: str) -> None:
         offset = 0

@@ -72,6 +72,7 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv2d,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
+    nn.PReLU,
 )
 #: The batch norms among them.
 BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -574,6 +575,7 @@ _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 #: The tensors every leaf layer registers (possibly as ``None``) and compression edits.
 _LEAF_TENSORS = ("weight", "bias")
 _LEAF_TENSORS_BN = ("weight", "bias", "running_mean", "running_var")
+_LEAF_TENSORS_PRELU = ("weight",)
 
 
 def _owned(module: nn.Module) -> list[tuple[str, Tensor | None]]:
@@ -664,7 +666,14 @@ class _Recorder(TorchFunctionMode):
                     held += [t for t in buffers.values() if t is not None]
                 continue
             self.leaves.add(id(module))
-            for attr in _LEAF_TENSORS_BN if isinstance(module, BATCHNORMS) else _LEAF_TENSORS:
+            edited = (
+                _LEAF_TENSORS_BN
+                if isinstance(module, BATCHNORMS)
+                else _LEAF_TENSORS_PRELU
+                if isinstance(module, nn.PReLU)
+                else _LEAF_TENSORS
+            )
+            for attr in edited:
                 if attr not in registered and attr not in buffers:
                     taints.setdefault(
                         name,
@@ -1283,7 +1292,8 @@ _TENSOR_TYPES = (Tensor,)
 #: The attributes of _WIDTHS that a leaf class sets, by (class, number of attributes).
 _WIDTHS_OF: dict[tuple[type, int], tuple[str, ...]] = {}
 _WIDTHS = (
-    "in_features", "out_features", "in_channels", "out_channels", "groups", "nf", "num_features"
+    "in_features", "out_features", "in_channels", "out_channels", "groups", "nf", "num_features",
+    "num_parameters",
 )  # fmt: skip
 
 
@@ -1326,6 +1336,7 @@ _DIRECT_LEAVES: dict[type, Callable[[Any, Tensor], Tensor | None]] = {
     nn.Conv2d: _conv(F.conv2d),
     nn.BatchNorm1d: _batch_norm((2, 3)),
     nn.BatchNorm2d: _batch_norm((4,)),
+    nn.PReLU: lambda module, x: F.prelu(x, module.weight),
 }
 
 #: Modules whose class's ``forward`` is a single torch function call on its input: the
