@@ -525,3 +525,49 @@ def test_options_with_coupled_groups_give_a_model_that_runs(name: str, opts: dic
             assert layer.weight.shape[:2] == (layer.out_channels, layer.in_channels // layer.groups)
     out = run(result.model, x)
     assert out.shape == run(net, x).shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MergeConfig(calibrate=("lstsq",)),
+        MergeConfig(calibrate=("bn",)),
+        MergeConfig(selection="lstsq", compensation="lstsq", repair="mean+var"),
+    ],
+    ids=["lstsq", "bn", "lstsq-selection"],
+)
+def test_calibration_with_a_non_finite_sample_is_refused(config: MergeConfig) -> None:
+    """One NaN pixel made every refit NaN (the returned model output NaN on clean inputs)
+    or raised an internal assertion of ``torch.linalg.lstsq``."""
+    net = _conv_net()
+    images = torch.randn(4, 3, 6, 6, generator=gen(2))
+    images[2, 1, 3, 3] = float("nan")
+    with pytest.raises(nm.ConfigError, match="calibration contains NaN or Inf"):
+        nm.compress(net, torch.randn(1, 3, 6, 6), config, calibration=images)
+
+
+@pytest.mark.parametrize(
+    "calibration, words",
+    [
+        (torch.randn(4, 3, 6, 6).double(), "Input type"),
+        ([torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)], "positional"),  # two batches
+        (torch.randn(4, 5, 6, 6), "expected input"),
+    ],
+    ids=["float64", "a list of batches", "wrong channels"],
+)
+def test_calibration_inputs_the_model_cannot_run_are_a_model_error(calibration, words) -> None:
+    """They raised raw RuntimeError/TypeError from inside the calibration steps."""
+    net = _conv_net()
+    with pytest.raises(nm.ModelError, match="on the calibration inputs failed") as caught:
+        nm.compress(
+            net, torch.randn(1, 3, 6, 6), MergeConfig(calibrate=("lstsq",)), calibration=calibration
+        )
+    assert words in str(caught.value)
+
+
+def test_calibration_that_is_not_tensors_is_a_config_error() -> None:
+    for calibration, words in (((), "empty"), (("images",), "must be a tensor")):
+        with pytest.raises(nm.ConfigError, match=words):
+            nm.compress(
+                _conv_net(), torch.randn(1, 3, 6, 6), MergeConfig(), calibration=calibration
+            )

@@ -2953,3 +2953,62 @@ def test_a_plain_tensor_attribute_written_in_place_is_seen() -> None:
     result = nm.prune(net, X, ratio=0.5, criterion=keep_first)
     assert float(net.scale) == 1.0 and float(result.model.scale) == 1.0
     assert any("writes its own state" in n for n in result.report.notes)
+
+
+@pytest.mark.parametrize("factor", [1e20, 1e-25], ids=["huge", "tiny"])
+def test_duplicates_of_rows_whose_squares_overflow_or_underflow_are_merged(factor: float) -> None:
+    """A float32 row with entries beyond about 1e19 (or below 1e-19) had an infinite (or
+    zero) norm: its planted duplicates were dropped, not merged (relative error 0.33), and
+    the report still said merged."""
+    torch.manual_seed(21)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        net[0].weight.mul_(factor)
+        net[0].bias.mul_(factor)
+    x = torch.randn(4, 6)
+    twin, keep, _ = planted(net, x, coupled=False)
+    result = merge_planted(twin, x, keep)
+    (group,) = [g for g in result.report.groups if g.producer == "0"]
+    assert group.merged == group.pruned == 4
+    assert rel_error(run(result.model, x), run(twin, x)) < 1e-5
+
+
+class AliasedWeight(nn.Module):
+    """fc2's weight also registered in an ``nn.ParameterList`` that forward never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(22)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 2)
+        self.registry = nn.ParameterList([self.fc2.weight])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_a_weight_also_held_outside_its_layer_is_not_compressed(tmp_path) -> None:
+    """The returned model kept the old (2, 8) tensor under the alias beside fc2's (2, 4)
+    weight, and ``nm.load`` of its save failed with a size mismatch."""
+    net = AliasedWeight().eval()
+    x = torch.randn(1, 6)
+    groups, skipped = nm.find_groups(net, x)
+    assert not groups
+    assert "weight of fc2 is also held outside it" in _skips(skipped)["fc1"]
+    result = nm.prune(net, x, ratio=0.5)
+    assert result.model.registry[0] is result.model.fc2.weight
+    nm.save(result, tmp_path)
+    fresh = torch.randn(3, 6)
+    assert torch.equal(nm.load(AliasedWeight().eval(), tmp_path)(fresh), result.model(fresh))
+
+
+def test_a_layer_reading_another_dimension_is_named_by_its_own_class() -> None:
+    """The reason named the module whose forward called the layer (``Sequential '3'``)."""
+
+    class Transpose(nn.Module):
+        def forward(self, h: Tensor) -> Tensor:
+            return h.transpose(1, 2)
+
+    torch.manual_seed(23)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), Transpose(), nn.Linear(4, 4)).eval()
+    _, skipped = nm.find_groups(net, torch.randn(1, 4, 5))
+    assert _skips(skipped)["0"] == "Linear '3' reads a dimension other than its channels"

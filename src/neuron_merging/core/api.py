@@ -578,6 +578,8 @@ def compress(
         # Their passes over the original run a copy of it too: a forward that writes its
         # own state writes that copy, never the given model.
         reference = aliasing_copy(model, tensors).model
+        if calibration is not None:
+            _check_calibration(reference, calibration)
         extras = Extras(config, reference, example_inputs, [t[0] for t in targets], calibration)
 
     capable = _capable(targets, modules) if extras is not None else frozenset()
@@ -659,6 +661,33 @@ def _output_tensors(out: object) -> list[Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in _output_tensors(v)]
     return []
+
+
+def _check_calibration(model: nn.Module, calibration: Tensor | Sequence[Tensor]) -> None:
+    """Refuse calibration inputs the compression could not use: a NaN or Inf in them
+    would make every refit non-finite, and inputs the model cannot run on would fail deep
+    inside a calibration step. Runs ``model`` (a private copy) once on the first sample."""
+    data = (calibration,) if isinstance(calibration, Tensor) else tuple(calibration)
+    if not data:
+        raise ConfigError("calibration is empty: give a tensor or a tuple of tensors")
+    for i, t in enumerate(data):
+        what = "calibration" if len(data) == 1 else f"calibration input {i}"
+        if not isinstance(t, Tensor):
+            raise ConfigError(f"{what} must be a tensor, got {type(t).__name__}")
+        if t.dim() == 0 or t.shape[0] == 0:
+            raise ConfigError(f"{what} has no samples (shape {list(t.shape)}); batch first")
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"{what} contains NaN or Inf")
+    try:
+        with torch.no_grad(), evaluating(model):
+            model(*(t[:1] for t in data))
+    except Exception as exc:
+        raise ModelError(
+            f"running {type(model).__name__} on the calibration inputs failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); give a "
+            "tensor (or a tuple of tensors, one per positional input) the model accepts, "
+            "batch first"
+        ) from exc
 
 
 def calibration_error(

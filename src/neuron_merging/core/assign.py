@@ -125,9 +125,27 @@ def _gather_rows(rows: Tensor, idx: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+#: Below this a row's norm may have lost its squares to underflow (float32's smallest
+#: normal number is about 1e-38, the square of 1e-19).
+_TINY_NORM = 1e-18
+
+
 def _row_norms(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Row norms, and the same with zeros replaced by 1 (the divisor of the unit rows)."""
+    """Row norms, and the same with zeros replaced by 1 (the divisor of the unit rows).
+
+    A row whose squares overflow or underflow (entries beyond about 1e19 or below about
+    1e-19 in float32) is measured again divided by its largest entry, so that an exact
+    duplicate of a huge or tiny row still gets its finite norm and is merged.
+    """
     norms = torch.linalg.vector_norm(rows, dim=-1)
+    odd = ~torch.isfinite(norms) | (norms < _TINY_NORM)
+    if bool(odd.any()):
+        peak = rows[odd].abs().amax(dim=-1, keepdim=True)
+        finite = torch.isfinite(peak) & (peak > 0)
+        safe_peak = torch.where(finite, peak, torch.ones_like(peak))
+        again = torch.linalg.vector_norm(rows[odd] / safe_peak, dim=-1) * safe_peak.squeeze(-1)
+        norms = norms.clone()
+        norms[odd] = torch.where(finite.squeeze(-1), again, norms[odd])
     return norms, torch.where(norms > 0, norms, torch.ones_like(norms))
 
 

@@ -635,7 +635,8 @@ class _Analysis:
             for value in inputs:
                 if value is not data:
                     self.break_info(
-                        self.get(value), f"it is passed to {op.describe()} as a non-data argument"
+                        self.get(value),
+                        f"it is passed to {type(module).__name__} {name!r} as a non-data argument",
                     )
         rec = self.rec
         calls = rec.calls.get(name, 1)
@@ -703,7 +704,9 @@ class _Analysis:
             inputs = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
             fits = info.axis == ndim - 1 and info.width * info.block == inputs
         if not fits:
-            self.break_info(info, f"{op.describe()} reads a dimension other than its channels")
+            self.break_info(
+                info, f"{type(module).__name__} {name!r} reads a dimension other than its channels"
+            )
             return
         if taint:
             self.break_info(info, taint)

@@ -702,7 +702,14 @@ class _Recorder(TorchFunctionMode):
                 else:
                     params[id(tensor)] = (name, attr)
         self.held = held
-        self.held_ids = {id(t) for t in held}
+        self.held_ids = held_ids = {id(t) for t in held}
+        for tensor_id in held_ids.intersection(params):  # a leaf's tensor held elsewhere too
+            name, attr = params[tensor_id]
+            taints.setdefault(
+                name,
+                f"{attr} of {name} is also held outside it (in an nn.ParameterList, "
+                "another module or an attribute), which would keep the old size",
+            )
 
     def check_owned(self) -> None:
         """Leaf layers whose tensors were replaced while the model ran (a weight set anew
