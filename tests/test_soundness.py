@@ -3012,3 +3012,86 @@ def test_a_layer_reading_another_dimension_is_named_by_its_own_class() -> None:
     net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), Transpose(), nn.Linear(4, 4)).eval()
     _, skipped = nm.find_groups(net, torch.randn(1, 4, 5))
     assert _skips(skipped)["0"] == "Linear '3' reads a dimension other than its channels"
+
+
+class _RowFlip(torch.Tensor):
+    """Under ``F.linear`` it computes with its rows reversed."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is F.linear:
+            x, w, *rest = args
+            args = (x, w.as_subclass(torch.Tensor).flip(0), *rest)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+    def __deepcopy__(self, memo: dict) -> _RowFlip:
+        return torch.Tensor.clone(self.as_subclass(torch.Tensor)).as_subclass(_RowFlip)
+
+
+class _ChannelFlip(torch.Tensor):
+    """ReLU results come back with their channels reversed."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out.flip(-1) if func is F.relu else out
+
+
+class _Tagged(torch.Tensor):
+    """A subclass with PyTorch's own ``__torch_function__``, which deepcopy refuses."""
+
+
+def test_tensor_subclasses_that_run_their_own_code_are_refused() -> None:
+    """Their ``__torch_function__`` runs inside the calls the recording sees: a weight that
+    computes with its rows reversed, or inputs whose ReLU flips the channels, were pruned
+    and merged as plain tensors (prune vs mask 0.10 and 0.42)."""
+    net = Chain()
+    with torch.no_grad():
+        net.fc1.weight = nn.Parameter(net.fc1.weight.detach().clone().as_subclass(_RowFlip))
+    for verb in (nm.find_groups, nm.prune):
+        with pytest.raises(nm.ModelError, match=r"parameter 'fc1\.weight' is a _RowFlip"):
+            verb(net, X)
+    with pytest.raises(nm.ModelError, match="an example input is a _ChannelFlip"):
+        nm.merge(Chain(), X.as_subclass(_ChannelFlip))
+
+
+def test_a_parameter_subclass_that_cannot_be_copied_is_a_model_error() -> None:
+    net = Chain()
+    net.fc1.weight = nn.Parameter(net.fc1.weight.detach().clone().as_subclass(_Tagged))
+    with pytest.raises(nm.ModelError, match=r"a tensor of the model \(_Tagged\) cannot be copied"):
+        nm.prune(net, X)
+
+
+class _DropConnect(nn.Module):
+    def forward(self, w: Tensor) -> Tensor:
+        return F.dropout(w, 0.5, self.training)
+
+
+@pytest.mark.parametrize("kind", ["dropconnect", "spectral_norm"])
+def test_parametrizations_of_a_model_in_training_mode_are_materialised_as_in_eval(
+    kind: str,
+) -> None:
+    """They were evaluated in the model's training mode: a random DropConnect mask was baked
+    in (0.42 from the model in eval mode, with nothing removed), and a new-style spectral
+    norm took a power iteration (0.98 from an unconverged ``u``)."""
+    net = Chain()
+    if kind == "dropconnect":
+        parametrize.register_parametrization(net.fc2, "weight", _DropConnect())
+    else:
+        parametrizations.spectral_norm(net.fc2)
+        norm = net.fc2.parametrizations.weight[0]
+        with torch.no_grad():  # an unconverged power iteration, as in an early checkpoint
+            g = torch.Generator().manual_seed(1)
+            norm._u.copy_(F.normalize(torch.randn(norm._u.shape, generator=g), dim=0))
+            norm._v.copy_(F.normalize(torch.randn(norm._v.shape, generator=g), dim=0))
+    for p in net.fc2.parametrizations.weight.parameters():
+        p.requires_grad_(False)
+    net.train()
+    fresh = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = net.eval()(fresh)
+    net.train()
+    result = nm.prune(net, X, ratio=0.0)
+    with torch.no_grad():
+        assert rel_error(result.model.eval()(fresh), expected) < 1e-6
+    assert not result.model.fc2.weight.requires_grad  # a frozen layer stays frozen

@@ -148,7 +148,7 @@ def _copy_tensor(tensor: Tensor | None, memo: dict[int, Any]) -> Tensor | None:
     if tensor is None:
         return None
     done = memo.get(id(tensor))
-    return done if done is not None else copy.deepcopy(tensor, memo)
+    return done if done is not None else _deepcopy(tensor, memo, "a tensor of the model")
 
 
 def _deepcopy(value: Any, memo: dict[int, Any], where: str) -> Any:

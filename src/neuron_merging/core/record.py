@@ -878,6 +878,17 @@ class _Recorder(TorchFunctionMode):
             self.ops.append(op)
             return
         outs = [result] if type(result) is Tensor else flatten_tensors(result, [])
+        for t in (*inputs, *outs):  # a subclass made in forward (as_subclass) runs hidden code
+            if (
+                type(t) is not Tensor
+                and type(t) is not nn.Parameter
+                and _computes_otherwise(type(t))
+            ):
+                self.unseen.append(
+                    f"forward computes with a {type(t).__name__}, a tensor subclass that runs "
+                    "its own code for torch calls, which the recording cannot see"
+                )
+                break
         in_ids = (id(inputs[0]),) if len(inputs) == 1 else {id(t) for t in inputs}
         new: list[tuple[int, Tensor]] = []
         inplace = False
@@ -1527,13 +1538,17 @@ def materialise_reparametrisations(
             # parametrize swaps the class for a generated subclass of the original one;
             # that class is shared with the caller's model, so it is left as it is.
             lists = module.parametrizations
-            with torch.no_grad():
+            with torch.no_grad(), evaluating(lists):  # the weight as the model runs in eval
                 values = {attr: getattr(module, attr).detach().clone() for attr in lists}
+            grads = {  # a frozen layer stays frozen
+                attr: all(p.requires_grad for p in lists[attr].parameters(recurse=False))
+                for attr in lists
+            }
             kinds = {attr: ", ".join(type(p).__name__ for p in lists[attr]) for attr in lists}
             module.__class__ = type(module).__bases__[0]
             del module._modules["parametrizations"]
             for attr, value in values.items():
-                module._parameters[attr] = nn.Parameter(value)
+                module._parameters[attr] = nn.Parameter(value, requires_grad=grads[attr])
                 notes.append(f"{name}: {attr} parametrization ({kinds[attr]}) materialised")
         for key, hook in list(module._forward_pre_hooks.items()):
             if not isinstance(hook, known):
@@ -1656,6 +1671,44 @@ def check_recordable(model: nn.Module, modules: dict[str, nn.Module] | None = No
                         f"{kind} {name!r} is on the meta device (it holds no data); "
                         "load real weights before compressing"
                     )
+                if tensor.device.type == "cpu" and _computes_otherwise(type(tensor)):
+                    # (tensors elsewhere get the device's own error, which says what to do)
+                    raise ModelError(_subclass_message(f"{kind} {name!r}", tensor))
+
+
+def _computes_otherwise(cls: type) -> bool:
+    """Whether tensors of class ``cls`` run code of their own for torch calls
+    (``__torch_function__`` or ``__torch_dispatch__``): code that runs inside the calls the
+    recorder sees, and may compute anything (flip a weight's rows, reorder channels)."""
+    function = getattr(cls, "__torch_function__", None)
+    dispatch = getattr(cls, "__torch_dispatch__", None)
+    return getattr(function, "__func__", function) not in _PLAIN_TORCH_FUNCTIONS or getattr(
+        dispatch, "__func__", dispatch
+    ) is not getattr(Tensor.__torch_dispatch__, "__func__", Tensor.__torch_dispatch__)
+
+
+_PLAIN_TORCH_FUNCTIONS = (
+    Tensor.__torch_function__.__func__,  # type: ignore[attr-defined]
+    torch._C._disabled_torch_function_impl,
+)
+
+
+def _subclass_message(what: str, tensor: Tensor) -> str:
+    return (
+        f"{what} is a {type(tensor).__name__}, a tensor subclass that runs its own code "
+        "for torch calls (__torch_function__ or __torch_dispatch__), which the recording "
+        "cannot see; compress the model with plain tensors"
+    )
+
+
+def check_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse example inputs of a tensor subclass that runs its own code for torch calls
+    (see :func:`_computes_otherwise`): what it computes is hidden from the recording."""
+    tensors = flatten_tensors(list(args), [])
+    flatten_tensors(kwargs, tensors)
+    for tensor in tensors:
+        if type(tensor) is not Tensor and _computes_otherwise(type(tensor)):
+            raise ModelError(_subclass_message("an example input", tensor))
 
 
 def as_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -1744,6 +1797,7 @@ def record(
     if not checked:
         check_recordable(model, modules)
     args, kwargs = as_inputs(example_inputs)
+    check_inputs(args, kwargs)
     from torch.nn.modules import module as module_impl
 
     recorder = _Recorder(modules)
