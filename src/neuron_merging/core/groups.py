@@ -774,10 +774,17 @@ class _Analysis:
                 info, f"depthwise convolution {name!r} reads a dimension other than its channels"
             )
             return
+        why = f"depthwise convolution {name!r} has per-channel filters"
+        self.sliced(info, name, taint, why, out)
+
+    def sliced(
+        self, info: _Info, name: str, taint: str | None, why: str, out: Value | None
+    ) -> None:
+        """Layer ``name`` has a weight per channel: sliced with them, pruned only."""
         if taint:
             self.break_info(info, taint)
         self.slice_through(info, name)
-        self.nonhomogeneous(info, f"depthwise convolution {name!r} has per-channel filters")
+        self.nonhomogeneous(info, why)
         if out is not None:
             self.set(out, info)
 
@@ -802,11 +809,7 @@ class _Analysis:
                 info, f"PReLU {name!r} has a slope per element of channel-major flattened features"
             )
             return
-        if taint:
-            self.break_info(info, taint)
-        self.slice_through(info, name)
-        self.nonhomogeneous(info, f"PReLU {name!r} has a slope per channel")
-        self.set(out, info)
+        self.sliced(info, name, taint, f"PReLU {name!r} has a slope per channel", out)
 
     def slice_through(self, info: _Info, name: str) -> None:
         offset = 0
