@@ -140,10 +140,11 @@ def _row_norms(rows: Tensor) -> tuple[Tensor, Tensor]:
     norms = torch.linalg.vector_norm(rows, dim=-1)
     odd = ~torch.isfinite(norms) | (norms < _TINY_NORM)
     if bool(odd.any()):
-        peak = rows[odd].abs().amax(dim=-1, keepdim=True)
+        picked = rows[odd]
+        peak = picked.abs().amax(dim=-1, keepdim=True)
         finite = torch.isfinite(peak) & (peak > 0)
         safe_peak = torch.where(finite, peak, torch.ones_like(peak))
-        again = torch.linalg.vector_norm(rows[odd] / safe_peak, dim=-1) * safe_peak.squeeze(-1)
+        again = torch.linalg.vector_norm(picked / safe_peak, dim=-1) * safe_peak.squeeze(-1)
         norms = norms.clone()
         norms[odd] = torch.where(finite.squeeze(-1), again, norms[odd])
     return norms, torch.where(norms > 0, norms, torch.ones_like(norms))
