@@ -1701,7 +1701,7 @@ def _subclass_message(what: str, tensor: Tensor) -> str:
     )
 
 
-def check_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _check_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Refuse example inputs of a tensor subclass that runs its own code for torch calls
     (see :func:`_computes_otherwise`): what it computes is hidden from the recording."""
     tensors = flatten_tensors(list(args), [])
@@ -1797,7 +1797,7 @@ def record(
     if not checked:
         check_recordable(model, modules)
     args, kwargs = as_inputs(example_inputs)
-    check_inputs(args, kwargs)
+    _check_inputs(args, kwargs)
     from torch.nn.modules import module as module_impl
 
     recorder = _Recorder(modules)
