@@ -3095,3 +3095,142 @@ def test_parametrizations_of_a_model_in_training_mode_are_materialised_as_in_eva
     with torch.no_grad():
         assert rel_error(result.model.eval()(fresh), expected) < 1e-6
     assert not result.model.fc2.weight.requires_grad  # a frozen layer stays frozen
+
+
+# ------------------------------------------- sizes taken from a coupled group, expand, movedim
+
+
+class Gate(nn.Module):
+    """A squeeze-excitation gate written as in the original SENet code: ``b, c = x.size()``,
+    the squeezed vector viewed with ``c`` and multiplied into ``x``, one twist per mode."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(23)
+        self.mode = mode
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.other = nn.Conv2d(3, 8, 3, padding=1)  # a group the gate never couples with
+        self.fc1, self.fc2 = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.conv2, self.fc = nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6 + 8, 3)
+        self.register_buffer("zero", torch.zeros(1, 1))
+        _seed_bn(self.bn1)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        mode = self.mode
+        h = F.relu(self.bn1(self.conv1(x)))
+        o = F.relu(self.other(x))
+        b, c, height, width = (o if mode == "sized by another group" else h).size()
+        y = F.adaptive_avg_pool2d(h, 1).view(b, h.size(1))
+        y = self.fc2(F.relu(self.fc1(y)))
+        y = torch.sigmoid(y)
+        if mode == "expand_as":
+            g = y.view(b, c, 1, 1).expand_as(h)
+        elif mode == "expand":
+            g = y.view(b, c, 1, 1).expand(-1, -1, height, width)
+        elif mode == "expand b, c":
+            g = y.view(b, c, 1, 1).expand(b, c, height, width)
+        elif mode == "expand_as another group":
+            g = y.view(b, -1, 1, 1).expand_as(o)
+        elif mode == "a number":
+            g = y.view(b, 8, 1, 1)
+        elif mode == "expand a number":
+            g = y.view(b, -1, 1, 1).expand(b, 8, height, width)
+        else:
+            g = y.view(b, c, 1, 1)
+        h = F.relu(self.conv2(h * g)).mean((2, 3))
+        extra = o.mean((2, 3))
+        if mode == "a constant expanded":  # as wide as the group, but not of it
+            extra = extra + self.zero.expand(b, c)
+        return self.fc(torch.cat([h, extra], 1))
+
+
+def _gate_input(batch: int = 1) -> Tensor:
+    return torch.randn(batch, 3, 6, 6, generator=torch.Generator().manual_seed(batch))
+
+
+@pytest.mark.parametrize("mode", ["view b, c", "expand_as", "expand", "expand b, c"])
+def test_a_gate_sized_by_the_group_it_gates_is_coupled_with_it(mode: str, tmp_path) -> None:
+    """The gate's view asks for ``c``, read from the tensor it gates, before the product
+    that couples the two: it was checked there, against groups not yet coupled, and ended
+    the group (``view asks for 8 (computed from sizes)``); ``expand_as``/``expand`` ended it
+    too. It is checked once the coupling is known."""
+    net, x = Gate(mode), _gate_input()
+    groups, skipped = nm.find_groups(net, x, coupled=True)
+    (gated,) = [g for g in groups if "conv1" in g.producers]
+    assert set(gated.producers) == {"conv1", "fc2"}, gated
+    assert not gated.mergeable  # a product of two layers' outputs: pruned only
+    assert "conv1" not in _skips(skipped)
+    pruned = nm.prune(net, x, ratio=0.5, coupled=True)
+    assert pruned.model.conv1.out_channels == 4
+    fresh = _gate_input(batch=3)
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, x, coupled=True)
+    nm.save(pruned, tmp_path)
+    assert torch.equal(nm.load(Gate(mode), tmp_path)(fresh), pruned.model(fresh))
+
+
+@pytest.mark.parametrize(
+    "mode, name, words",
+    [
+        ("sized by another group", "other", "another group's channel count"),
+        ("expand_as another group", "conv1", "expand_as takes its shape"),
+        ("a number", "fc2", "asks for 8"),
+        ("expand a number", "fc2", "expand asks for 8"),
+        ("a constant expanded", "conv1", "sizes another dimension in expand"),
+    ],
+)
+def test_a_size_that_would_not_follow_the_group_ends_it(mode: str, name: str, words: str) -> None:
+    """A channel count of a group never coupled with the gate, a number, or a tensor outside
+    the group expanded to its width would keep its size after pruning."""
+    net, x = Gate(mode), _gate_input()
+    groups, skipped = nm.find_groups(net, x, coupled=True)
+    assert name not in {p for g in groups for p in g.producers}, groups
+    assert words in _skips(skipped)[name], _skips(skipped)[name]
+    for coupled in (False, True):
+        pruned = nm.prune(net, x, ratio=0.5, coupled=coupled)
+        fresh = _gate_input(batch=3)
+        assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+        assert_merge_correct(net, x, coupled=coupled)
+
+
+class Moved(nn.Module):
+    """Linear features moved to the channel dimension of a Conv1d by ``movedim``."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(29)
+        self.mode = mode
+        self.fc1, self.conv, self.fc2 = nn.Linear(6, 8), nn.Conv1d(8, 5, 1), nn.Linear(5, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (batch, tokens, 6)
+        h = F.relu(self.fc1(x))
+        if self.mode == "movedim":
+            h = h.movedim(-1, 1)
+        elif self.mode == "moveaxis":
+            h = torch.moveaxis(h, 2, 1)
+        elif self.mode == "movedim, two":
+            h = torch.movedim(h, (1, 2), (2, 1))
+        elif self.mode == "batch behind channels":  # (1, t, 8) -> (t, 8, 1) -> (t, 8)
+            h = h.movedim(0, -1).flatten(1).unsqueeze(0).movedim(1, -1).flatten(2)
+            h = h.reshape(x.shape[0], 8, -1)
+        return self.fc2(self.conv(h).mean(-1))
+
+
+@pytest.mark.parametrize("mode", ["movedim", "moveaxis", "movedim, two"])
+def test_movedim_is_a_permutation(mode: str) -> None:
+    """``movedim``/``moveaxis`` ended the group ("not a channel-wise operation")."""
+    net, x = Moved(mode), torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(3))
+    groups, _ = nm.find_groups(net, x)
+    assert {g.name: g.mergeable for g in groups}.get("fc1") is True, groups
+    pruned = nm.prune(net, x, ratio=0.5)
+    assert pruned.model.fc1.out_features == 4
+    fresh = torch.randn(3, 5, 6)
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, x)
+
+
+def test_movedim_of_the_batch_behind_the_channels_ends_the_group() -> None:
+    net, x = Moved("batch behind channels"), torch.randn(1, 4, 6)
+    assert_excluded(net, x, "fc1", "moves a dimension of size 1")

@@ -405,8 +405,21 @@ _RESHAPES = frozenset(
     }
 )
 _PERMUTES = frozenset(
-    {"permute", "transpose", "swapaxes", "swapdims", "t", ".T", ".mT", "transpose_", "t_"}
+    {
+        "permute",
+        "transpose",
+        "swapaxes",
+        "swapdims",
+        "t",
+        ".T",
+        ".mT",
+        "transpose_",
+        "t_",
+        "movedim",
+        "moveaxis",
+    }
 )
+_EXPANDS = frozenset({"expand", "expand_as"})
 
 
 def _display(op: Op, fallback: str) -> str:
@@ -530,6 +543,9 @@ class _Analysis:
         self.producer_of_value: dict[int, str] = {}
         self.normalised: dict[int, str] = {}  # batch-norm output -> its producer
         self.activated: dict[int, tuple[str, str]] = {}  # act(producer output) -> (act, producer)
+        # (op, a, b, reason): a size or shape taken from group a for group b's channels,
+        # sound once a and b are one coupled group, which a later op may make them
+        self.same_later: list[tuple[Op, _Info, _Info, str]] = []
 
     # -- helpers
     def zero(self, constant: Any) -> bool:
@@ -591,7 +607,8 @@ class _Analysis:
             live = infos.count(None) != len(infos)
             is_module = op.kind == "module"
             if not live and not is_module:
-                if func_name(op.target) in _RESHAPES:  # a table reshaped by a channel count
+                key = func_name(op.target)
+                if key in _RESHAPES or key == "expand":  # a table sized by a channel count
                     self.sizes_elsewhere(op, _target_sizes(op), None)
                 continue
             owner_name = op.owner
@@ -610,6 +627,10 @@ class _Analysis:
                 module_op(op, modules[op.target])
             else:
                 function_op(op)
+        for op, a, b, reason in self.same_later:
+            if not self.same_channels(a, b):
+                self.break_all(op, reason)
+                self.break_info(a, reason)  # its channel count sizes another group
         if self.rec.unseen:  # unseen code may have read any value or weight
             self.break_spaces(self.rec.unseen[0])
         for value in self.rec.outputs:
@@ -848,6 +869,8 @@ class _Analysis:
                 self.reshape(op, info, others, out)
             elif key in _PERMUTES:
                 self.permute(op, key, info, others, out)
+            elif key in _EXPANDS:
+                self.expand(op, key, info, others, out)
             elif key == "cat" or key == "concat" or key == "concatenate":
                 self.cat(op, out)
             elif key == "pad":
@@ -1186,12 +1209,14 @@ class _Analysis:
         a value of the same group (``x.size(1)``), or by ``view_as`` a tensor of the group.
         """
         key = func_name(op.target)
-        if key in ("view_as", "reshape_as"):
+        if key in ("view_as", "reshape_as", "expand_as"):
             other = others[0] if others else None
-            if not self.same_channels(self.get(other), new):
-                raise _Break(
-                    f"{key} takes its shape from a tensor whose channels are not this group's"
-                )
+            self.same_channels_at_end(
+                op,
+                self.get(other),
+                new,
+                f"{key} takes its shape from a tensor whose channels are not this group's",
+            )
             return
         if target is None:
             if key == "unflatten":
@@ -1206,11 +1231,23 @@ class _Analysis:
             requested = sizes[new.axis - first]
         # A DimSize notes every comparison or conversion as a use: read it with int's own.
         if isinstance(requested, DimSize):
-            if self.same_channels(self.channel_count_of(requested), new):
+            counted = self.channel_count_of(requested)
+            if counted is not None and self.same_layout(counted, new):
+                self.same_channels_at_end(
+                    op,
+                    counted,
+                    new,
+                    f"{key} asks for another group's channel count as the size of the channel "
+                    "dimension",
+                )
                 return
         elif requested == -1:
             return
         made = " (computed from sizes)" if isinstance(requested, DimSize) else ""
+        self.break_info(  # a channel count (of another layout) that would follow pruning
+            self.channel_count_of(requested),
+            f"its channel count sizes the channels of another tensor in {key}",
+        )
         raise _Break(
             f"{key} asks for {int.__int__(requested)}{made} as the size of the channel "
             "dimension, which pruning changes (use -1, flatten, or the channel dimension's "
@@ -1218,14 +1255,30 @@ class _Analysis:
         )
 
     @staticmethod
-    def same_channels(a: _Info | None, b: _Info) -> bool:
-        """Whether ``a`` lays out the same groups' channels as ``b``, in the same blocks."""
+    def same_layout(a: _Info | None, b: _Info) -> bool:
+        """Whether ``a`` lays out as many channels as ``b``, in the same blocks and segments."""
         if a is None or a.block != b.block or len(a.segments) != len(b.segments):
             return False
         return all(
-            n == m and (s is None) == (t is None) and (s is None or s.root() is t.root())
+            n == m and (s is None) == (t is None)
             for (s, n), (t, m) in zip(a.segments, b.segments, strict=True)
         )
+
+    @classmethod
+    def same_channels(cls, a: _Info | None, b: _Info) -> bool:
+        """Whether ``a`` lays out the same groups' channels as ``b``, in the same blocks."""
+        return cls.same_layout(a, b) and all(
+            s is None or s.root() is t.root()
+            for (s, _), (t, _) in zip(a.segments, b.segments, strict=True)  # type: ignore[union-attr]
+        )
+
+    def same_channels_at_end(self, op: Op, a: _Info | None, b: _Info, reason: str) -> None:
+        """``b``'s channels sized by ``a``'s (``s.view(b, c, 1, 1)`` with ``c`` read from the
+        tensor ``s`` then gates): sound when they are the same groups, which an op after this
+        one may make them (the gate's product couples them), so it is checked at the end."""
+        if not self.same_layout(a, b):
+            raise _Break(reason)
+        self.same_later.append((op, a, b, reason))  # type: ignore[arg-type]
 
     def permute(
         self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None
@@ -1247,6 +1300,14 @@ class _Analysis:
                 else op.args[1]
             )
             order = [d % ndim for d in dims]
+        elif key in ("movedim", "moveaxis"):
+            given = dict(zip(("source", "destination"), op.args[1:], strict=False)) | op.kwargs
+            source, destination = given["source"], given["destination"]
+            if isinstance(source, int):
+                source, destination = [source], [destination]
+            moved = {d % ndim: s % ndim for s, d in zip(source, destination, strict=True)}
+            rest = iter(d for d in range(ndim) if d not in moved.values())
+            order = [moved[d] if d in moved else next(rest) for d in range(ndim)]
         else:
             d0, d1 = (
                 (op.args[1] % ndim, op.args[2] % ndim)
@@ -1268,6 +1329,26 @@ class _Analysis:
                 "(the batch, perhaps), which a later reshape could mix with the channels"
             )
         self.set(out, _Info(info.segments, axis, info.block))
+
+    def expand(
+        self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None
+    ) -> None:
+        """A broadcast view (``s.expand_as(x)``, ``s.expand(-1, -1, h, w)``): each channel's
+        values are repeated over positions, never over channels. The channel dimension's size
+        must follow pruning, by the same rule as a reshape's."""
+        if info is None or out is None or (key == "expand" and others):
+            self.break_all(op, self.not_channelwise(op))
+            return
+        before, after = op.args[0].shape, out.shape
+        new = _Info(info.segments, info.axis + len(after) - len(before), info.block)
+        if after[new.axis] != before[info.axis]:
+            raise _Break(f"{key} repeats the channels")
+        target = _target_sizes(op)
+        if key == "expand" and target is None:
+            raise _Break(f"{key} is given sizes of an unexpected form")
+        self.check_target_size(op, new, others, target)
+        self.sizes_elsewhere(op, target, new.axis)
+        self.set(out, new)
 
     def cat(self, op: Op, out: Value | None) -> None:
         tensors = op.args[0] if op.args else op.kwargs.get("tensors")
@@ -1395,10 +1476,10 @@ class _Break(Exception):
 
 
 def _target_sizes(op: Op) -> tuple[tuple[Any, ...], int] | None:
-    """The sizes a ``view``/``reshape``/``unflatten`` asks for, and the output dimension
-    of the first; ``None`` when it takes none (``flatten``, a dtype view)."""
+    """The sizes a ``view``/``reshape``/``unflatten``/``expand`` asks for, and the output
+    dimension of the first; ``None`` when it takes none (``flatten``, a dtype view)."""
     key = func_name(op.target)
-    if key in ("view", "reshape"):
+    if key in ("view", "reshape", "expand"):
         sizes = op.args[1:] or tuple(op.kwargs.get(k) for k in ("shape", "size") if k in op.kwargs)
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = tuple(sizes[0])

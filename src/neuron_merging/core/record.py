@@ -221,10 +221,11 @@ def _func_name(func: Any) -> str:
 #: Functions that may take a recorded dimension size as an argument: they only reshape
 #: their input, and the group analysis checks the size asked for the channel dimension
 #: (``check_target_size``), so a size read from a value and passed on stays consistent
-#: after pruning. Factories (``torch.zeros(b, c)``) and ``expand`` are not among them: a
-#: tensor they make as wide as a group (zero channels concatenated to it, a constant
-#: summed) would follow the pruned width where the analysis counts a fixed one.
-_SHAPE_ARGUMENTS = frozenset({"view", "reshape", "flatten", "unflatten", "size"})
+#: after pruning. ``expand`` is checked the same way, of a group's tensor or of any other
+#: (whose sizes must not be a channel count). Factories (``torch.zeros(b, c)``) are not
+#: among them: a tensor they make as wide as a group (zero channels concatenated to it)
+#: would follow the pruned width where the analysis counts a fixed one.
+_SHAPE_ARGUMENTS = frozenset({"view", "reshape", "flatten", "unflatten", "size", "expand"})
 
 
 class DimSize(int):
