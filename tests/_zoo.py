@@ -457,6 +457,55 @@ class FaceResNet(nn.Module):
         return self.out(self.act(self.bn(self.fc(h.flatten(1)))))
 
 
+class SELayer(nn.Module):
+    """The common SENet gate: sizes read from the maps it gates, ``view(b, c, 1, 1)`` and
+    ``expand_as``."""
+
+    def __init__(self, channel: int, reduction: int = 2) -> None:
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(channel, channel // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channel // reduction, channel, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, _, _ = x.size()
+        y = self.avg_pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        return x * y.expand_as(x)
+
+
+class SEBasicBlock(BasicBlockTV):
+    """SE-ResNet basic block: the gate scales the residual branch before the add."""
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__(cin, planes, stride)
+        self.se = SELayer(planes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))
+        return self.relu(out + identity)
+
+
+class SEResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = SEBasicBlock(8, 8)
+        self.layer2 = SEBasicBlock(8, 12, 2)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
 def _make(cls: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module]:
     def factory() -> nn.Module:
         torch.manual_seed(seed)
@@ -485,6 +534,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Any]] = {
     "resnet_torchvision": (_make(ResNetTV, 10), _x(2, 3, 8, 8)),
     "squeezenet": (_make(SqueezeNet, 11), _x(2, 3, 8, 8)),
     "face_resnet": (_make(FaceResNet, 12), _x(2, 3, 8, 8)),
+    "se_resnet": (_make(SEResNet, 13), _x(2, 3, 8, 8)),
 }
 
 

@@ -214,6 +214,24 @@ def test_se_block_is_one_coupled_group() -> None:
     assert g["fc1"].consumers == ("fc2",) and g["fc1"].mergeable
 
 
+def test_se_resnet_gates_sized_by_their_maps_join_the_stream() -> None:
+    """``b, c, _, _ = x.size(); fc(y).view(b, c, 1, 1).expand_as(x)``: with ``coupled`` each
+    gate joins the stream it gates (pruned only); without it, gate and stream stay whole."""
+    factory, x = ZOO["se_resnet"]
+    groups, skipped = nm.find_groups(factory(), x)
+    assert {"layer1.se.fc.2", "layer2.se.fc.2"} <= set(_skips(skipped))
+    assert all(g.mergeable for g in groups)
+    g = _by_name(nm.find_groups(factory(), x, coupled=True)[0])
+    assert set(g["conv1"].producers) == {"conv1", "layer1.conv2", "layer1.se.fc.2"}
+    assert "layer1.se.fc.0" in g["conv1"].consumers and not g["conv1"].mergeable
+    assert set(g["layer2.downsample.0"].producers) == {
+        "layer2.downsample.0",
+        "layer2.conv2",
+        "layer2.se.fc.2",
+    }
+    assert g["layer1.se.fc.0"].mergeable and g["layer2.se.fc.0"].mergeable
+
+
 @pytest.mark.parametrize("name, mlp", [("convnext", "block.pwconv1"), ("vit", "mlp.fc1")])
 def test_gelu_mlp_groups_prune_only(name: str, mlp: str) -> None:
     factory, x = ZOO[name]
