@@ -1,6 +1,6 @@
 """Hypothesis: random DAGs of linear/conv blocks (ReLU/GELU/LeakyReLU/ReLU6/SiLU/clamp(min=0)/abs,
 BN, depthwise convs, residual adds, concats, scalar multiples, maps of positions (flips, rolls,
-resampling, indexing, flattening and splitting back, masks, reductions), several consumers per
+resampling, indexing, flattening and splitting back, masks, reductions, scans and sorts), several consumers per
 value).
 
 Properties, for ``coupled`` off and on:
@@ -132,6 +132,8 @@ _MOVES = {
         lambda h: h.std((2, 3), keepdim=True) * torch.ones(1, 1, 5, 5),
         lambda h: torch.linalg.vector_norm(h, 1, dim=(2, 3), keepdim=True) * torch.ones(5, 5),
         lambda h: h.flatten(2).median(-1, keepdim=True).values[..., None] * torch.ones(5, 5),
+        lambda h: h.cumsum(2).sort(dim=-1, descending=True).values,
+        lambda h: torch.cummax(h, 3).values.flatten(2).topk(5).values[..., None] * torch.ones(5),
     ),
     "seq": (
         lambda h: h.flip(1),
@@ -144,6 +146,7 @@ _MOVES = {
         lambda h: h.flip(0),
         lambda h: h.masked_fill(torch.arange(h.size(1)).view(1, -1, 1) % 2 == 0, 0.0),
         lambda h: h.norm(dim=1, keepdim=True) * torch.ones(1, h.size(1), 1),
+        lambda h: h.cumsum(1).sort(1).values,
     ),
     "linear": (
         lambda h: h[None][0],

@@ -3234,3 +3234,81 @@ def test_movedim_is_a_permutation(mode: str) -> None:
 def test_movedim_of_the_batch_behind_the_channels_ends_the_group() -> None:
     net, x = Moved("batch behind channels"), torch.randn(1, 4, 6)
     assert_excluded(net, x, "fc1", "moves a dimension of size 1")
+
+
+# ------------------------------------------------------------------ scans and sorts
+
+
+class Scanned(nn.Module):
+    """conv → relu → a scan or sort of the maps (``mode``) → conv → mean → linear."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(31)
+        self.mode = mode
+        self.conv, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.conv(x))
+        scans = {
+            "cumsum": lambda: y.cumsum(2),
+            "cumsum, keyword": lambda: torch.cumsum(y, dim=-1),
+            "cummax": lambda: torch.cummax(y, 3).values,
+            "cummin": lambda: y.cummin(dim=2)[0],
+            "sort": lambda: y.sort(descending=True).values,
+            "sort, stable": lambda: torch.sort(y, dim=2, stable=True)[0],
+            "topk": lambda: y.topk(2).values,
+            "topk of rows": lambda: torch.topk(y, 3, dim=2, largest=False, sorted=True)[0],
+            "kthvalue": lambda: y.kthvalue(2, 3, True).values,
+            "kthvalue, dim dropped": lambda: y.kthvalue(2, dim=3).values.unsqueeze(-1),
+            "cumprod": lambda: y.cumprod(2),
+            "logcumsumexp": lambda: torch.logcumsumexp(y, 3),
+            "cumsum in float64": lambda: y.cumsum(2, dtype=torch.float64).float(),
+            "cumsum of channels": lambda: y.cumsum(1),
+            "sort of channels": lambda: y.sort(dim=1).values,
+            "topk of channels": lambda: y.topk(8, dim=-3).values,
+            "indices of topk": lambda: y.topk(2).indices.float(),
+            "indices of sort": lambda: y + y.sort(dim=2).indices,
+        }
+        return self.head(self.gate(scans[self.mode]()).mean((2, 3)))
+
+
+MERGING_SCANS = [
+    "cumsum", "cumsum, keyword", "cummax", "cummin", "sort", "sort, stable", "topk",
+    "topk of rows", "kthvalue", "kthvalue, dim dropped", "cumsum in float64",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", [*MERGING_SCANS, "cumprod", "logcumsumexp"])
+def test_scans_and_sorts_of_positions_are_compressed(mode: str) -> None:
+    """Along a dimension other than the channels each output channel depends on its input
+    channel alone; sorts, top-k, running maxima and sums commute with a positive scale,
+    running products and log-sum-exps do not (pruned only). These ended
+    the group before ("not a channel-wise operation")."""
+    net = Scanned(mode)
+    groups, _ = nm.find_groups(net, X_IMAGE)
+    group = {g.name: g for g in groups}["conv"]
+    assert group.mergeable is (mode in MERGING_SCANS), group.reason
+    if not group.mergeable:
+        assert "not positively homogeneous" in group.reason
+    fresh = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(8))
+    pruned = nm.prune(net, X_IMAGE, ratio=0.5)
+    assert pruned.model.conv.out_channels == 4
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, X_IMAGE)
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("cumsum of channels", "accumulated along the channels (cumsum)"),
+        ("sort of channels", "ordered or accumulated along the channels (sort)"),
+        ("topk of channels", "along the channels (topk)"),
+        ("indices of topk", "the indices of topk are used"),
+        ("indices of sort", "the indices of sort are used"),
+    ],
+)
+def test_scans_across_channels_or_their_indices_end_the_group(mode: str, words: str) -> None:
+    assert_excluded(Scanned(mode), X_IMAGE, "conv", words)

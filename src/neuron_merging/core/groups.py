@@ -390,6 +390,22 @@ _REDUCTIONS: dict[str, tuple[str, ...]] = {
     "linalg_vector_norm": ("ord", "dim", "keepdim"),
 }  # fmt: skip
 _NONHOMOGENEOUS_REDUCTIONS = {"var": "var", "prod": "prod", "logsumexp": "logsumexp"}
+#: Scans and sorts along one dimension: ``name → (argument names after the input, the
+#: default dimension)``. Along a dimension other than the channels each output channel
+#: is a function of its input channel alone; sorting, top-k and running maxima commute
+#: with a positive scale, a running sum is linear, and a running product or log-sum-exp
+#: is neither (:data:`_NONHOMOGENEOUS_SCANS`).
+_SCANS: dict[str, tuple[tuple[str, ...], int | None]] = {
+    "cumsum": (("dim", "dtype"), None),
+    "cumprod": (("dim", "dtype"), None),
+    "logcumsumexp": (("dim",), None),
+    "cummax": (("dim",), None),
+    "cummin": (("dim",), None),
+    "sort": (("dim", "descending"), -1),
+    "topk": (("k", "dim", "largest", "sorted"), -1),
+    "kthvalue": (("k", "dim", "keepdim"), -1),
+}
+_NONHOMOGENEOUS_SCANS = frozenset({"cumprod", "logcumsumexp"})
 _RESHAPES = frozenset(
     {
         "view",
@@ -865,6 +881,8 @@ class _Analysis:
                 self.spatial(op, key, info, others, out)
             elif key in _REDUCTIONS:
                 self.reduction(op, key, info, others, out)
+            elif key in _SCANS:
+                self.scan(op, key, info, others, out)
             elif key in _RESHAPES:
                 self.reshape(op, info, others, out)
             elif key in _PERMUTES:
@@ -1130,6 +1148,34 @@ class _Analysis:
             self.nonhomogeneous(
                 new, f"{key} over {_shown_dims(dims)} is not positively homogeneous"
             )
+        self.set(out, new)
+
+    def scan(
+        self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None
+    ) -> None:
+        """A scan or sort along one dimension (:data:`_SCANS`), kept when that dimension is
+        not the channels. The indices that ``sort``, ``topk`` and ``cummax`` return beside
+        their values must go unused, as with max pooling."""
+        if info is None or out is None or others:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        names, default = _SCANS[key]
+        given = dict(zip(names, op.args[1:], strict=False)) | op.kwargs
+        dim, ndim = given.get("dim", default), len(op.args[0].shape)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise _Break(f"{key} is given its dimension in an unexpected form")
+        if dim % max(ndim, 1) == info.axis or info.block != 1:
+            raise _Break(f"its output is ordered or accumulated along the channels ({key})")
+        keepdim = given.get("keepdim", key != "kthvalue")
+        if not isinstance(keepdim, bool):
+            raise _Break(f"{key} is given keepdim in an unexpected form")
+        axis = info.axis - (not keepdim and dim % ndim < info.axis)
+        new = _Info(info.segments, axis, info.block)
+        if out.shape[axis] != op.args[0].shape[info.axis]:
+            raise _Break(f"{key} changes the size of the channel dimension")
+        self.unused_indices(op, new, key)
+        if key in _NONHOMOGENEOUS_SCANS:
+            self.nonhomogeneous(new, f"{key} is not positively homogeneous")
         self.set(out, new)
 
     def masked_fill(self, op: Op, info: _Info | None, out: Value | None) -> None:
