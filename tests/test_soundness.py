@@ -3312,3 +3312,67 @@ def test_scans_and_sorts_of_positions_are_compressed(mode: str) -> None:
 )
 def test_scans_across_channels_or_their_indices_end_the_group(mode: str, words: str) -> None:
     assert_excluded(Scanned(mode), X_IMAGE, "conv", words)
+
+
+class Where(nn.Module):
+    """fc1 → relu → ``torch.where`` with a mask of tokens (``mode``) → fc2 → mean."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(37)
+        self.mode = mode
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (batch, tokens, 6)
+        h = F.relu(self.fc1(x))
+        tokens = torch.arange(x.shape[1]).view(1, -1, 1) % 2 == 0
+        wheres = {
+            "where(mask, h, 0)": lambda: torch.where(tokens, h, 0),
+            "where(mask, 0.0, h)": lambda: torch.where(tokens, 0.0, h),
+            "h.where(mask, 0)": lambda: h.where(tokens, 0),
+            "keywords": lambda: torch.where(condition=tokens, input=h, other=0.0),
+            "a wider mask": lambda: torch.where(tokens.unsqueeze(0), h, 0).sum(0),
+            "where(mask, h, 1.5)": lambda: torch.where(tokens, h, 1.5),
+            "a mask per channel": lambda: torch.where(torch.arange(8) % 2 == 0, h, 0),
+            "another tensor": lambda: torch.where(tokens, h, torch.full((1, 1, 1), 2.0)),
+            "a mask from the group": lambda: torch.where(h > 0.1, h, 0),
+        }
+        return self.fc2(wheres[self.mode]()).mean(1)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "where(mask, h, 0)",
+        "where(mask, 0.0, h)",
+        "h.where(mask, 0)",
+        "keywords",
+        "a wider mask",
+        "where(mask, h, 1.5)",
+    ],
+)
+def test_where_with_a_mask_of_positions_is_a_masked_fill(mode: str) -> None:
+    """``where(mask, h, 0)`` ended the group ("not a channel-wise operation"); it is a
+    ``masked_fill`` with 0, merged, and with another number pruned only."""
+    net, x = Where(mode), torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(4))
+    group = {g.name: g for g in nm.find_groups(net, x)[0]}["fc1"]
+    assert group.mergeable is (mode != "where(mask, h, 1.5)"), group.reason
+    pruned = nm.prune(net, x, ratio=0.5)
+    assert pruned.model.fc1.out_features == 4
+    fresh = torch.randn(3, 5, 6)
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, x)
+
+
+@pytest.mark.parametrize(
+    "mode, words",
+    [
+        ("a mask per channel", "combined (where) with a tensor of shape [8]"),
+        ("another tensor", "combined (where) with another tensor"),
+        ("a mask from the group", "not a channel-wise operation"),
+    ],
+)
+def test_where_that_differs_per_channel_ends_the_group(mode: str, words: str) -> None:
+    net, x = Where(mode), torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(4))
+    assert_excluded(net, x, "fc1", words)

@@ -895,6 +895,8 @@ class _Analysis:
                 self.pad(op, info, others, out)
             elif key in ("masked_fill", "masked_fill_"):
                 self.masked_fill(op, info, out)
+            elif key == "where":
+                self.where(op, out)
             elif key == "__getitem__":
                 self.getitem(op, info, out)
             else:
@@ -1194,6 +1196,38 @@ class _Analysis:
         if not self.zero(fill):
             self.nonhomogeneous(
                 info, "masked_fill with a value other than 0 is not positively homogeneous"
+            )
+        self.set(out, info)
+
+    def where(self, op: Op, out: Value | None) -> None:
+        """``torch.where(mask, h, 0)``, ``torch.where(mask, 0, h)`` or ``h.where(mask, 0)``:
+        a ``masked_fill`` of ``h`` with a number, by the same rules (a mask made outside the
+        groups and the same for every channel; positively homogeneous when the number is
+        0). Any other tensor as the second operand ends the group."""
+        names = ("condition", "input", "other")
+        if op.target is not torch.where:  # the method: self is the input
+            names = ("input", "condition", "other")
+        given = dict(zip(names, op.args, strict=False)) | op.kwargs
+        mask, a, b = given.get("condition"), given.get("input"), given.get("other")
+        info, fill = self.get(a), b
+        if info is None:
+            info, fill, a = self.get(b), a, b
+        if (
+            info is None
+            or out is None
+            or not isinstance(mask, Value)
+            or self.get(mask) is not None
+            or not isinstance(a, Value)
+        ):
+            self.break_all(op, self.not_channelwise(op))
+            return
+        if isinstance(fill, Value) or type(fill) not in (int, float, bool):
+            raise _Break("its output is combined (where) with another tensor")
+        info = self.aligned(info, len(a.shape), len(out.shape))  # a wider mask
+        self.against_constant(info, mask, len(out.shape), op)
+        if not self.zero(fill):
+            self.nonhomogeneous(
+                info, "where with a value other than 0 is not positively homogeneous"
             )
         self.set(out, info)
 
