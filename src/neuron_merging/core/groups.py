@@ -436,6 +436,7 @@ _PERMUTES = frozenset(
     }
 )
 _EXPANDS = frozenset({"expand", "expand_as"})
+_REPEATS = frozenset({"repeat", "tile", "repeat_interleave"})
 
 
 def _display(op: Op, fallback: str) -> str:
@@ -889,6 +890,8 @@ class _Analysis:
                 self.permute(op, key, info, others, out)
             elif key in _EXPANDS:
                 self.expand(op, key, info, others, out)
+            elif key in _REPEATS:
+                self.repeat(op, key, info, others, out)
             elif key == "cat" or key == "concat" or key == "concatenate":
                 self.cat(op, out)
             elif key == "pad":
@@ -1428,6 +1431,29 @@ class _Analysis:
             raise _Break(f"{key} is given sizes of an unexpected form")
         self.check_target_size(op, new, others, target)
         self.sizes_elsewhere(op, target, new.axis)
+        self.set(out, new)
+
+    def repeat(
+        self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None
+    ) -> None:
+        """``repeat``/``tile`` (leading dimensions may be added) and ``repeat_interleave``
+        along one dimension: kept when every channel appears once, its values repeated over
+        other dimensions only. A repeat count read from a size ends that size's group (a size
+        used as a number)."""
+        if info is None or out is None or others:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        before = op.args[0].shape
+        if key == "repeat_interleave":
+            given = dict(zip(("repeats", "dim"), op.args[1:], strict=False)) | op.kwargs
+            dim = given.get("dim")
+            if dim is None or isinstance(dim, bool) or not isinstance(dim, int):
+                raise _Break("its output is flattened and repeated (repeat_interleave)")
+            if dim % len(before) == info.axis:
+                raise _Break("its channels are repeated (repeat_interleave)")
+        new = self.aligned(info, len(before), len(out.shape))
+        if out.shape[new.axis] != before[info.axis]:
+            raise _Break(f"its channels are repeated ({key})")
         self.set(out, new)
 
     def cat(self, op: Op, out: Value | None) -> None:
