@@ -3443,3 +3443,126 @@ def test_repeats_of_positions_are_compressed(mode: str) -> None:
 )
 def test_repeats_of_channels_end_the_group(mode: str, words: str) -> None:
     assert_excluded(Repeated(mode), X_IMAGE, "conv", words)
+
+
+# ------------------------------------------------------------------ splits and reductions
+
+
+class Split(nn.Module):
+    """fc1 → relu on tokens → split along the tokens (``mode``) → fc2 and fc3 → mean."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(43)
+        self.mode = mode
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (batch, 5 tokens, 6)
+        h = F.relu(self.fc1(x))
+        mode = self.mode
+        if mode == "split":
+            a, b = h.split(3, dim=1)
+        elif mode == "chunk":
+            a, b = torch.chunk(h, 2, -2)
+        elif mode == "a class token and the patches":
+            a, b = h.split([1, x.shape[1] - 1], dim=1)
+        elif mode == "tensor_split, reordered":
+            p, q, r = torch.tensor_split(h, (1, 3), dim=1)
+            a, b = torch.cat([r, p], 1), q
+        elif mode == "unbind":
+            pieces = h.unbind(1)
+            a, b = pieces[0] + pieces[-1], pieces[2]
+        elif mode == "the batch":
+            pieces = h.split(1)
+            a, b = torch.cat(pieces[::-1]), h
+        elif mode == "the channels":
+            a, b = h.split(4, dim=2)
+            a, b = torch.cat([a, b], -1), h
+        return self.fc2(a).mean(-2) + self.fc3(b).mean(-2)
+
+
+SPLITS = ["split", "chunk", "a class token and the patches", "tensor_split, reordered",
+          "unbind", "the batch"]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", SPLITS)
+def test_splits_of_positions_keep_the_group(mode: str) -> None:
+    """Every piece of a split along the tokens (or the batch) holds every channel, and each
+    piece's consumer reads them (two layers: ``coupled``): these ended the group before
+    ("its output is split")."""
+    net, x = Split(mode), torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(4))
+    group = {g.name: g for g in nm.find_groups(net, x, coupled=True)[0]}["fc1"]
+    assert group.mergeable and set(group.consumers) == {"fc2", "fc3"}
+    pruned = nm.prune(net, x, ratio=0.5, coupled=True)
+    assert pruned.model.fc1.out_features == 4
+    fresh = torch.randn(3, 5, 6)
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, x, coupled=True)
+
+
+def test_a_split_of_the_channels_ends_the_group() -> None:
+    net, x = Split("the channels"), torch.randn(2, 5, 6)
+    groups, skipped = nm.find_groups(net, x, coupled=True)
+    assert "fc1" not in {p for g in groups for p in g.producers}
+    assert "its output is split (split)" in _skips(skipped)["fc1"]
+    assert_merge_correct(net, x, coupled=True)
+
+
+class Reduced(nn.Module):
+    """conv → relu → a two-valued or spelled-differently reduction (``mode``) → linear."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(47)
+        self.mode = mode
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.conv(x))
+        reductions = {
+            "std_mean": lambda: sum(torch.std_mean(y, (2, 3))),
+            "aminmax": lambda: torch.aminmax(y.flatten(2), dim=-1)[1],
+            "aminmax, both": lambda: sum(y.flatten(2).aminmax(dim=2, keepdim=True)).squeeze(-1),
+            "quantile": lambda: y.flatten(2).quantile(0.75, dim=-1),
+            "nanquantile": lambda: torch.nanquantile(y.flatten(2), 0.5, -1, interpolation="lower"),
+            "linalg.norm": lambda: torch.linalg.norm(y, dim=(2, 3)),
+            "matrix_norm": lambda: torch.linalg.matrix_norm(y, ord="nuc"),
+            "linalg.norm, a vector": lambda: torch.linalg.norm(y.flatten(2), 1, -1),
+            "sum(axis=)": lambda: y.sum(axis=(2, 3)),
+            "mean(axis=)": lambda: torch.mean(y, axis=-1).amax(axis=-1),
+            "var_mean": lambda: torch.var_mean(y, (2, 3))[1],
+            "matrix_norm of the channels": lambda: (
+                torch.linalg.matrix_norm(y, dim=(1, 2)).sum(-1) * torch.ones(8)
+            ),
+            "quantile of the channels": lambda: (
+                y.quantile(0.5, dim=1).sum((1, 2))[:, None] * torch.ones(8)
+            ),
+        }
+        return self.head(reductions[self.mode]())
+
+
+MERGING_REDUCTIONS = [
+    "std_mean", "aminmax", "aminmax, both", "quantile", "nanquantile", "linalg.norm",
+    "matrix_norm", "linalg.norm, a vector", "sum(axis=)", "mean(axis=)",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", [*MERGING_REDUCTIONS, "var_mean"])
+def test_more_reductions_over_positions(mode: str) -> None:
+    """Two-valued reductions, quantiles, matrix norms and NumPy's ``axis=``: these ended the
+    group before; ``var_mean`` is pruned only (a variance is not positively homogeneous)."""
+    net = Reduced(mode)
+    group = {g.name: g for g in nm.find_groups(net, X_IMAGE)[0]}["conv"]
+    assert group.mergeable is (mode in MERGING_REDUCTIONS), group.reason
+    fresh = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(8))
+    pruned = nm.prune(net, X_IMAGE, ratio=0.5)
+    assert pruned.model.conv.out_channels == 4
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, X_IMAGE)
+
+
+@pytest.mark.parametrize("mode", ["matrix_norm of the channels", "quantile of the channels"])
+def test_reductions_over_the_channels_end_the_group(mode: str) -> None:
+    assert_excluded(Reduced(mode), X_IMAGE, "conv", "reduced over the channels")

@@ -384,12 +384,17 @@ _SPATIAL = frozenset({"interpolate", "flip", "fliplr", "flipud", "roll", "rot90"
 _REDUCTIONS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("mean", "sum", "nanmean", "nansum", "prod"), ("dim", "keepdim", "dtype")),
     **dict.fromkeys(("amax", "amin", "max", "min", "median", "nanmedian"), ("dim", "keepdim")),
-    **dict.fromkeys(("std", "var"), ("dim", "unbiased", "keepdim")),
+    **dict.fromkeys(("std", "var", "std_mean", "var_mean"), ("dim", "unbiased", "keepdim")),
+    "aminmax": (),
+    **dict.fromkeys(("quantile", "nanquantile"), ("q", "dim", "keepdim")),
     "logsumexp": ("dim", "keepdim"),
     "norm": ("p", "dim", "keepdim", "out", "dtype"),
-    "linalg_vector_norm": ("ord", "dim", "keepdim"),
+    **dict.fromkeys(("linalg_vector_norm", "linalg_norm", "linalg_matrix_norm"),
+                    ("ord", "dim", "keepdim")),
 }  # fmt: skip
-_NONHOMOGENEOUS_REDUCTIONS = {"var": "var", "prod": "prod", "logsumexp": "logsumexp"}
+_NONHOMOGENEOUS_REDUCTIONS = frozenset({"var", "var_mean", "prod", "logsumexp"})
+#: Reductions that return two reduced values (both follow the channels).
+_PAIRED_REDUCTIONS = frozenset({"std_mean", "var_mean", "aminmax"})
 #: Scans and sorts along one dimension: ``name → (argument names after the input, the
 #: default dimension)``. Along a dimension other than the channels each output channel
 #: is a function of its input channel alone; sorting, top-k and running maxima commute
@@ -437,6 +442,14 @@ _PERMUTES = frozenset(
 )
 _EXPANDS = frozenset({"expand", "expand_as"})
 _REPEATS = frozenset({"repeat", "tile", "repeat_interleave"})
+#: Splits, with the names of their arguments after the input.
+_SPLITS: dict[str, tuple[str, ...]] = {
+    "chunk": ("chunks", "dim"),
+    "split": ("split_size", "dim"),
+    "split_with_sizes": ("split_sizes", "dim"),
+    "tensor_split": ("indices_or_sections", "dim"),
+    "unbind": ("dim",),
+}
 
 
 def _display(op: Op, fallback: str) -> str:
@@ -892,6 +905,8 @@ class _Analysis:
                 self.expand(op, key, info, others, out)
             elif key in _REPEATS:
                 self.repeat(op, key, info, others, out)
+            elif key in _SPLITS:
+                self.split(op, key, info, others)
             elif key == "cat" or key == "concat" or key == "concatenate":
                 self.cat(op, out)
             elif key == "pad":
@@ -1129,8 +1144,12 @@ class _Analysis:
             return
         ndim = len(op.args[0].shape)
         given = dict(zip(_REDUCTIONS[key], op.args[1:], strict=False)) | op.kwargs
-        if key in ("std", "var") and isinstance(given.get("dim"), bool):
+        if key in ("std", "var", "std_mean", "var_mean") and isinstance(given.get("dim"), bool):
             given = {"unbiased": given["dim"], **op.kwargs}  # std(x, False): every dimension
+        if "axis" in given:  # NumPy's spelling, which torch accepts
+            given["dim"] = given.pop("axis")
+        if key == "linalg_matrix_norm":
+            given.setdefault("dim", (-2, -1))
         dim, keepdim = given.get("dim"), given.get("keepdim", False)
         if (
             dim is None
@@ -1146,9 +1165,13 @@ class _Analysis:
         new = _Info(info.segments, axis, info.block)
         if key in ("max", "min", "median", "nanmedian") and len(op.outputs) > 1:
             self.unused_indices(op, new, f"{key}(dim)")  # (values, indices)
+        if key in _PAIRED_REDUCTIONS:
+            for value in op.outputs[1:]:
+                self.set(value, new)
         order = given.get("p", given.get("ord", 2))
         if key in _NONHOMOGENEOUS_REDUCTIONS or (
-            key in ("norm", "linalg_vector_norm") and (isinstance(order, Value) or order == 0)
+            key in ("norm", "linalg_vector_norm", "linalg_norm")
+            and (isinstance(order, Value) or order == 0)
         ):
             self.nonhomogeneous(
                 new, f"{key} over {_shown_dims(dims)} is not positively homogeneous"
@@ -1455,6 +1478,26 @@ class _Analysis:
         if out.shape[new.axis] != before[info.axis]:
             raise _Break(f"its channels are repeated ({key})")
         self.set(out, new)
+
+    def split(self, op: Op, key: str, info: _Info | None, others: list[Value]) -> None:
+        """A split along a dimension other than the channels (tokens, rows, the batch):
+        every piece holds every channel, so each is a value of the group. A split of the
+        channels ends it (only part of them would reach each use)."""
+        if info is None or not op.outputs or others:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        given = dict(zip(_SPLITS[key], op.args[1:], strict=False)) | op.kwargs
+        before, dim = op.args[0].shape, given.get("dim", 0)
+        if isinstance(dim, bool) or not isinstance(dim, int) or not before:
+            raise _Break(f"{key} is given its dimension in an unexpected form")
+        if dim % len(before) == info.axis:
+            raise _Break(self.not_channelwise(op))
+        axis = info.axis - (key == "unbind" and dim % len(before) < info.axis)
+        new = _Info(info.segments, axis, info.block)
+        for value in op.outputs:
+            if value.shape[axis] != before[info.axis]:
+                raise _Break(f"{key} changes the size of the channel dimension")
+            self.set(value, new)
 
     def cat(self, op: Op, out: Value | None) -> None:
         tensors = op.args[0] if op.args else op.kwargs.get("tensors")
