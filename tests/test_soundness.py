@@ -3265,6 +3265,13 @@ class Scanned(nn.Module):
             "kthvalue, dim dropped": lambda: y.kthvalue(2, dim=3).values.unsqueeze(-1),
             "cumprod": lambda: y.cumprod(2),
             "logcumsumexp": lambda: torch.logcumsumexp(y, 3),
+            "softmax": lambda: F.softmax(y, dim=-1),
+            "log_softmax": lambda: y.log_softmax(2),
+            "normalize": lambda: F.normalize(y, dim=3),
+            "stack": lambda: torch.stack([y, y.flip(-1)], 2).mean(2),
+            "stack, last": lambda: torch.stack((y.cumsum(2), y), dim=-1).amax(-1),
+            "softmax of channels": lambda: F.softmax(y, 1),
+            "normalize of channels": lambda: F.normalize(y),
             "cumsum in float64": lambda: y.cumsum(2, dtype=torch.float64).float(),
             "cumsum of channels": lambda: y.cumsum(1),
             "sort of channels": lambda: y.sort(dim=1).values,
@@ -3277,11 +3284,14 @@ class Scanned(nn.Module):
 
 MERGING_SCANS = [
     "cumsum", "cumsum, keyword", "cummax", "cummin", "sort", "sort, stable", "topk",
-    "topk of rows", "kthvalue", "kthvalue, dim dropped", "cumsum in float64",
+    "topk of rows", "kthvalue", "kthvalue, dim dropped", "cumsum in float64", "stack",
+    "stack, last",
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", [*MERGING_SCANS, "cumprod", "logcumsumexp"])
+@pytest.mark.parametrize(
+    "mode", [*MERGING_SCANS, "cumprod", "logcumsumexp", "softmax", "log_softmax", "normalize"]
+)
 def test_scans_and_sorts_of_positions_are_compressed(mode: str) -> None:
     """Along a dimension other than the channels each output channel depends on its input
     channel alone; sorts, top-k, running maxima and sums commute with a positive scale,
@@ -3306,6 +3316,8 @@ def test_scans_and_sorts_of_positions_are_compressed(mode: str) -> None:
         ("cumsum of channels", "accumulated along the channels (cumsum)"),
         ("sort of channels", "ordered or accumulated along the channels (sort)"),
         ("topk of channels", "along the channels (topk)"),
+        ("softmax of channels", "along the channels (softmax)"),
+        ("normalize of channels", "along the channels (normalize)"),
         ("indices of topk", "the indices of topk are used"),
         ("indices of sort", "the indices of sort are used"),
     ],
@@ -3566,3 +3578,31 @@ def test_more_reductions_over_positions(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["matrix_norm of the channels", "quantile of the channels"])
 def test_reductions_over_the_channels_end_the_group(mode: str) -> None:
     assert_excluded(Reduced(mode), X_IMAGE, "conv", "reduced over the channels")
+
+
+class Stacked(nn.Module):
+    """Two token layers stacked along a new dimension, then read by one layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(53)
+        self.fc0, self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.stack([F.relu(self.fc0(x)), F.relu(self.fc1(x))], dim=1)  # (b, 2, t, 8)
+        return self.fc2(h).mean((1, 2))
+
+
+def test_stacked_groups_are_pruned_as_one() -> None:
+    """Like a residual add, a stack of two groups couples them (one plan for both)."""
+    net, x = Stacked(), torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(4))
+    _, skipped = nm.find_groups(net, x)
+    assert "a stack" in _skips(skipped)["fc0"]
+    group = {g.name: g for g in nm.find_groups(net, x, coupled=True)[0]}["fc0"]
+    assert set(group.producers) == {"fc0", "fc1"} and group.mergeable
+    pruned = nm.prune(net, x, ratio=0.5, coupled=True)
+    assert pruned.model.fc0.out_features == pruned.model.fc1.out_features == 4
+    fresh = torch.randn(3, 5, 6)
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, x, coupled=True)

@@ -398,8 +398,8 @@ _PAIRED_REDUCTIONS = frozenset({"std_mean", "var_mean", "aminmax"})
 #: Scans and sorts along one dimension: ``name → (argument names after the input, the
 #: default dimension)``. Along a dimension other than the channels each output channel
 #: is a function of its input channel alone; sorting, top-k and running maxima commute
-#: with a positive scale, a running sum is linear, and a running product or log-sum-exp
-#: is neither (:data:`_NONHOMOGENEOUS_SCANS`).
+#: with a positive scale, a running sum is linear; a running product or log-sum-exp, a
+#: softmax and a normalisation (``F.normalize``) are not (:data:`_NONHOMOGENEOUS_SCANS`).
 _SCANS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "cumsum": (("dim", "dtype"), None),
     "cumprod": (("dim", "dtype"), None),
@@ -409,8 +409,13 @@ _SCANS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "sort": (("dim", "descending"), -1),
     "topk": (("k", "dim", "largest", "sorted"), -1),
     "kthvalue": (("k", "dim", "keepdim"), -1),
+    "softmax": (("dim",), None),
+    "log_softmax": (("dim",), None),
+    "normalize": (("p", "dim"), 1),
 }
-_NONHOMOGENEOUS_SCANS = frozenset({"cumprod", "logcumsumexp"})
+_NONHOMOGENEOUS_SCANS = frozenset(
+    {"cumprod", "logcumsumexp", "softmax", "log_softmax", "normalize"}
+)
 _RESHAPES = frozenset(
     {
         "view",
@@ -909,6 +914,8 @@ class _Analysis:
                 self.split(op, key, info, others)
             elif key == "cat" or key == "concat" or key == "concatenate":
                 self.cat(op, out)
+            elif key == "stack":
+                self.stack(op, out)
             elif key == "pad":
                 self.pad(op, info, others, out)
             elif key in ("masked_fill", "masked_fill_"):
@@ -1529,6 +1536,25 @@ class _Analysis:
                 )
             result = i if result is None else self.join(result, i, "a concat", op)
         self.set(out, result)
+
+    def stack(self, op: Op, out: Value | None) -> None:
+        """``torch.stack`` along a new dimension: each input's channels stay where they are,
+        so inputs of several groups are pruned as one (like a residual add)."""
+        tensors = op.args[0] if op.args else op.kwargs.get("tensors")
+        dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", 0)
+        if out is None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+            self.break_all(op, self.not_channelwise(op))
+            return
+        result = None
+        for t in tensors:
+            info = self.get(t)
+            if info is None:
+                raise _Break("its output is stacked with a tensor that cannot be pruned")
+            result = info if result is None else self.join(result, info, "a stack", op)
+        if result is None:
+            return
+        axis = result.axis + (dim % len(out.shape) <= result.axis)
+        self.set(out, _Info(result.segments, axis, result.block))
 
     def pad(self, op: Op, info: _Info | None, others: list[Value], out: Value | None) -> None:
         if info is None or out is None or others:
