@@ -3606,3 +3606,83 @@ def test_stacked_groups_are_pruned_as_one() -> None:
     fresh = torch.randn(3, 5, 6)
     assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
     assert_merge_correct(net, x, coupled=True)
+
+
+# ------------------------------------------------------------------ per-channel norms
+
+
+class ChannelNormed(nn.Module):
+    """conv → a norm of each channel over positions (``mode``) → relu → conv → mean."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(59)
+        self.mode = mode
+        one_d = "1d" in mode
+        conv = nn.Conv1d if one_d else nn.Conv2d
+        self.conv, self.gate = conv(3, 8, 3, padding=1), conv(8, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        norms = {
+            "InstanceNorm2d": lambda: nn.InstanceNorm2d(8, affine=True),
+            "InstanceNorm2d, running statistics": lambda: nn.InstanceNorm2d(
+                8, affine=True, track_running_stats=True
+            ),
+            "InstanceNorm2d, no affine": lambda: nn.InstanceNorm2d(8),
+            "InstanceNorm1d": lambda: nn.InstanceNorm1d(8, affine=True),
+            "GroupNorm(8, 8)": lambda: nn.GroupNorm(8, 8),
+            "GroupNorm(2, 8)": lambda: nn.GroupNorm(2, 8),
+        }
+        self.norm = norms[mode]()
+        g = torch.Generator().manual_seed(5)
+        for tensor in (*self.norm.parameters(), *self.norm.buffers()):
+            if tensor.is_floating_point():
+                with torch.no_grad():
+                    tensor.uniform_(0.5, 1.5, generator=g)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.norm(self.conv(x)))
+        return self.head(self.gate(y).flatten(2).mean(-1))
+
+
+def _normed_input(mode: str, batch: int = 2) -> Tensor:
+    shape = (3, 6) if "1d" in mode else (3, 4, 4)
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "InstanceNorm2d",
+        "InstanceNorm2d, running statistics",
+        "InstanceNorm2d, no affine",
+        "InstanceNorm1d",
+        "GroupNorm(8, 8)",
+    ],
+)
+def test_norms_of_each_channel_are_sliced(mode: str, tmp_path) -> None:
+    """An instance norm, or a group norm with one channel per group, normalises each
+    channel alone: its weights are sliced with the channels and the group is pruned only
+    (normalising undoes any scale). These ended the group before."""
+    net, x = ChannelNormed(mode), _normed_input(mode)
+    group = {g.name: g for g in nm.find_groups(net, x)[0]}["conv"]
+    assert not group.mergeable and "normalises each channel" in group.reason
+    assert group.passthrough == ("norm",)
+    result = nm.merge(net, x, ratio=0.5)
+    norm = result.model.norm
+    width = norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.num_features
+    assert width == result.model.conv.out_channels == 4
+    if isinstance(norm, nn.GroupNorm):
+        assert norm.num_groups == 4
+    pruned = nm.prune(net, x, ratio=0.5)
+    fresh = _normed_input(mode, batch=3)
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, x)
+    nm.save(result, tmp_path)
+    reloaded = nm.load(ChannelNormed(mode), tmp_path)
+    assert torch.equal(reloaded(fresh), result.model(fresh))
+
+
+def test_a_group_norm_of_several_channels_ends_the_group() -> None:
+    net = ChannelNormed("GroupNorm(2, 8)")
+    assert_excluded(net, _normed_input("GroupNorm"), "conv", "normalises 4 channels together")

@@ -82,6 +82,7 @@ SHAPE_ATTRIBUTES = (
     "groups",
     "num_features",
     "num_channels",
+    "num_groups",
     "num_parameters",
     "normalized_shape",
     "num_embeddings",

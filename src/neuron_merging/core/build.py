@@ -509,5 +509,12 @@ def apply_plans(
                     layer, "weight", torch.index_select(layer.weight.detach(), 0, index), direct
                 )
                 layer.num_parameters = index.numel()
+            elif isinstance(layer, nn.GroupNorm):  # one channel per group
+                index = _full_index(layer.num_channels, segments)
+                for attr in ("weight", "bias"):
+                    value = getattr(layer, attr)
+                    if value is not None:
+                        _replace(layer, attr, torch.index_select(value.detach(), 0, index), direct)
+                layer.num_channels = layer.num_groups = index.numel()
             else:
                 _slice_bns([(layer, _full_index(layer.num_features, segments))], direct)

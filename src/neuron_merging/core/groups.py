@@ -8,10 +8,12 @@ found in the dataflow of one real forward pass (:mod:`.record`) by propagating, 
 every value, which group each of its channels belongs to:
 
 * a producer starts a group of its output channels;
-* element-wise activations, per-channel batch norm, depthwise convolution and a PReLU
-  with a slope per channel (their weights are sliced too), pooling, dropout, flatten and permutations carry channels through;
-* a residual add (or an element-wise product, as in gated units) joins the groups of
-  its operands into one, and a concat lays its inputs' groups side by side, so that
+* element-wise activations, per-channel batch norm, depthwise convolution, instance
+  norms and a PReLU with a slope per channel (their weights are sliced too), pooling,
+  dropout, reshapes that keep channels contiguous, permutations, and maps, reductions,
+  scans, splits and repeats of other dimensions carry channels through;
+* a residual add, a stack (or an element-wise product, as in gated units) joins the
+  groups of its operands into one, and a concat lays its inputs' groups side by side, so that
   consumers of the result absorb each group at its own offset;
 * anything else — an operation not on the allow-list, the model output, hook code,
   a parameter read outside its layer, a layer called twice — ends the group, with a
@@ -22,8 +24,8 @@ compensation) also needs every operation after the producers' batch norms to be
 positively homogeneous and the same on every channel, ``f(s·z) = s·f(z)`` for
 ``s > 0``: ReLU, LeakyReLU, a PReLU with one slope, max/avg pooling, dropout in eval mode, identity, flatten,
 residual adds, concats and scalar multiples. Groups through GELU, SiLU, ReLU6,
-sigmoid, depthwise convolutions, per-channel PReLU slopes or a batch norm that does not directly follow a
-producer are pruned but not merged, and say why.
+sigmoid, depthwise convolutions, per-channel PReLU slopes, instance norms or a batch norm
+that does not directly follow a producer are pruned but not merged, and say why.
 
 Groups that join a residual add, a concat, or feed several consumers are *coupled*;
 they are used only with ``coupled=True``. A group is named by its first producer in
@@ -43,6 +45,7 @@ from torch import nn
 from .errors import ModelError
 from .record import (
     BATCHNORMS,
+    CHANNEL_NORMS,
     DimSize,
     Op,
     Recording,
@@ -709,6 +712,9 @@ class _Analysis:
         if isinstance(module, nn.PReLU):
             self.prelu(op, module, info, out, taint)
             return
+        if isinstance(module, CHANNEL_NORMS):
+            self.channel_norm(op, module, info, out, taint)
+            return
         is_conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
         groups = module.groups if is_conv else 1
         if is_conv and groups > 1:
@@ -820,6 +826,35 @@ class _Analysis:
         )
         self.nonhomogeneous(info, why)
         self.set(out, info)
+
+    def channel_norm(
+        self, op: Op, module: nn.Module, info: _Info | None, out: Value | None, taint: str | None
+    ) -> None:
+        """An instance norm, or a group norm with one channel per group: each channel is
+        normalised over its own positions, and its affine weights (and running statistics)
+        are sliced with it. Normalising undoes any scale, so the group is pruned only. A
+        group norm with several channels per group mixes them."""
+        if info is None or out is None:
+            return
+        name, kind = op.target, type(module).__name__
+        if isinstance(module, nn.GroupNorm):
+            channels, axis = module.num_channels, 1
+            if module.num_groups != channels:
+                per = channels // max(module.num_groups, 1)
+                self.break_info(info, f"{kind} {name!r} normalises {per} channels together")
+                return
+        else:
+            channels = module.num_features
+            axis = (
+                1
+                if len(op.args[0].shape) == (3 if isinstance(module, nn.InstanceNorm1d) else 4)
+                else 0
+            )
+        if info.axis != axis or info.block != 1 or info.width != channels:
+            self.break_info(info, f"{kind} {name!r} normalises a dimension other than the channels")
+            return
+        why = f"{kind} {name!r} normalises each channel, which is not positively homogeneous"
+        self.sliced(info, name, taint, why, out)
 
     def depthwise(
         self, op: Op, module: nn.Module, info: _Info, out: Value | None, taint: str | None

@@ -73,9 +73,14 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
     nn.BatchNorm2d,
     nn.PReLU,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.GroupNorm,
 )
 #: The batch norms among them.
 BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: The norms among them that normalise each channel (or group of channels) over positions.
+CHANNEL_NORMS: tuple[type[nn.Module], ...] = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm)
 
 
 def is_leaf(module: nn.Module) -> bool:
@@ -669,7 +674,7 @@ class _Recorder(TorchFunctionMode):
             self.leaves.add(id(module))
             edited = (
                 _LEAF_TENSORS_BN
-                if isinstance(module, BATCHNORMS)
+                if isinstance(module, (*BATCHNORMS, nn.InstanceNorm1d, nn.InstanceNorm2d))
                 else _LEAF_TENSORS_PRELU
                 if isinstance(module, nn.PReLU)
                 else _LEAF_TENSORS
@@ -1312,7 +1317,7 @@ _TENSOR_TYPES = (Tensor,)
 _WIDTHS_OF: dict[tuple[type, int], tuple[str, ...]] = {}
 _WIDTHS = (
     "in_features", "out_features", "in_channels", "out_channels", "groups", "nf", "num_features",
-    "num_parameters",
+    "num_parameters", "num_channels", "num_groups",
 )  # fmt: skip
 
 
@@ -1869,6 +1874,7 @@ def record(
 
 __all__ = [
     "BATCHNORMS",
+    "CHANNEL_NORMS",
     "LEAF_TYPES",
     "DimSize",
     "Op",
