@@ -276,3 +276,34 @@ def test_more_architectures(name: str, mergeable: bool) -> None:
         twin, keep, _ = planted(model, x, coupled=True)
         merged = nm.merge(twin, x, ratio=0.0, keep=keep, criterion=keep_first, threshold=None)
         assert rel_error(run(merged.model, x), run(twin, x)) < 1e-5
+
+
+def test_wav2vec2_feature_extractor_group_norm_is_sliced() -> None:
+    """Wav2Vec2's first feature-extractor conv is followed by ``GroupNorm(C, C)`` (one
+    channel per group): the group goes through it, its weights sliced, pruned only."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="group",
+    )
+    model = Wav2Vec2Model(cfg).eval()
+    x = torch.randn(2, 400, generator=torch.Generator().manual_seed(1))
+    groups = {g.name: g for g in nm.find_groups(model, x)[0]}
+    conv = groups["feature_extractor.conv_layers.0.conv"]
+    assert conv.passthrough == ("feature_extractor.conv_layers.0.layer_norm",)
+    assert not conv.mergeable and "GroupNorm" in conv.reason
+    result = nm.prune(model, x, ratio=0.5)
+    norm = result.model.feature_extractor.conv_layers[0].layer_norm
+    assert norm.num_channels == norm.num_groups == norm.weight.numel() == 4
+    fresh = torch.randn(3, 400)
+    assert rel_error(run(result.model, fresh), run(masked_copy(model, result.plans), fresh)) < 1e-5
