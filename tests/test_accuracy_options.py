@@ -571,3 +571,67 @@ def test_calibration_that_is_not_tensors_is_a_config_error() -> None:
             nm.compress(
                 _conv_net(), torch.randn(1, 3, 6, 6), MergeConfig(), calibration=calibration
             )
+
+
+class _Tokens(nn.Module):
+    """fc1 → relu → fc2 on ``(batch, tokens, features)``, or the same with ``Conv1d``."""
+
+    def __init__(self, conv1d: bool) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv1d = conv1d
+        if conv1d:
+            self.a, self.b = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 4, 3, padding=1)
+        else:
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 4)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))).mean(-1 if self.conv1d else 1)
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["tokens", "conv1d"])
+@pytest.mark.parametrize("steps", [("lstsq",), ("lstsq-joint",), ("repair",)])
+def test_options_beyond_the_paper_keep_to_the_layouts_they_measure(
+    conv1d: bool, steps: tuple[str, ...]
+) -> None:
+    """Their statistics and refits read channels at dimension 1 of ``(batch, features)``
+    or of images: on tokens or a ``Conv1d`` they raised a raw ``RuntimeError`` (or, with as
+    many tokens as channels, would have refit on the wrong axis). Such groups keep the
+    paper's options, and the report says so."""
+    net = _Tokens(conv1d)
+    shape = (3, 10) if conv1d else (5, 3)
+    x, data = torch.randn(2, *shape, generator=gen(1)), torch.randn(40, *shape, generator=gen(2))
+    cfg = MergeConfig(ratio=0.5, calibrate=steps, selection="group")
+    result = nm.compress(net, x, cfg, calibration=data)
+    assert any("Conv2d layers on images" in note for note in result.report.notes)
+    paper = nm.compress(net, x, MergeConfig(ratio=0.5))
+    fresh = torch.randn(3, *shape)
+    assert torch.equal(result.model(fresh), paper.model(fresh))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        {"padding": "same"},
+        {"padding": "valid", "dilation": 2},
+        {"padding": 1, "padding_mode": "reflect"},
+        {"padding": (1, 0), "padding_mode": "circular"},
+        {"kernel_size": 4, "padding": "same", "padding_mode": "replicate"},
+    ],
+    ids=["same", "valid", "reflect", "circular", "even kernel, same, replicate"],
+)
+def test_lstsq_refit_pads_as_the_layer_does(conv: dict) -> None:
+    """With nothing pruned, the refit of a consumer reproduces it: its regressors are the
+    patches the layer sees. ``"same"``/``"valid"`` raised a ``TypeError`` and reflect or
+    circular padding were unfolded as zeros (a silently worse refit)."""
+    torch.manual_seed(5)
+    kernel = conv.pop("kernel_size", 3)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, kernel, **conv)
+    ).eval()
+    x, data = torch.randn(2, 3, 6, 6, generator=gen(1)), torch.randn(60, 3, 6, 6, generator=gen(2))
+    cfg = MergeConfig(ratio=0.0, calibrate=("lstsq",), threshold=None, ridge=1e-9)
+    refit = nm.compress(net, x, cfg, calibration=data).model
+    fresh = torch.randn(3, 3, 6, 6, generator=gen(3))
+    assert (refit(fresh) - net(fresh)).abs().max() < 1e-4

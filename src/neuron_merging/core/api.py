@@ -316,11 +316,14 @@ def _beyond_paper(group: ChannelGroup, modules: dict[str, nn.Module]) -> bool:
     """Whether the options beyond the paper (:mod:`.compensate`, :mod:`.calibrate`) apply.
 
     They are written for the paper's groups: one producer (and its batch norm), one
-    consumer, nothing sliced in between, merged exactly, and standard weight layouts.
+    consumer, nothing sliced in between, merged exactly, standard weight layouts, and
+    layers on ``(batch, features)`` or images (their statistics and refits read the
+    channels at dimension 1).
     """
     return (
         group.simple
         and group.mergeable
+        and group.standard_layout
         and not any(is_conv1d_transposed(modules[n]) for n in (group.producer, group.consumer))
     )
 
@@ -607,8 +610,9 @@ def compress(
         if len(rewritten) < len(plans):
             notes.append(
                 f"selection, compensation, repair and calibration apply to single-producer "
-                f"groups of Linear/Conv layers without layers in between, whose layers no "
-                f"other group prunes: {len(plans) - len(rewritten)} "
+                f"groups of Linear layers on (batch, features) and Conv2d layers on images, "
+                f"without layers in between, whose layers no other group prunes: "
+                f"{len(plans) - len(rewritten)} "
                 "other group(s) used the options of the paper"
             )
         extras.post_build(modules, rewritten)

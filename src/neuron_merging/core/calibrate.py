@@ -54,11 +54,26 @@ _BATCH = 250
 
 
 def _design(layer: nn.Module, x: Tensor) -> Tensor:
-    """``(rows, features)`` regressors of ``layer`` for input ``x``."""
+    """``(rows, features)`` regressors of ``layer`` for input ``x``: a convolution's input
+    padded as the layer pads it (its padding mode, ``"same"`` and ``"valid"`` too), then
+    unfolded into patches."""
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             raise ValueError("grouped convolutions cannot be refit")
-        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        pads: list[int] = []  # F.pad order: last dimension first, (before, after) each
+        for i in (1, 0):
+            if layer.padding == "valid":
+                before = after = 0
+            elif layer.padding == "same":
+                total = layer.dilation[i] * (layer.kernel_size[i] - 1)
+                before, after = total // 2, total - total // 2
+            else:
+                before = after = layer.padding[i]
+            pads += [before, after]
+        if any(pads):
+            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+            x = F.pad(x, pads, mode=mode)
+        cols = F.unfold(x, layer.kernel_size, layer.dilation, 0, layer.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.reshape(x.shape[0], -1)
 

@@ -127,6 +127,10 @@ class ChannelGroup(FirstOfEach):
             or a gated unit ``"swiglu"``/``"geglu"``), its name: such a group can be
             merged approximately (``approximate=True``).
         gate: for a gated unit, the producer whose output goes through the activation.
+        standard_layout: whether every producer and consumer runs on ``(batch,
+            features)`` (``nn.Linear``) or on images (``nn.Conv2d`` on ``(batch, channels,
+            height, width)``), the layouts that the options beyond the paper measure
+            channels in; ``False`` for tokens, ``Conv1d`` and unbatched inputs.
     """
 
     producers: tuple[str, ...]
@@ -143,6 +147,7 @@ class ChannelGroup(FirstOfEach):
     checked: bool = True
     activation: str | None = None
     gate: str | None = None
+    standard_layout: bool = True
 
     def __post_init__(self) -> None:
         if not self.consumer_offsets:
@@ -486,6 +491,7 @@ class _Space:
         "consumers",
         "coupled",
         "gated",
+        "layout",
         "modules_seen",
         "n",
         "nonhomogeneous",
@@ -506,6 +512,7 @@ class _Space:
         self.passthrough: list[tuple[str, int]] = []
         self.broken: str | None = None
         self.nonhomogeneous: str | None = None
+        self.layout = True  # every layer reads and writes (batch, features) or images
         self.coupled: list[str] = []
         self.modules_seen: set[str] = set()
         self.reasons: list[str] = []  # every non-homogeneous operation
@@ -534,6 +541,7 @@ def _union(a: _Space, b: _Space, why: str | None) -> _Space:
     ra.passthrough += rb.passthrough
     ra.broken = ra.broken or rb.broken
     ra.nonhomogeneous = ra.nonhomogeneous or rb.nonhomogeneous
+    ra.layout = ra.layout and rb.layout
     ra.coupled += rb.coupled
     ra.modules_seen |= rb.modules_seen
     ra.reasons += rb.reasons
@@ -747,6 +755,7 @@ class _Analysis:
         axis = _conv_axis(module, len(out.shape)) if is_conv else len(out.shape) - 1
         if len(out.shape) <= axis or out.shape[axis] != n:
             space.broken = f"{name!r} has an output of unexpected shape {list(out.shape)}"
+        space.layout = _standard_layout(module, len(out.shape))
         self.set(out, _Info(((space, n),), axis))
         self.space_of_output[id(out)] = space
         self.producer_of_value[id(out)] = name
@@ -772,12 +781,14 @@ class _Analysis:
             return
         if taint:
             self.break_info(info, taint)
+        standard = _standard_layout(module, ndim)
         offset = 0
         for space, length in info.segments:
             if space is not None:
                 root = space.root()
                 root.consumers.append((name, offset, info.block))
                 root.modules_seen.add(name)
+                root.layout = root.layout and standard
             offset += length
 
     def batch_norm(
@@ -1827,6 +1838,7 @@ def groups_from_recording(
                 passthrough_offsets=tuple(p[1] for p in root.passthrough),
                 activation=activation,
                 gate=gate,
+                standard_layout=root.layout,
             )
         )
     calls = rec.calls
@@ -1919,6 +1931,13 @@ def _warn_written(model: nn.Module, written: set[int]) -> None:
         "write the model they are given",
         stacklevel=3,
     )
+
+
+def _standard_layout(module: nn.Module, ndim: int) -> bool:
+    """Whether a layer runs on ``(batch, features)`` (``nn.Linear``) or on
+    ``(batch, channels, height, width)`` (``nn.Conv2d``): the layouts the options beyond
+    the paper measure channels in."""
+    return ndim == 2 if type(module) is nn.Linear else ndim == 4 and isinstance(module, nn.Conv2d)
 
 
 def _conv_axis(module: nn.Module, ndim: int) -> int:
