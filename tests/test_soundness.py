@@ -3270,6 +3270,16 @@ class Scanned(nn.Module):
             "normalize": lambda: F.normalize(y, dim=3),
             "stack": lambda: torch.stack([y, y.flip(-1)], 2).mean(2),
             "stack, last": lambda: torch.stack((y.cumsum(2), y), dim=-1).amax(-1),
+            "lp_pool2d": lambda: F.lp_pool2d(y, 2, 2),
+            "narrow": lambda: y.narrow(2, 1, 2),
+            "index_select": lambda: y.index_select(3, torch.tensor([0, 2, 3])),
+            "diff": lambda: torch.diff(y, dim=2),
+            "Tensor.unfold": lambda: y.unfold(3, 2, 1).amax(-1),
+            "nan_to_num": lambda: torch.nan_to_num(y, posinf=1.0),
+            "narrow channels": lambda: y.narrow(1, 0, 8),
+            "index_select channels": lambda: torch.index_select(y, 1, torch.arange(8)),
+            "diff with a prepended tensor": lambda: y.diff(dim=3, prepend=y[..., :1]),
+            "F.unfold": lambda: F.fold(F.unfold(y, 2), (4, 4), 2),
             "softmax of channels": lambda: F.softmax(y, 1),
             "normalize of channels": lambda: F.normalize(y),
             "cumsum in float64": lambda: y.cumsum(2, dtype=torch.float64).float(),
@@ -3285,12 +3295,21 @@ class Scanned(nn.Module):
 MERGING_SCANS = [
     "cumsum", "cumsum, keyword", "cummax", "cummin", "sort", "sort, stable", "topk",
     "topk of rows", "kthvalue", "kthvalue, dim dropped", "cumsum in float64", "stack",
-    "stack, last",
+    "stack, last", "lp_pool2d", "narrow", "index_select", "diff", "Tensor.unfold",
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "mode", [*MERGING_SCANS, "cumprod", "logcumsumexp", "softmax", "log_softmax", "normalize"]
+    "mode",
+    [
+        *MERGING_SCANS,
+        "cumprod",
+        "logcumsumexp",
+        "softmax",
+        "log_softmax",
+        "normalize",
+        "nan_to_num",
+    ],
 )
 def test_scans_and_sorts_of_positions_are_compressed(mode: str) -> None:
     """Along a dimension other than the channels each output channel depends on its input
@@ -3316,6 +3335,10 @@ def test_scans_and_sorts_of_positions_are_compressed(mode: str) -> None:
         ("cumsum of channels", "accumulated along the channels (cumsum)"),
         ("sort of channels", "ordered or accumulated along the channels (sort)"),
         ("topk of channels", "along the channels (topk)"),
+        ("narrow channels", "narrow selects or combines values along the channel dimension"),
+        ("index_select channels", "index_select selects or combines values along the channel"),
+        ("diff with a prepended tensor", "passes through diff with a tensor argument"),
+        ("F.unfold", "unfold, which is not a channel-wise operation"),
         ("softmax of channels", "along the channels (softmax)"),
         ("normalize of channels", "along the channels (normalize)"),
         ("indices of topk", "the indices of topk are used"),
@@ -3686,3 +3709,21 @@ def test_norms_of_each_channel_are_sliced(mode: str, tmp_path) -> None:
 def test_a_group_norm_of_several_channels_ends_the_group() -> None:
     net = ChannelNormed("GroupNorm(2, 8)")
     assert_excluded(net, _normed_input("GroupNorm"), "conv", "normalises 4 channels together")
+
+
+def test_sync_batch_norm_in_eval_mode_is_a_batch_norm() -> None:
+    """``nn.SyncBatchNorm`` (``convert_sync_batchnorm`` before distributed training) runs
+    as a batch norm in eval mode: folded into its producer, merged exactly."""
+    torch.manual_seed(61)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.SyncBatchNorm(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+        nn.Flatten(), nn.Linear(16, 3),
+    ).eval()  # fmt: skip
+    _seed_bn(net[1])
+    groups = {g.name: g for g in nm.find_groups(net, X_IMAGE)[0]}
+    assert groups["0"].bns == ("1",) and groups["0"].mergeable
+    pruned = nm.prune(net, X_IMAGE, ratio=0.5)
+    assert pruned.model[1].num_features == 4
+    fresh = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(8))
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, X_IMAGE)

@@ -285,6 +285,7 @@ _CHANNELWISE = {
     "softplus": "Softplus",
     "softsign": "Softsign",
     "logsigmoid": "LogSigmoid",
+    "nan_to_num": "nan_to_num",
     "tanhshrink": "Tanhshrink",
     "softshrink": "Softshrink",
     "hardshrink": "Hardshrink",
@@ -379,6 +380,8 @@ _POOLS = {
     "adaptive_max_pool3d": 3,
     "adaptive_max_pool1d_with_indices": 1,
     "adaptive_max_pool2d_with_indices": 2,
+    "lp_pool1d": 1,
+    "lp_pool2d": 2,
 }
 #: Linear maps that act on each channel alone, over the dimensions they name (moving,
 #: mirroring or resampling positions): channel-wise and positively homogeneous, so long as
@@ -455,6 +458,15 @@ _PERMUTES = frozenset(
 )
 _EXPANDS = frozenset({"expand", "expand_as"})
 _REPEATS = frozenset({"repeat", "tile", "repeat_interleave"})
+#: Selections and differences along one dimension, with the names of their arguments
+#: after the input: along a dimension other than the channels, the same positions of
+#: every channel, or a linear map of each channel alone (``diff``, ``Tensor.unfold``).
+_SELECTIONS: dict[str, tuple[str, ...]] = {
+    "narrow": ("dim", "start", "length"),
+    "index_select": ("dim", "index"),
+    "diff": ("n", "dim", "prepend", "append"),
+    "unfold": ("dimension", "size", "step"),
+}
 #: Splits, with the names of their arguments after the input.
 _SPLITS: dict[str, tuple[str, ...]] = {
     "chunk": ("chunks", "dim"),
@@ -958,6 +970,8 @@ class _Analysis:
                 self.repeat(op, key, info, others, out)
             elif key in _SPLITS:
                 self.split(op, key, info, others)
+            elif key in _SELECTIONS:
+                self.select(op, key, info, others, out)
             elif key == "cat" or key == "concat" or key == "concatenate":
                 self.cat(op, out)
             elif key == "stack":
@@ -1531,6 +1545,30 @@ class _Analysis:
         if out.shape[new.axis] != before[info.axis]:
             raise _Break(f"its channels are repeated ({key})")
         self.set(out, new)
+
+    def select(
+        self, op: Op, key: str, info: _Info | None, others: list[Value], out: Value | None
+    ) -> None:
+        """``narrow``, ``index_select`` (an index made outside the groups), ``diff`` or
+        ``Tensor.unfold`` (windows, as a new last dimension) along a dimension other than
+        the channels (:data:`_SELECTIONS`)."""
+        method = key != "unfold" or op.target is torch.Tensor.unfold  # not F.unfold (im2col)
+        if info is None or out is None or not method:
+            self.break_all(op, self.not_channelwise(op))
+            return
+        given = dict(zip(_SELECTIONS[key], op.args[1:], strict=False)) | op.kwargs
+        before = op.args[0].shape
+        dim = given.get("dimension" if key == "unfold" else "dim", -1 if key == "diff" else None)
+        if isinstance(dim, bool) or not isinstance(dim, int) or not before:
+            raise _Break(f"{key} is given its dimension in an unexpected form")
+        if dim % len(before) == info.axis:
+            raise _Break(f"{key} selects or combines values along the channel dimension")
+        index = given.get("index") if key == "index_select" else None
+        if any(v is not index for v in others) or self.get(index) is not None:
+            raise _Break(f"its output passes through {key} with a tensor argument")
+        if out.shape[info.axis] != before[info.axis]:
+            raise _Break(f"{key} changes the size of the channel dimension")
+        self.set(out, info)
 
     def split(self, op: Op, key: str, info: _Info | None, others: list[Value]) -> None:
         """A split along a dimension other than the channels (tokens, rows, the batch):

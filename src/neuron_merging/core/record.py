@@ -72,13 +72,14 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv2d,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
+    nn.SyncBatchNorm,
     nn.PReLU,
     nn.InstanceNorm1d,
     nn.InstanceNorm2d,
     nn.GroupNorm,
 )
 #: The batch norms among them.
-BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 #: The norms among them that normalise each channel (or group of channels) over positions.
 CHANNEL_NORMS: tuple[type[nn.Module], ...] = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm)
 
