@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 import neuron_merging as nm
 
-BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
+BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.modules.instancenorm._InstanceNorm)
 
 
 def _seed_bns(model: nn.Module, seed: int) -> nn.Module:
@@ -506,6 +506,28 @@ class SEResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
+class Video3D(nn.Module):
+    """A small 3-D CNN for clips: conv-BN-ReLU, max pooling over time and space, a
+    depthwise 3-D convolution and an instance norm inside a residual block, a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm3d(8)
+        self.conv1 = nn.Conv3d(8, 12, 1)
+        self.dw = nn.Conv3d(12, 12, 3, padding=1, groups=12)
+        self.norm = nn.InstanceNorm3d(12, affine=True)
+        self.conv2 = nn.Conv3d(12, 8, 1, bias=False)
+        self.bn2 = nn.BatchNorm3d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.max_pool3d(F.relu(self.bn(self.stem(x))), 2)
+        r = F.relu(self.norm(self.dw(F.relu(self.conv1(h)))))
+        h = F.relu(h + self.bn2(self.conv2(r)))
+        return self.fc(h.mean((2, 3, 4)))
+
+
 def _make(cls: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module]:
     def factory() -> nn.Module:
         torch.manual_seed(seed)
@@ -535,6 +557,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Any]] = {
     "squeezenet": (_make(SqueezeNet, 11), _x(2, 3, 8, 8)),
     "face_resnet": (_make(FaceResNet, 12), _x(2, 3, 8, 8)),
     "se_resnet": (_make(SEResNet, 13), _x(2, 3, 8, 8)),
+    "video3d": (_make(Video3D, 14), _x(2, 3, 4, 8, 8)),
 }
 
 

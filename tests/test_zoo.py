@@ -417,3 +417,15 @@ def test_every_layer_is_grouped_or_skipped_with_a_reason(name: str, coupled: boo
     assert layers <= grouped | set(reasons), layers - grouped - set(reasons)
     assert all(reason and reason.strip() for reason in reasons.values())
     assert not grouped & {s.name for s in skipped if s.name in {g.name for g in groups}}
+
+
+def test_video3d_groups() -> None:
+    """``Conv3d``/``BatchNorm3d`` are producers and batch norms like their 2-D kind; a
+    depthwise ``Conv3d`` and an ``InstanceNorm3d`` are sliced (pruned only)."""
+    factory, x = ZOO["video3d"]
+    g = _by_name(nm.find_groups(factory(), x, coupled=True)[0])
+    assert g["stem"].producers == ("stem", "conv2") and g["stem"].bns == ("bn", "bn2")
+    assert g["stem"].mergeable and set(g["stem"].consumers) == {"conv1", "fc"}
+    assert g["conv1"].passthrough == ("dw", "norm") and not g["conv1"].mergeable
+    result = nm.prune(factory(), x, ratio=0.5, coupled=True)
+    assert result.model.dw.groups == result.model.norm.num_features == 6

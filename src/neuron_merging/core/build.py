@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_impl
 
 from .groups import ChannelGroup
-from .record import is_conv1d_transposed
+from .record import CONVS, is_conv1d_transposed
 
 _T = TypeVar("_T")
 
@@ -493,7 +493,7 @@ def apply_plans(
         _slice_bns([(modules[name], kept) for name, kept in bns.items()], direct)
         for name, segments in slices.items():
             layer = modules[name]
-            if isinstance(layer, (nn.Conv1d, nn.Conv2d)):  # depthwise: one filter per channel
+            if isinstance(layer, CONVS):  # depthwise: one filter per channel
                 index = _full_index(layer.out_channels, segments)
                 _replace(
                     layer, "weight", torch.index_select(layer.weight.detach(), 0, index), direct

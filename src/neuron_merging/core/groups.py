@@ -1,7 +1,7 @@
 """Channel groups: the sets of channels that must be removed together.
 
-A *channel group* is made of one or more **producers** (``nn.Linear``, ``nn.Conv1d``,
-``nn.Conv2d``, GPT-2's ``Conv1D``), each optionally followed by batch norm, then only
+A *channel group* is made of one or more **producers** (``nn.Linear``,
+``nn.Conv1d/2d/3d``, GPT-2's ``Conv1D``), each optionally followed by batch norm, then only
 channel-wise operations (each output channel depends on the same input channel
 only), then one or more **consumers** whose input channels are those channels. It is
 found in the dataflow of one real forward pass (:mod:`.record`) by propagating, for
@@ -46,6 +46,7 @@ from .errors import ModelError
 from .record import (
     BATCHNORMS,
     CHANNEL_NORMS,
+    CONVS,
     DimSize,
     Op,
     Recording,
@@ -735,7 +736,7 @@ class _Analysis:
         if isinstance(module, CHANNEL_NORMS):
             self.channel_norm(op, module, info, out, taint)
             return
-        is_conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
+        is_conv = isinstance(module, CONVS)
         groups = module.groups if is_conv else 1
         if is_conv and groups > 1:
             if groups == module.in_channels == module.out_channels and info is not None:
@@ -868,11 +869,7 @@ class _Analysis:
                 return
         else:
             channels = module.num_features
-            axis = (
-                1
-                if len(op.args[0].shape) == (3 if isinstance(module, nn.InstanceNorm1d) else 4)
-                else 0
-            )
+            axis = _conv_axis(module, len(op.args[0].shape))
         if info.axis != axis or info.block != 1 or info.width != channels:
             self.break_info(info, f"{kind} {name!r} normalises a dimension other than the channels")
             return
@@ -1981,7 +1978,14 @@ def _standard_layout(module: nn.Module, ndim: int) -> bool:
 def _conv_axis(module: nn.Module, ndim: int) -> int:
     """The channel dimension of a convolution's input or output of ``ndim`` dimensions:
     0 for an unbatched one (``(C, L)`` for ``Conv1d``), else 1."""
-    return 0 if ndim == (2 if isinstance(module, nn.Conv1d) else 3) else 1
+    return 0 if ndim == _conv_dims(module) + 1 else 1
+
+
+def _conv_dims(module: nn.Module) -> int:
+    """The number of spatial dimensions of a convolution (or instance norm)."""
+    if isinstance(module, (nn.Conv1d, nn.InstanceNorm1d)):
+        return 1
+    return 3 if isinstance(module, (nn.Conv3d, nn.InstanceNorm3d)) else 2
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -2001,7 +2005,7 @@ def _in_channels(module: nn.Module) -> int:
 
 
 def _is_producer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_conv1d_transposed(module)
+    return isinstance(module, (nn.Linear, *CONVS)) or is_conv1d_transposed(module)
 
 
 def resolve_groups(
@@ -2047,7 +2051,7 @@ def resolve_groups(
                 raise ModelError(
                     f"{role} {getattr(group, role)!r} is a {type(module).__name__}, not Linear/Conv"
                 )
-            if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+            if isinstance(module, CONVS) and module.groups != 1:
                 raise ModelError(f"{role} {getattr(group, role)!r} is a grouped convolution")
         if group.producer in seen or group.consumer in seen - {group.producer}:
             raise ModelError(
@@ -2063,7 +2067,7 @@ def resolve_groups(
         spatial = group.features_per_channel
         if spatial is None:
             spatial = inputs // channels if inputs % channels == 0 else 0
-        is_conv = isinstance(cons, (nn.Conv1d, nn.Conv2d))
+        is_conv = isinstance(cons, CONVS)
         if spatial < 1 or inputs != channels * spatial or (is_conv and spatial != 1):
             raise ModelError(
                 f"consumer {group.consumer!r} has {inputs} inputs, which does not fit "

@@ -4,7 +4,7 @@ Discovery runs the model once, for real, under a :class:`torch.overrides.TorchFu
 that sees every torch function, tensor method, operator and tensor attribute
 (``.T``, ``.data``, ...) called on the way, and with every module's ``forward`` wrapped
 for the pass: the wrappers name the module that runs each operation, and record the
-layers whose channels can be pruned (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, batch
+layers whose channels can be pruned (``nn.Linear``, ``nn.Conv1d/2d/3d``, batch
 norm and GPT-2's ``Conv1D``) as single operations. Because the code runs
 for real, data-dependent control flow, ``transformers`` models, ``nn.DataParallel``,
 ``torch.compile`` wrappers and ``torch.fx.GraphModule``\\ s all work; symbolic tracing
@@ -70,18 +70,33 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
     nn.Conv2d,
+    nn.Conv3d,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
+    nn.BatchNorm3d,
     nn.SyncBatchNorm,
     nn.PReLU,
     nn.InstanceNorm1d,
     nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
     nn.GroupNorm,
 )
+#: The convolutions among them.
+CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: The batch norms among them.
-BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+BATCHNORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+)
 #: The norms among them that normalise each channel (or group of channels) over positions.
-CHANNEL_NORMS: tuple[type[nn.Module], ...] = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm)
+CHANNEL_NORMS: tuple[type[nn.Module], ...] = (
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.GroupNorm,
+)
 
 
 def is_leaf(module: nn.Module) -> bool:
@@ -675,7 +690,7 @@ class _Recorder(TorchFunctionMode):
             self.leaves.add(id(module))
             edited = (
                 _LEAF_TENSORS_BN
-                if isinstance(module, (*BATCHNORMS, nn.InstanceNorm1d, nn.InstanceNorm2d))
+                if isinstance(module, (*BATCHNORMS, nn.modules.instancenorm._InstanceNorm))
                 else _LEAF_TENSORS_PRELU
                 if isinstance(module, nn.PReLU)
                 else _LEAF_TENSORS
@@ -1359,8 +1374,10 @@ _DIRECT_LEAVES: dict[type, Callable[[Any, Tensor], Tensor | None]] = {
     nn.Linear: _linear,
     nn.Conv1d: _conv(F.conv1d),
     nn.Conv2d: _conv(F.conv2d),
+    nn.Conv3d: _conv(F.conv3d),
     nn.BatchNorm1d: _batch_norm((2, 3)),
     nn.BatchNorm2d: _batch_norm((4,)),
+    nn.BatchNorm3d: _batch_norm((5,)),
     nn.PReLU: lambda module, x: F.prelu(x, module.weight),
 }
 
@@ -1876,6 +1893,7 @@ def record(
 __all__ = [
     "BATCHNORMS",
     "CHANNEL_NORMS",
+    "CONVS",
     "LEAF_TYPES",
     "DimSize",
     "Op",
