@@ -20,6 +20,7 @@ containers is refused. Three on-disk formats are understood:
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import pickle
 import pickletools
@@ -137,8 +138,12 @@ def _torch_load(path: Path) -> Any:
     """``torch.load`` under ``weights_only=True``, with failures classified.
 
     A weights-only refusal of a well-formed pickle that imports Python objects is
-    reported as unsafe; anything unreadable is reported as truncated/corrupt.
+    reported as unsafe; anything unreadable is reported as truncated/corrupt. A zip
+    checkpoint (``torch.save``'s format since PyTorch 1.6) has a CRC-32 per member, which
+    ``torch.load`` does not check: they are checked first, so a flipped byte in a tensor
+    is reported rather than loaded.
     """
+    _check_crcs(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
@@ -158,6 +163,19 @@ def _torch_load(path: Path) -> Any:
             "without weights_only if you fully trust its source."
         ) from refused
     raise _corrupt(path, _describe(refused.__context__ or refused)) from refused
+
+
+def _check_crcs(path: Path) -> None:
+    """Refuse a zip checkpoint with a member whose CRC-32 does not match its bytes."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy format (the authors' checkpoints) has no checksums
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+        raise _corrupt(path, _describe(exc)) from exc
+    if bad is not None:
+        raise _corrupt(path, f"the checksum of {bad} does not match its bytes")
 
 
 def _describe(exc: BaseException) -> str:
@@ -374,8 +392,15 @@ def load_model(
     n_classes, classes_from_file = _resolve(
         "num_classes", metadata.get("num_classes"), num_classes, file
     )
+    inferred = infer_num_classes(state_dict)
     if n_classes is None:
-        n_classes = infer_num_classes(state_dict) or spec.default_num_classes
+        n_classes = inferred or spec.default_num_classes
+    elif classes_from_file and inferred is not None and n_classes != inferred:
+        # Checked before the model is built: a huge count would allocate gigabytes first.
+        raise CheckpointError(
+            f"{file}: its metadata's num_classes {n_classes} does not match the "
+            f"{inferred} outputs of its classifier"
+        )
 
     file_cfg = metadata.get("cfg")
     if file_cfg is not None and not isinstance(file_cfg, (list, tuple)):
@@ -499,6 +524,12 @@ def save_checkpoint(
 
     if arch is not None and not isinstance(arch, str):
         raise ConfigError(f"arch must be a string, got {arch!r}")
+    if acc is not None and (isinstance(acc, bool) or not isinstance(acc, numbers.Real)):
+        raise ConfigError(f"acc must be a number or None, got {acc!r}")
+    if arch is not None and arch in models.list_models():
+        problem = checkpoint_mismatch(state_dict, arch, cfg, num_classes)
+        if problem is not None:
+            raise ConfigError(f"{path}: {problem}")
     if dataset is not None and not isinstance(dataset, str):
         raise ConfigError(f"dataset must be a string, got {dataset!r}")
     payload: dict[str, Any] = {
@@ -523,6 +554,49 @@ def save_checkpoint(
 
 #: Output names that keep the legacy ``torch.save`` checkpoint (the authors' format).
 LEGACY_SUFFIXES = (".pth", ".pt", ".tar")
+
+
+def checkpoint_mismatch(
+    state_dict: Mapping[str, torch.Tensor],
+    arch: str,
+    cfg: Sequence[models.CfgItem] | None,
+    num_classes: int | None,
+) -> str | None:
+    """Why a checkpoint file of these tensors would not load back, or ``None``.
+
+    :func:`load_model` rebuilds a checkpoint file's model from its ``arch``, ``cfg``
+    (inferred from the shapes when absent) and ``num_classes``. A cfg lists each
+    layer's width, not every tensor's: the residual streams of a ResNet compressed with
+    ``coupled=True`` have no entry, and such a file would be written but never read
+    back. The rebuilt model is made on the meta device (no memory for its tensors).
+    """
+    spec = models.model_spec(arch)
+    if cfg is None:
+        try:
+            cfg = spec.infer_cfg(state_dict)
+        except ConfigError:
+            cfg = None
+    try:
+        with torch.device("meta"):
+            rebuilt = models.create(
+                arch, num_classes=num_classes or spec.default_num_classes, cfg=cfg
+            )
+    except ConfigError as exc:
+        return f"it would not rebuild {arch!r}: {exc}"
+    expected = rebuilt.state_dict()
+    differ = [
+        f"{key}: {tuple(value.shape)} vs {tuple(expected[key].shape)} rebuilt"
+        for key, value in state_dict.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if not differ and _key_report(rebuilt, state_dict) is None:
+        return None
+    shown = f"{len(differ)} tensors differ, e.g. {differ[0]}" if differ else "its keys differ"
+    return (
+        f"a checkpoint file rebuilds {arch!r} from its cfg, which cannot describe this "
+        f"model's widths ({shown}); save it as a directory instead (a name without "
+        f"{', '.join(LEGACY_SUFFIXES)})"
+    )
 
 
 def is_legacy_path(path: PathLike) -> bool:
@@ -564,6 +638,19 @@ def save_model(
     save(result_or_model, path, metadata=metadata)
 
 
+def _manifest_classes(manifest: Mapping[str, Any]) -> int | None:
+    """The output count of the last layer with a 2-D weight that a manifest records (the
+    classifier of every registered model), or ``None``."""
+    modules = manifest.get("modules")
+    last = None
+    for record in modules.values() if isinstance(modules, dict) else ():
+        tensors = record.get("tensors") if isinstance(record, dict) else None
+        shape = tensors.get("weight") if isinstance(tensors, dict) else None
+        if isinstance(shape, list) and len(shape) == 2 and type(shape[0]) is int:
+            last = shape[0]
+    return last
+
+
 def load_saved_model(
     path: PathLike,
     arch: str | None = None,
@@ -595,9 +682,16 @@ def load_saved_model(
         spec = models.model_spec(arch)
     except ConfigError as exc:
         raise CheckpointError(f"{file}: {exc}") from exc
-    n_classes, _ = _resolve("num_classes", metadata.get("num_classes"), num_classes, file)
+    n_classes, from_file = _resolve("num_classes", metadata.get("num_classes"), num_classes, file)
     if n_classes is None:
         n_classes = spec.default_num_classes
+    recorded = _manifest_classes(manifest)
+    if from_file and recorded is not None and n_classes != recorded:
+        # Checked before the fresh instance is built: a huge count would allocate first.
+        raise CheckpointError(
+            f"{file}: its metadata's num_classes {n_classes} does not match the {recorded} "
+            "outputs of its classifier"
+        )
     model = models.create(arch, num_classes=n_classes)
     load(model, file)
     model.eval()

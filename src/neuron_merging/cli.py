@@ -431,8 +431,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_input_as_output(output: str, checkpoint: str | None) -> None:
+    """A saved-model directory is never replaced by the model compressed from it, even
+    with ``--force`` (as a checkpoint file input is never overwritten)."""
+    if checkpoint is None:
+        return
+    source = Path(checkpoint)
+    if source.name == "manifest.json":
+        source = source.parent
+    try:
+        same = os.path.samefile(source, output)
+    except OSError:  # one of them does not exist
+        return
+    if same:
+        raise OutputError(
+            f"--output {output} is the input model {checkpoint}; refusing to overwrite it"
+        )
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from .checkpoint import is_legacy_path, save_checkpoint, save_model
+    from .checkpoint import checkpoint_mismatch, is_legacy_path, save_checkpoint, save_model
     from .core.api import compress, count_parameters
     from .data import load_dataset
     from .experiments import compression_config, current_cfg, example_input
@@ -442,6 +460,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.output is not None and is_legacy_path(args.output):
         check_output_file(args.output, force=args.force, inputs=[args.checkpoint])
     elif args.output is not None:
+        _refuse_input_as_output(args.output, args.checkpoint)
         check_output_dir(args.output, force=args.force)
     model, arch, dataset, _ = _load(args)
     payload: dict[str, Any] = {"arch": arch, "dataset": dataset, "mode": args.mode}
@@ -481,6 +500,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     payload["params"] = count_parameters(model)
     payload["macs"] = count_macs(model, example_input(arch))
     payload["cfg"] = current_cfg(arch, model)
+    if args.output is not None and is_legacy_path(args.output):  # before the evaluation
+        problem = checkpoint_mismatch(
+            model.state_dict(), arch, payload["cfg"], getattr(model, "num_classes", None)
+        )
+        if problem is not None:
+            raise ConfigError(f"--output {args.output}: {problem}")
     lines = [report_text] if report_text and not args.quiet else []
     accuracy = None
     if not args.no_eval:

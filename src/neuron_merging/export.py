@@ -26,8 +26,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import io
+import os
 import tempfile
 import time
 import warnings
@@ -40,7 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .core.errors import ConfigError
+from ._io import resolve_target, temporary_prefix
+from .core.errors import ConfigError, OutputError
 
 __all__ = [
     "FORMATS",
@@ -126,28 +129,45 @@ def export_onnx(
     """Write ``model`` (outputs flattened to tensors) as ONNX to ``path``.
 
     ``exporter`` is ``"dynamo"``, ``"torchscript"`` or ``"auto"`` (see
-    :func:`default_onnx_exporter`). Returns ``path``.
+    :func:`default_onnx_exporter`). Returns ``path``. The exporter writes into a
+    temporary folder beside ``path``; only a complete export replaces ``path`` (and the
+    external-data files it refers to), so a failed one (a full disk, an interrupt)
+    leaves an earlier file as it was. A folder or a device as ``path``, and failed
+    writes, are :class:`~neuron_merging.OutputError`.
     """
     if exporter == "auto":
         exporter = default_onnx_exporter()
     if exporter not in ("dynamo", "torchscript"):
         raise ConfigError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
-    target = Path(path)
+    inputs = _as_tuple(example_inputs)
+    target = resolve_target(path)
+    directory = target.parent if str(target.parent) else Path(".")
     wrapped = _TensorOutputs(model)
     wrapped.train(model.training)
-    with warnings.catch_warnings():
-        # The TorchScript exporter's deprecation notice is the reason default_onnx_exporter()
-        # prefers the dynamo one; it carries no information about this model.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # verify_export checks results
-        torch.onnx.export(
-            wrapped,
-            _as_tuple(example_inputs),
-            str(target),
-            dynamo=exporter == "dynamo",
-            verbose=False,
-        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=temporary_prefix(target)) as tmp:
+            staged = Path(tmp) / target.name  # the same name: external data refer to it
+            with warnings.catch_warnings():
+                # The TorchScript exporter's deprecation notice is the reason
+                # default_onnx_exporter() prefers the dynamo one; it carries no information
+                # about this model.
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX.*")
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # verify_export checks
+                torch.onnx.export(
+                    wrapped, inputs, str(staged), dynamo=exporter == "dynamo", verbose=False
+                )
+            written = sorted(Path(tmp).iterdir(), key=lambda p: p == staged)  # the model last
+            for part in written:
+                with open(part, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            for part in written:
+                os.replace(part, directory / part.name)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"No space left on device ({path})") from exc
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return target
 
 

@@ -493,6 +493,11 @@ def compress(
     Returns:
         A :class:`MergeResult` with the new model, its report and the plans.
     """
+    if not isinstance(config, MergeConfig):
+        raise ConfigError(
+            f"config must be a MergeConfig, got {type(config).__name__} "
+            "(MergeConfig.from_dict builds one from a mapping)"
+        )
     if config.selection == "auto":
         return _compress_auto(model, example_inputs, config, groups, criterion_fn, calibration)
     timings = {

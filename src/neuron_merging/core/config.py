@@ -187,8 +187,12 @@ class MergeConfig:
         r = self.ridge
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < math.inf:
             raise ConfigError(f"ridge must be a finite number >= 0, got {r!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**63  # what torch.Generator.manual_seed takes
+        ):
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if isinstance(self.calibrate, str):
             raise ConfigError("calibrate must be a list of steps, not a single string")
         for step in self.calibrate:
@@ -230,6 +234,10 @@ class MergeConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeConfig:
         """Build a config from :meth:`to_dict` output; unknown keys are an error."""
+        if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+            raise ConfigError(
+                f"MergeConfig.from_dict expects a mapping of field names, got {type(data).__name__}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
