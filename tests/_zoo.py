@@ -528,6 +528,26 @@ class Video3D(nn.Module):
         return self.fc(h.mean((2, 3, 4)))
 
 
+class UNet(nn.Module):
+    """A two-level U-Net: a strided encoder, a ``ConvTranspose2d`` decoder (and a depthwise
+    transposed convolution), a skip concat and a per-pixel head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.enc2 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(12, 8, 2, stride=2)
+        self.dw = nn.ConvTranspose2d(8, 8, 3, padding=1, groups=8)
+        self.dec = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        e1 = F.relu(self.bn1(self.enc1(x)))
+        u = F.relu(self.dw(F.relu(self.up(F.relu(self.enc2(e1))))))
+        return self.head(F.relu(self.dec(torch.cat([u, e1], 1))))
+
+
 def _make(cls: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module]:
     def factory() -> nn.Module:
         torch.manual_seed(seed)
@@ -558,6 +578,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Any]] = {
     "face_resnet": (_make(FaceResNet, 12), _x(2, 3, 8, 8)),
     "se_resnet": (_make(SEResNet, 13), _x(2, 3, 8, 8)),
     "video3d": (_make(Video3D, 14), _x(2, 3, 4, 8, 8)),
+    "unet": (_make(UNet, 15), _x(2, 3, 8, 8)),
 }
 
 
@@ -702,6 +723,11 @@ def is_transposed(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D"
 
 
+def is_transposed_conv(layer: nn.Module) -> bool:
+    """``nn.ConvTranspose1d/2d/3d``: weight stored ``(in, out / groups, *kernel)``."""
+    return isinstance(layer, nn.modules.conv._ConvTransposeNd)
+
+
 def masked_copy(model: nn.Module, plans: list[Any]) -> nn.Module:
     """``model`` with every pruned channel's consumer input columns set to zero."""
     masked = copy.deepcopy(model)
@@ -716,6 +742,8 @@ def masked_copy(model: nn.Module, plans: list[Any]) -> nn.Module:
                     lo, hi = (offset + c) * f, (offset + c + 1) * f
                     if is_transposed(modules[name]):
                         w[lo:hi, :] = 0
+                    elif is_transposed_conv(modules[name]):
+                        w[offset + c] = 0
                     elif w.dim() == 2:
                         w[:, lo:hi] = 0
                     else:
@@ -724,6 +752,8 @@ def masked_copy(model: nn.Module, plans: list[Any]) -> nn.Module:
 
 
 def _rows(layer: nn.Module) -> Tensor:
+    if is_transposed_conv(layer):
+        return layer.weight.transpose(0, 1)
     return layer.weight.t() if is_transposed(layer) else layer.weight
 
 

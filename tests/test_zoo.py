@@ -360,13 +360,17 @@ def test_cuda_model_stays_on_device(name: str) -> None:
 
 
 def _out_width(layer: torch.nn.Module) -> int:
+    if isinstance(layer, torch.nn.modules.conv._ConvTransposeNd):  # (in, out / groups, *k)
+        return layer.weight.shape[1] * layer.groups
     if isinstance(layer, torch.nn.Linear):
         return layer.weight.shape[0]
     return layer.weight.shape[1] if type(layer).__name__ == "Conv1D" else layer.weight.shape[0]
 
 
 def _in_width(layer: torch.nn.Module) -> int:
-    if type(layer).__name__ == "Conv1D":
+    if type(layer).__name__ == "Conv1D" or isinstance(
+        layer, torch.nn.modules.conv._ConvTransposeNd
+    ):
         return layer.weight.shape[0]
     return layer.weight.shape[1]
 
@@ -429,3 +433,21 @@ def test_video3d_groups() -> None:
     assert g["conv1"].passthrough == ("dw", "norm") and not g["conv1"].mergeable
     result = nm.prune(factory(), x, ratio=0.5, coupled=True)
     assert result.model.dw.groups == result.model.norm.num_features == 6
+
+
+def test_unet_transposed_convolutions(tmp_path) -> None:
+    """``ConvTranspose2d`` stores its weight as ``(in, out, kh, kw)``: as a consumer its
+    input channels are rows, as a producer its output channels are columns; a depthwise one
+    is sliced. The compressed model saves and loads into a fresh instance."""
+    factory, x = ZOO["unet"]
+    g = _by_name(nm.find_groups(factory(), x, coupled=True)[0])
+    assert g["enc2"].consumers == ("up",) and g["enc2"].mergeable
+    assert g["up"].consumers == ("dec",) and g["up"].passthrough == ("dw",)
+    assert g["enc1"].consumers == ("enc2", "dec") and g["enc1"].consumer_offsets == (0, 8)
+    result = nm.merge(factory(), x, ratio=0.5, coupled=True)
+    up, dw = result.model.up, result.model.dw
+    assert (up.in_channels, up.out_channels, tuple(up.weight.shape[:2])) == (6, 4, (6, 4))
+    assert dw.groups == dw.in_channels == dw.out_channels == 4
+    nm.save(result, tmp_path / "unet")
+    fresh = torch.randn(3, 3, 8, 8)
+    assert torch.equal(nm.load(factory(), tmp_path / "unet")(fresh), result.model(fresh))

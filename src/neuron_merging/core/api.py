@@ -83,10 +83,13 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _weight_rows(layer: nn.Module) -> Tensor:
-    """The layer's weight as ``(out channels, inputs)`` (GPT-2's ``Conv1D`` stores it transposed)."""
+    """The layer's weight as ``(out channels, inputs)`` (GPT-2's ``Conv1D`` stores it
+    transposed, a transposed convolution as ``(in, out, *kernel)``)."""
     w = layer.weight.detach()
     if is_conv1d_transposed(layer):
         return w.t()
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        w = w.transpose(0, 1)
     return w.reshape(w.shape[0], -1)
 
 

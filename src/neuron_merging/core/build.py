@@ -314,9 +314,18 @@ def _slice_bns(items: list[tuple[nn.Module, Tensor]], direct: bool) -> None:
 
 
 def _oriented(layer: nn.Module) -> Tensor:
-    """The layer's weight with output channels first (GPT-2's ``Conv1D`` transposed)."""
-    weight = layer.weight.detach()
-    return weight.t() if is_conv1d_transposed(layer) else weight
+    """The layer's weight with output channels first: GPT-2's ``Conv1D`` stores it
+    transposed, and a transposed convolution as ``(in, out, *kernel)``. Applied to the
+    new weight, it turns it back (a transposition is its own inverse)."""
+    return _orient(layer, layer.weight.detach())
+
+
+def _orient(layer: nn.Module, weight: Tensor) -> Tensor:
+    if is_conv1d_transposed(layer):
+        return weight.t()
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        return weight.transpose(0, 1)
+    return weight
 
 
 def _whole(weight: Tensor, segments: list[tuple[int, GroupPlan, int]]) -> bool:
@@ -438,7 +447,7 @@ def _new_weights(
                 else:
                     built.append(fold_segments(weight, segments, rows.get(name)))
         for name, weight in zip(names, built, strict=True):
-            new_weights[name] = weight.t() if is_conv1d_transposed(modules[name]) else weight
+            new_weights[name] = _orient(modules[name], weight)
     return new_weights
 
 
@@ -488,6 +497,8 @@ def apply_plans(
                 layer.out_features, layer.in_features = weight.shape[0], weight.shape[1]
             elif transposed:
                 layer.nf = weight.shape[1]
+            elif isinstance(layer, nn.modules.conv._ConvTransposeNd):  # (in, out, *kernel)
+                layer.in_channels, layer.out_channels = weight.shape[0], weight.shape[1]
             else:
                 layer.out_channels, layer.in_channels = weight.shape[0], weight.shape[1]
         _slice_bns([(modules[name], kept) for name, kept in bns.items()], direct)

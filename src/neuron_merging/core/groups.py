@@ -1,7 +1,7 @@
 """Channel groups: the sets of channels that must be removed together.
 
 A *channel group* is made of one or more **producers** (``nn.Linear``,
-``nn.Conv1d/2d/3d``, GPT-2's ``Conv1D``), each optionally followed by batch norm, then only
+``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, GPT-2's ``Conv1D``), each optionally followed by batch norm, then only
 channel-wise operations (each output channel depends on the same input channel
 only), then one or more **consumers** whose input channels are those channels. It is
 found in the dataflow of one real forward pass (:mod:`.record`) by propagating, for
@@ -1983,9 +1983,9 @@ def _conv_axis(module: nn.Module, ndim: int) -> int:
 
 def _conv_dims(module: nn.Module) -> int:
     """The number of spatial dimensions of a convolution (or instance norm)."""
-    if isinstance(module, (nn.Conv1d, nn.InstanceNorm1d)):
+    if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d, nn.InstanceNorm1d)):
         return 1
-    return 3 if isinstance(module, (nn.Conv3d, nn.InstanceNorm3d)) else 2
+    return 3 if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d)) else 2
 
 
 def _out_channels(module: nn.Module) -> int:

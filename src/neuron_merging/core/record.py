@@ -71,6 +71,9 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
     nn.Conv2d,
     nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
     nn.BatchNorm3d,
@@ -81,8 +84,15 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm3d,
     nn.GroupNorm,
 )
-#: The convolutions among them.
-CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The convolutions among them (transposed ones store their weight as ``(in, out, *kernel)``).
+CONVS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 #: The batch norms among them.
 BATCHNORMS: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
