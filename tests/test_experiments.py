@@ -470,3 +470,12 @@ def test_run_sweep_output_errors(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="not a list of sweep records"):
         run_sweep(model, "lenet300", "fashion-mnist", data, output_dir=bad, resume=True, **args)
     assert (bad / "results.json").read_text() == '{"mode": "merge"}'  # left as it was
+
+
+def test_count_macs_counts_every_kind_of_convolution() -> None:
+    """1-D, 3-D and transposed convolutions were not counted (Conv2d and Linear only)."""
+    assert count_macs(torch.nn.Conv1d(3, 8, 3), torch.zeros(1, 3, 10)) == 8 * 8 * 3 * 3
+    conv3d = torch.nn.Conv3d(2, 4, 3, padding=1, groups=2)
+    assert count_macs(conv3d, torch.zeros(2, 2, 3, 3, 3)) == 27 * 4 * 1 * 27
+    up = torch.nn.ConvTranspose2d(8, 4, 2, stride=2)  # each input element meets 4·2·2 weights
+    assert count_macs(up, torch.zeros(1, 8, 4, 4)) == 16 * 8 * 4 * 4
