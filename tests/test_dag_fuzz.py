@@ -1,6 +1,7 @@
 """Hypothesis: random DAGs of linear/conv blocks (ReLU/GELU/LeakyReLU/ReLU6/SiLU/clamp(min=0)/abs,
 BN, depthwise convs, residual adds, concats, scalar multiples, maps of positions (flips, rolls,
-resampling, indexing, flattening and splitting back, masks, reductions, scans and sorts), several consumers per
+resampling, indexing, flattening and splitting back, masks, reductions, scans and sorts, splits,
+stacks, repeats, differences), several consumers per
 value).
 
 Properties, for ``coupled`` off and on:
@@ -134,6 +135,11 @@ _MOVES = {
         lambda h: h.flatten(2).median(-1, keepdim=True).values[..., None] * torch.ones(5, 5),
         lambda h: h.cumsum(2).sort(dim=-1, descending=True).values,
         lambda h: torch.cummax(h, 3).values.flatten(2).topk(5).values[..., None] * torch.ones(5),
+        lambda h: torch.cat(h.split(2, dim=2)[::-1], 2),
+        lambda h: torch.stack(h.unbind(-1), -1),
+        lambda h: torch.where(torch.arange(5).view(1, 1, 5, 1) % 2 == 0, h, 0.0),
+        lambda h: h.repeat(1, 1, 2, 1)[:, :, 3:8],
+        lambda h: torch.cat([h.narrow(2, 0, 1), h.diff(dim=2)], 2),
     ),
     "seq": (
         lambda h: h.flip(1),
@@ -147,6 +153,8 @@ _MOVES = {
         lambda h: h.masked_fill(torch.arange(h.size(1)).view(1, -1, 1) % 2 == 0, 0.0),
         lambda h: h.norm(dim=1, keepdim=True) * torch.ones(1, h.size(1), 1),
         lambda h: h.cumsum(1).sort(1).values,
+        lambda h: torch.cat(h.chunk(2, 1)[::-1], 1),
+        lambda h: h.where(torch.arange(h.size(1)).view(1, -1, 1) % 3 != 0, 0),
     ),
     "linear": (
         lambda h: h[None][0],
