@@ -3727,3 +3727,53 @@ def test_sync_batch_norm_in_eval_mode_is_a_batch_norm() -> None:
     fresh = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(8))
     assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
     assert_merge_correct(net, X_IMAGE)
+
+
+# ------------------------------------------------------------------ dimensions read from sizes
+
+
+class DimFromSize(nn.Module):
+    """fc1 → relu on tokens → an operation whose dimension is ``x.size(0)`` (``mode``)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(67)
+        self.mode = mode
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (batch, 5 tokens, 6)
+        h = F.relu(self.fc1(x))
+        d = x.size(0)  # 1 in a batch-1 example (the tokens); at batch 2 the channels
+        ops = {
+            "cumsum": lambda: h.cumsum(d),
+            "sort": lambda: h.sort(dim=d).values,
+            "split": lambda: torch.cat(h.split(4, d)[::-1], d),
+            "amax": lambda: h - h.amax(d, keepdim=True),
+            "softmax": lambda: F.softmax(h, d),
+            "flip": lambda: h.flip(d),
+            "roll": lambda: torch.roll(h, 1, dims=d),
+            "narrow": lambda: torch.cat([h.narrow(d, 0, 1), h.narrow(d, 1, 4)], d),
+            "transpose": lambda: h.transpose(d, 2).transpose(d, 2),
+            "stack": lambda: torch.stack([h, h], d + 1).sum(d + 1),
+            "unsqueeze": lambda: h.unsqueeze(d + 1).sum(2),
+        }
+        return self.fc2(ops[self.mode]()).mean(1)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["cumsum", "sort", "split", "amax", "softmax", "flip", "roll", "narrow", "transpose",
+     "stack", "unsqueeze"],
+)  # fmt: skip
+def test_a_dimension_read_from_a_size_ends_the_group(mode: str) -> None:
+    """``h.cumsum(x.size(0))`` acts on the tokens at batch 1 and on the channels at batch 2:
+    the group was compressed (merged, too) on what the example showed, and the pruned model
+    differed from the masked original at batch 2 (cumsum 0.29, sort 0.14, split 0.94)."""
+    net, x = DimFromSize(mode), torch.randn(1, 5, 6, generator=torch.Generator().manual_seed(3))
+    reason = assert_excluded(net, x, "fc1", "takes its dimension from a size read from a tensor")
+    assert mode in reason or mode in ("unsqueeze", "stack", "narrow", "split")
+    pruned = nm.prune(net, x, ratio=0.5)
+    fresh = torch.randn(2, 5, 6)
+    if mode not in ("unsqueeze", "narrow"):  # at batch 2 these do not run, or change nothing
+        assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5

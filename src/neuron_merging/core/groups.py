@@ -478,6 +478,57 @@ _SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
+_POSITIONAL_DIMS = frozenset(
+    {*_PERMUTES, "squeeze", "unsqueeze", "squeeze_", "unsqueeze_", "flatten", "flip"}
+)
+_FIRST_DIM = frozenset({"unflatten", "stack", "cat", "concat", "concatenate"})
+#: Operations that take dimension indices (beside sizes and counts, which may vary).
+_DIM_TAKING = frozenset(
+    {
+        *_POSITIONAL_DIMS,
+        *_FIRST_DIM,
+        "roll",
+        "rot90",
+        "repeat_interleave",
+        *_SCANS,
+        *_REDUCTIONS,
+        *_SPLITS,
+        *_SELECTIONS,
+    }
+)
+
+
+def _holds_size(value: Any) -> bool:
+    if isinstance(value, DimSize):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, DimSize) for v in value)
+
+
+def _dims_from_sizes(op: Op, key: str) -> bool:
+    """Whether ``op`` takes a dimension index computed from a size read from a tensor
+    (``h.cumsum(x.size(0))``): it names one dimension at the example's batch size and
+    another at other batch sizes, so what the analysis saw does not hold."""
+    args, kwargs = op.args, op.kwargs
+    if key in _POSITIONAL_DIMS:
+        dims: list[Any] = [*args[1:], *kwargs.values()]
+    elif key in _FIRST_DIM:
+        dims = [*args[1:2], kwargs.get("dim"), kwargs.get("axis")]
+    elif key in ("roll", "rot90"):
+        dims = [*args[2:3], kwargs.get("dims")]
+    else:
+        names: tuple[str, ...] = (
+            _SCANS[key][0]
+            if key in _SCANS
+            else _REDUCTIONS.get(key)
+            or _SPLITS.get(key)
+            or _SELECTIONS.get(key)
+            or ("repeats", "dim")
+        )
+        given = dict(zip(names, args[1:], strict=False)) | kwargs
+        dims = [given.get(name) for name in ("dim", "dimension", "axis", "dims")]
+    return any(_holds_size(d) for d in dims)
+
+
 def _display(op: Op, fallback: str) -> str:
     """The operation's type as a user knows it: its activation module's class, else ``fallback``.
 
@@ -945,6 +996,12 @@ class _Analysis:
                         info, f"{key} computes in {arg}, which is not positively homogeneous"
                     )
         try:
+            if key in _DIM_TAKING and _dims_from_sizes(op, key):
+                raise _Break(
+                    f"{key} takes its dimension from a size read from a tensor "
+                    "(x.size(0) is 1 in the example), which names another dimension at "
+                    "another batch size"
+                )
             if key in _HOMOGENEOUS or key in _CHANNELWISE:
                 self.elementwise(op, key, info, others, out)
             elif key in _ADD or key in _MUL or key in _DIV or key in _RDIV_RSUB:
