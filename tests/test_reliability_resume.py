@@ -339,3 +339,238 @@ def test_repeated_ratios_and_criteria_give_uniquely_keyed_results(tmp_path: Path
     keys = [record_key(r) for r in records]
     assert len(keys) == len(set(keys)) == 3  # original, prune and merge at 0.5
     assert json.loads((tmp_path / "results.json").read_text()) == records
+
+
+# =========================================================================== probe 13: an
+# interrupted baseline, and models too large to train (appended; the tests above are unchanged)
+#
+# * SIGTERM while `reproduce` trained its baseline left DIR/baseline.pth.tar holding the best
+#   epoch so far, with nothing marking it unfinished; `--resume` reused it silently (exit 0,
+#   trained=null) and reported the paper's table on an under-trained model. `train` now writes
+#   `training={"finished": False, ...}` into every checkpoint it writes while training and
+#   `"finished": True` only into the final one; a sweep on an unfinished one is refused (exit 4).
+# * `train --cfg 100000000 100000000` died in the allocator (exit 70); the training layer now
+#   refuses a model over MAX_TRAIN_ELEMENTS before allocating it (create_for_training).
+
+import re  # noqa: E402
+
+import neuron_merging as nm  # noqa: E402
+from neuron_merging import models  # noqa: E402
+from neuron_merging.checkpoint import load_model  # noqa: E402
+from neuron_merging.data import ArrayDataset, dataset_info, load_dataset  # noqa: E402
+from neuron_merging.experiments import run_sweep  # noqa: E402
+from neuron_merging.training import (  # noqa: E402
+    MAX_TRAIN_ELEMENTS,
+    create_for_training,
+    evaluate,
+    recipe_for,
+    require_finished,
+    train,
+    training_state,
+)
+
+TRAIN_IMAGES = FMNIST / "train-images-idx3-ubyte"
+TRAIN_LABELS = FMNIST / "train-labels-idx1-ubyte"
+needs_train_split = pytest.mark.skipif(
+    not (TRAIN_IMAGES.is_file() and TRAIN_LABELS.is_file()),
+    reason=f"needs the FashionMNIST training split in {FMNIST}",
+)
+TRAIN_SUBSET = 3000
+
+
+@pytest.fixture(scope="module")
+def train_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first TRAIN_SUBSET training and SUBSET test images of the real FashionMNIST."""
+    if not (TRAIN_IMAGES.is_file() and TRAIN_LABELS.is_file()):
+        pytest.skip("needs the FashionMNIST training split")
+    root = tmp_path_factory.mktemp("fmnist_train")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    _idx(raw / "t10k-images-idx3-ubyte", 2051, read_idx_images(IMAGES)[:SUBSET, 0])
+    _idx(raw / "t10k-labels-idx1-ubyte", 2049, read_idx_labels(LABELS)[:SUBSET])
+    _idx(raw / "train-images-idx3-ubyte", 2051, read_idx_images(TRAIN_IMAGES)[:TRAIN_SUBSET, 0])
+    _idx(raw / "train-labels-idx1-ubyte", 2049, read_idx_labels(TRAIN_LABELS)[:TRAIN_SUBSET])
+    return root
+
+
+def _splits(root: Path) -> tuple[ArrayDataset, ArrayDataset]:
+    return load_dataset("fashion-mnist", "train", root), load_dataset("fashion-mnist", "test", root)
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("neuron-merging: error: "), result.stderr
+    return lines[0]
+
+
+class _Stop(Exception):
+    """Raised from ``on_epoch`` to stop training part-way, as a crash would."""
+
+
+def test_p13_a_checkpoint_of_an_interrupted_training_is_marked_and_refused(
+    train_data_dir: Path, tmp_path: Path
+) -> None:
+    train_set, test_set = _splits(train_data_dir)
+    checkpoint = tmp_path / "baseline.pth.tar"
+
+    def stop(epoch: int, record: dict[str, float]) -> None:
+        if epoch == 2:
+            raise _Stop
+
+    torch.manual_seed(0)
+    with pytest.raises(_Stop):
+        train(
+            models.create("lenet300"), train_set, test_set, recipe_for("fashion-mnist", epochs=4),
+            checkpoint=checkpoint, checkpoint_meta={"dataset": "fashion-mnist"},
+            max_batches=5, show_progress=False, on_epoch=stop,
+        )  # fmt: skip
+    entry = training_state(checkpoint)
+    assert entry is not None and entry["finished"] is False
+    assert entry["epochs"] == 4 and 1 <= entry["epoch"] <= 2 and entry["max_batches"] == 5
+    load_model(checkpoint)  # still a loadable model (the best epoch so far) ...
+    with pytest.raises(nm.CheckpointError, match="an unfinished training checkpoint"):
+        require_finished(checkpoint)  # ... but never taken for a trained one
+    out = tmp_path / "sweep"
+    with pytest.raises(nm.CheckpointError, match=r"written after epoch [12] of 4"):
+        run_sweep(
+            load_model(checkpoint)[0], "lenet300", "fashion-mnist", test_set,
+            criteria=["l1-norm"], ratios=[0.5], output_dir=out, checkpoint=checkpoint,
+            show_progress=False,
+        )  # fmt: skip
+    assert not out.exists()  # refused before any work
+
+
+def test_p13_the_finished_checkpoint_holds_the_best_epoch_and_is_marked_finished(
+    train_data_dir: Path, tmp_path: Path
+) -> None:
+    """The best epoch is not the last here (the weights are zeroed after epoch 1): the final
+    write must still hold epoch 1's weights, now marked finished."""
+    train_set, test_set = _splits(train_data_dir)
+    checkpoint = tmp_path / "baseline.pth.tar"
+
+    def ruin(epoch: int, record: dict[str, float]) -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+
+    torch.manual_seed(0)
+    model = models.create("lenet300")
+    result = train(
+        model, train_set, test_set, recipe_for("fashion-mnist", epochs=3),
+        checkpoint=checkpoint, checkpoint_meta={"dataset": "fashion-mnist"},
+        max_batches=5, show_progress=False, on_epoch=ruin,
+    )  # fmt: skip
+    assert result.best is not None and result.best_epoch == 1
+    entry = training_state(checkpoint)
+    assert entry == {"finished": True, "epoch": 3, "epochs": 3, "best_epoch": 1, "max_batches": 5}
+    require_finished(checkpoint)
+    loaded, meta = load_model(checkpoint)
+    assert meta["acc"] == result.best.accuracy and meta["dataset"] == "fashion-mnist"
+    assert evaluate(loaded, test_set, show_progress=False).correct == result.best.correct
+
+
+def test_p13_checkpoints_without_the_training_entry_pass(tmp_path: Path) -> None:
+    """The released checkpoints (and any file `train` did not write) carry no entry."""
+    assert training_state(LENET) is None
+    require_finished(LENET)
+
+
+@needs_train_split
+def test_p13_reproduce_resume_never_reuses_an_interrupted_baseline(
+    train_data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "rep"
+    baseline = out / "baseline.pth.tar"
+    args = ["reproduce", "lenet300", "--data-dir", train_data_dir, "--ratios", "0.5"]
+    args += ["--criteria", "l1-norm", "--quiet", "--output", out, "--max-batches", "5"]
+    victim = subprocess.Popen(
+        _command(*args, "--epochs", "200"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not baseline.exists() and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        victim.send_signal(signal.SIGTERM)  # while it trains: after epoch 1's checkpoint
+        rc = victim.wait(timeout=120)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    stderr = victim.stderr.read().decode() if victim.stderr else ""
+    assert rc == 143, (rc, stderr)
+    entry = training_state(baseline)
+    assert entry is not None and entry["finished"] is False and entry["epoch"] < 200
+    before = baseline.read_bytes()
+
+    resumed = subprocess.run(
+        _command(*args, "--epochs", "200", "--resume", "--json"),
+        env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    line = _one_error_line(resumed, 4)
+    assert line == (
+        f"neuron-merging: error: {baseline}: an unfinished training checkpoint (written after "
+        f"epoch {entry['epoch']} of 200; the run that trained it was stopped), not a trained "
+        "model; finish the training first (reproduce: --force trains a new baseline)"
+    )
+    assert baseline.read_bytes() == before
+    assert not (out / "results.sqlite").exists()  # refused before the sweep began
+
+    forced = subprocess.run(
+        _command(*args, "--epochs", "2", "--force", "--json"),
+        env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["trained"] is not None
+    assert training_state(baseline) == {
+        "finished": True, "epoch": 2, "epochs": 2,
+        "best_epoch": json.loads(forced.stdout)["trained"]["best_epoch"], "max_batches": 5,
+    }  # fmt: skip
+    reused = subprocess.run(
+        _command(*args, "--epochs", "2", "--resume", "--json"),
+        env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert reused.returncode == 0, reused.stderr
+    assert json.loads(reused.stdout)["trained"] is None  # a finished baseline is reused
+
+
+@pytest.mark.parametrize(
+    ("cfg", "num_classes", "message"),
+    [
+        ([100_000_000, 100_000_000], None, "holds 10,000,079,600,000,010 parameters and buffers"),
+        ([10**20, 5], None, "its sizes are too large"),
+        ([300, 100], 10**12, "parameters and buffers, more than the 1,073,741,824"),
+    ],
+)
+def test_p13_a_model_too_large_to_train_is_refused_before_allocating(
+    cfg: list[int], num_classes: int | None, message: str
+) -> None:
+    with pytest.raises(nm.ConfigError, match=re.escape(message)):
+        create_for_training("lenet300", num_classes=num_classes, cfg=cfg)
+
+
+def test_p13_create_for_training_builds_what_models_create_builds() -> None:
+    """Same seed, same weights (the meta-device size check draws nothing from the RNG)."""
+    for arch, cfg in (("lenet300", [30, 20]), ("resnet56", None)):
+        torch.manual_seed(7)
+        expected = models.create(arch, cfg=cfg).state_dict()
+        torch.manual_seed(7)
+        built = create_for_training(arch, cfg=cfg)
+        assert built.state_dict().keys() == expected.keys()
+        assert all(torch.equal(built.state_dict()[k], v) for k, v in expected.items())
+        assert sum(p.numel() for p in built.parameters()) < MAX_TRAIN_ELEMENTS
+
+
+def test_p13_train_refuses_a_model_over_the_limit_before_training(tmp_path: Path) -> None:
+    with torch.device("meta"):  # shapes only: nothing allocated
+        huge = models.create("lenet300", cfg=[100_000_000, 100_000_000])
+    data = ArrayDataset(
+        torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long), dataset_info("fashion-mnist")
+    )
+    checkpoint = tmp_path / "x.pth.tar"
+    with pytest.raises(nm.ConfigError, match="more than the 1,073,741,824 a model may have"):
+        train(huge, data, None, recipe_for("fashion-mnist", epochs=1), checkpoint=checkpoint,
+              show_progress=False)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

@@ -143,3 +143,10 @@ def test_export_onnx_on_a_full_disk_keeps_the_earlier_file(tiny_disk: Any) -> No
         export_onnx(net, torch.randn(1, 256), target, exporter="torchscript")
     assert target.read_bytes() == b"an earlier export"
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["model.onnx"]
+
+
+def test_train_refuses_widths_too_large_to_allocate(tmp_path: Path) -> None:
+    """``--cfg 100000000 100000000`` failed in the allocator (exit 70)."""
+    result = cli("train", "--arch", "lenet300", "--cfg", "100000000", "100000000",
+                 "--output", tmp_path / "t.pth.tar")  # fmt: skip
+    assert "more than the 1,073,741,824 a model may have for training" in error_line(result, 2)

@@ -466,3 +466,207 @@ def test_d2_stores_opened_while_another_creates_them(tmp_path: Path) -> None:
         for t in threads:
             t.join()
     assert errors == []
+
+
+# =========================================================================== probe 13: malformed
+# records and read-only stores (appended; the tests above are unchanged)
+#
+# * A results store changed outside neuron-merging (a record whose JSON does not parse, a record
+#   without 'mode', an identity that does not hash to its key) made `results DIR` and
+#   `sweep --resume` exit 70 (JSONDecodeError / KeyError). It is now refused with one line naming
+#   the store and the record, exit 6, before any work, and the store is left as it was.
+# * A valid store on a read-only file system was reported as "is corrupt (unable to open database
+#   file)"; it is now opened read-only and listed.
+
+import contextlib  # noqa: E402
+import re  # noqa: E402
+import sqlite3  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+_TAMPER = {
+    "record_json not JSON": "UPDATE records SET record_json = '{bad'",
+    "record without mode": "UPDATE records SET record_json = json_remove(record_json, '$.mode')",
+    "record_json a number": "UPDATE records SET record_json = 42",
+    "record_json a blob": "UPDATE records SET record_json = X'7B7D'",
+    "identity_json not JSON": "UPDATE records SET identity_json = '[[['",
+    "identity without settings": (
+        "UPDATE records SET identity_json = json_remove(identity_json, '$.settings')"
+    ),
+    "identity changed": (
+        "UPDATE records SET identity_json = json_set(identity_json, '$.settings.lam', 0.123)"
+    ),
+}
+_TAMPER_MESSAGE = {
+    "record_json not JSON": "its record_json is not valid JSON (Expecting property name",
+    "record without mode": "the record has no 'mode'",
+    "record_json a number": "the record is a int, not a record",
+    "record_json a blob": "its record_json is a bytes, not JSON text",
+    "identity_json not JSON": "its identity_json is not valid JSON",
+    "identity without settings": "its identity_json is not an identity",
+    "identity changed": "its identity does not hash to its keys",
+}
+
+
+def _small_store(folder: Path) -> None:
+    run_sweep(
+        _model(), "lenet300", "fashion-mnist", _tiny(), criteria=["l1-norm"], ratios=[0.5],
+        modes=["prune"], output_dir=folder, show_progress=False,
+    )  # fmt: skip
+
+
+def _rows(store: Path) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        return db.execute("SELECT * FROM records ORDER BY identity").fetchall()
+
+
+def _tamper(folder: Path, statement: str) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(folder / STORE_NAME)) as db:
+        db.execute(statement)
+        db.commit()
+    return _rows(folder / STORE_NAME)
+
+
+@pytest.mark.parametrize("name", list(_TAMPER))
+def test_p13_a_malformed_record_is_refused_by_every_reader(name: str, tmp_path: Path) -> None:
+    _small_store(tmp_path)
+    before = _tamper(tmp_path, _TAMPER[name])
+    exports = {n: (tmp_path / n).read_bytes() for n in ("results.json", "results.csv")}
+    with ResultsStore(tmp_path) as store, pytest.raises(OutputError) as info:
+        store.groups()  # what `results DIR` lists
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / STORE_NAME}: record ")
+    assert " is malformed: " in message and _TAMPER_MESSAGE[name] in message
+    assert message.endswith(
+        "the store was changed outside neuron-merging (remove or repair that record)"
+    )
+    with pytest.raises(OutputError, match=re.escape(_TAMPER_MESSAGE[name])):
+        run_sweep(  # the records of its own settings are read before any work
+            _model(), "lenet300", "fashion-mnist", _tiny(), criteria=["l1-norm"],
+            ratios=[0.5], modes=["prune"], output_dir=tmp_path, resume=True,
+            show_progress=False,
+        )  # fmt: skip
+    assert _rows(tmp_path / STORE_NAME) == before  # nothing written, nothing lost
+    assert {n: (tmp_path / n).read_bytes() for n in exports} == exports
+
+
+@pytest.mark.parametrize("name", ["record_json not JSON", "record without mode"])
+def test_p13_results_cli_refuses_a_malformed_record_with_exit_6(name: str, tmp_path: Path) -> None:
+    _small_store(tmp_path)
+    _tamper(tmp_path, _TAMPER[name])
+    line = _one_line_error(_cli("results", tmp_path), 6)
+    assert line.startswith(f"neuron-merging: error: {tmp_path / STORE_NAME}: record ")
+    assert _TAMPER_MESSAGE[name] in line
+    assert "changed outside neuron-merging" in line
+
+
+@needs_lenet
+def test_p13_sweep_resume_cli_refuses_a_malformed_record_with_exit_6(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    args = _sweep_args(LENET, data_dir, tmp_path, "--criteria", "l1-norm", "--ratios", "0.5")
+    args += ["--modes", "prune"]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    before = _tamper(tmp_path, _TAMPER["record_json not JSON"])
+    line = _one_line_error(_cli(*args, "--resume"), 6)
+    assert "is malformed: its record_json is not valid JSON" in line
+    assert _rows(tmp_path / STORE_NAME) == before
+
+
+def test_p13_a_legacy_record_without_a_ratio_is_listed(tmp_path: Path) -> None:
+    """A migrated record may lack 'ratio' (it is optional in results.json); listing it used to
+    raise a raw KeyError in the table code."""
+    legacy = [{**_GOOD, "mode": "original", "criterion": None, "params": 7}]
+    legacy.append({k: v for k, v in _GOOD.items() if k != "ratio"})
+    (tmp_path / "results.json").write_text(json.dumps(legacy))
+    with ResultsStore(tmp_path) as store:
+        assert store.migrate_legacy(tmp_path / "results.json") == 2
+    result = _cli("results", tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_p13_a_store_of_another_layout_is_refused(tmp_path: Path) -> None:
+    from neuron_merging.store import APPLICATION_ID
+
+    with contextlib.closing(sqlite3.connect(tmp_path / STORE_NAME)) as db:
+        db.execute("CREATE TABLE records (identity TEXT, other TEXT)")
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.commit()
+    with pytest.raises(OutputError, match=r"has a 'records' table with the columns \(identity"):
+        ResultsStore(tmp_path)
+    line = _one_line_error(_cli("results", tmp_path), 6)
+    assert "not a neuron-merging results store" in line
+
+
+def test_p13_a_store_opened_read_only_lists_and_refuses_writes(tmp_path: Path) -> None:
+    _small_store(tmp_path)
+    before = _rows(tmp_path / STORE_NAME)
+    with ResultsStore(tmp_path, read_only=True) as store:
+        assert store.read_only
+        assert [len(records) for _, records in store.groups()] == [2]
+        with pytest.raises(OutputError, match="the results store is read-only here"):
+            store.put({"settings": {}, "mode": "original"}, dict(_GOOD, mode="original"))
+    assert _rows(tmp_path / STORE_NAME) == before
+
+
+def test_p13_an_empty_store_file_read_only_is_an_empty_store(tmp_path: Path) -> None:
+    (tmp_path / STORE_NAME).write_bytes(b"")
+    with ResultsStore(tmp_path, read_only=True) as store:
+        assert store.groups() == [] and store.count() == 0 and store.meta("migrated") is None
+
+
+@contextlib.contextmanager
+def _read_only_mount(tmp_path: Path, *files: Path) -> Iterator[Path]:
+    """A tmpfs holding ``files`` in ``sw/``, remounted read-only (needs root)."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    made = _subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {made.stderr.decode().strip()}")
+    try:
+        (mount / "sw").mkdir()
+        for file in files:
+            (mount / "sw" / file.name).write_bytes(file.read_bytes())
+        _subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        yield mount / "sw"
+    finally:
+        _subprocess.run(["umount", str(mount)], check=True)
+
+
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounts a read-only tmpfs (root)"
+)
+
+
+@needs_root
+def test_p13_results_lists_a_store_on_a_read_only_file_system(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    _small_store(source)
+    listed = _cli("results", source, "--json")
+    assert listed.returncode == 0, listed.stderr
+    with _read_only_mount(tmp_path, source / STORE_NAME) as folder:
+        assert not os.access(folder, os.W_OK)
+        result = _cli("results", folder, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["groups"] == json.loads(listed.stdout)["groups"]
+        assert sorted(p.name for p in folder.iterdir()) == [STORE_NAME]
+
+
+@needs_root
+def test_p13_a_read_only_store_with_unmerged_log_is_refused_not_misread(tmp_path: Path) -> None:
+    """Records still in the write-ahead log are invisible to ``immutable=1``: the store must be
+    refused (saying why), never listed without them."""
+    source = tmp_path / "source"
+    _small_store(source)
+    with contextlib.closing(sqlite3.connect(source / STORE_NAME, isolation_level=None)) as db:
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute("UPDATE records SET created = created + 1")  # lands in results.sqlite-wal
+        wal = source / f"{STORE_NAME}-wal"
+        assert wal.stat().st_size > 0
+        with _read_only_mount(tmp_path, source / STORE_NAME, wal) as folder:
+            line = _one_line_error(_cli("results", folder), 6)
+    assert "read-only file system" in line and "write-ahead log" in line
+    assert "corrupt" not in line

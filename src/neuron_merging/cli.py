@@ -344,16 +344,15 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from . import models
     from .data import dataset_info, load_dataset
-    from .training import recipe_for, seed_everything, train
+    from .training import create_for_training, recipe_for, seed_everything, train
 
     check_output_file(args.output, force=args.force)
     dataset = args.dataset or _default_dataset(args.arch)
     _check_input_shape(args.arch, dataset)
     cfg = _parse_cfg(args.cfg) if args.cfg else None
     seed_everything(args.seed)  # the initial weights are drawn from the seeded global RNG
-    model = models.create(args.arch, num_classes=dataset_info(dataset).num_classes, cfg=cfg)
+    model = create_for_training(args.arch, num_classes=dataset_info(dataset).num_classes, cfg=cfg)
     recipe = recipe_for(dataset, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     train_set = load_dataset(dataset, "train", args.data_dir, args.download)
     test_set = None if args.no_test else load_dataset(dataset, "test", args.data_dir, args.download)

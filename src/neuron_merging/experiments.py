@@ -452,7 +452,10 @@ def run_sweep(
     concurrent sweeps into one folder keep every record. ``resume=True`` skips
     configurations whose full identity (settings, mode, criterion, ratio and
     resolved config) is already stored; ``checkpoint`` (the file the model came
-    from) adds its SHA-256 to that identity. Returns every record of this
+    from) adds its SHA-256 to that identity; a checkpoint that
+    :func:`~neuron_merging.training.train` wrote before its last epoch is refused
+    (:func:`~neuron_merging.training.require_finished`), and so is a store holding a
+    malformed record of these settings, both before any work. Returns every record of this
     sweep's settings: with ``output_dir`` that includes records of other
     criteria, ratios or modes stored by earlier or concurrent sweeps.
     """
@@ -471,6 +474,12 @@ def run_sweep(
             raise ConfigError(f"ratio must be in [0, 1), got {r}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if checkpoint is not None:
+        # A checkpoint `train` wrote before its last epoch (an interrupted `reproduce`
+        # baseline) is refused: its table would describe an under-trained model.
+        from .training import require_finished
+
+        require_finished(checkpoint)
     out = Path(output_dir) if output_dir is not None else None
     todo: list[tuple[str, str | None, float | None]] = [("original", None, 0.0)]
     todo += [(m, c, r) for r in ratios for c in criteria for m in modes]
@@ -531,6 +540,7 @@ def run_sweep(
             legacy = out / "results.json"
             if os.path.lexists(legacy):
                 store.migrate_legacy(legacy)
+            store.records(settings)  # a malformed stored record is refused before any work
             with store.locked():
                 remove_stale_temporaries(out, SWEEP_FILES)
         return _run_plan(

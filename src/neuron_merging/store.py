@@ -37,6 +37,15 @@ On first use in a folder that already holds a ``results.json`` (written before
 the store existed), its records are validated and imported with settings that
 carry ``"migrated_from": "results.json"``: their checkpoint is unknown, so they
 are kept and listed (``neuron-merging results DIR``) but never reused.
+
+Every record read back is checked: its JSON must parse, its fields must pass
+:func:`validate_record` and its identity must hash to its keys; a record changed
+outside neuron-merging is refused with an :class:`OutputError` naming the store and
+the record, never taken as a result (nor a crash). A store this process cannot
+write (a read-only file system, a folder or file without write permission) is
+opened read-only (SQLite's ``mode=ro``; on a read-only file system, where SQLite
+cannot create the ``-shm`` file a WAL database needs, ``immutable=1`` when no
+write-ahead log holds records), so ``neuron-merging results`` still lists it.
 """
 
 from __future__ import annotations
@@ -85,6 +94,11 @@ def _busy(exc: BaseException) -> bool:
 
 #: The tables and indexes of :data:`_SCHEMA` (SQLite adds ``sqlite_*`` ones itself).
 _OWN_NAMES = frozenset({"records", "records_by_settings", "meta"})
+#: The columns of the tables of :data:`_SCHEMA`, in order.
+_COLUMNS = {
+    "records": ("identity", "settings", "identity_json", "record_json", "created"),
+    "meta": ("key", "value"),
+}
 
 _MODES = ("original", "prune", "merge")
 
@@ -135,6 +149,31 @@ def _refuse(path: Path, why: str) -> OutputError:
     return OutputError(f"{path}: {why}; not a neuron-merging results store")
 
 
+def _writable(path: Path) -> bool:
+    """Whether this process may write ``path`` and create files next to it (``-wal``, ``-shm``).
+
+    ``os.access`` answers ``False`` on a read-only file system even for root.
+    """
+    folder = path.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    return not os.path.lexists(path) or os.access(path, os.W_OK)
+
+
+def _read_only_fs(folder: Path) -> bool:
+    """Whether ``folder`` lies on a file system mounted read-only (nobody can write it)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _cannot_open(exc: sqlite3.Error) -> bool:
+    """Whether SQLite could not open a file (``SQLITE_CANTOPEN``), rather than read a bad one."""
+    name = getattr(exc, "sqlite_errorname", "")
+    return name == "SQLITE_CANTOPEN" or "unable to open" in str(exc).lower()
+
+
 def check_store_file(path: Path) -> bool:
     """Check that ``path`` can be opened as a store without blocking; ``True`` if it exists.
 
@@ -166,13 +205,34 @@ class ResultsStore:
     """The records of every sweep run into one folder (see the module docstring).
 
     Use as a context manager, or call :meth:`close`. Every method that writes runs
-    in its own transaction.
+    in its own transaction. ``read_only=None`` (the default) opens a store this
+    process cannot write read-only (see the module docstring), ``True`` always
+    does; a read-only store refuses every write with an :class:`OutputError`.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, read_only: bool | None = None) -> None:
         self.directory = Path(directory)
         self.path = self.directory / STORE_NAME
-        check_store_file(self.path)
+        exists = check_store_file(self.path)
+        writable = _writable(self.path)
+        self.read_only = (exists and not writable) if read_only is None else bool(read_only)
+        #: Set for a read-only store that holds no tables yet (an empty file).
+        self._empty = False
+        if self.read_only:
+            if not exists:
+                raise OutputError(f"{self.path}: no results store to read")
+            self._db = self._open_read_only()
+            try:
+                self._setup_read_only()
+            except BaseException:
+                self._db.close()
+                raise
+            return
+        if not writable:
+            why = "is not writable" if self.directory.is_dir() else "is not a folder"
+            raise OutputError(
+                f"{self.path}: cannot create the results store: {self.directory} {why}"
+            )
         try:
             self._db = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
@@ -195,22 +255,103 @@ class ResultsStore:
             self._db.close()
             raise
 
+    def _open_read_only(self) -> sqlite3.Connection:
+        """Connect without writing: ``mode=ro``, else ``immutable=1`` where that is safe.
+
+        A WAL database needs its ``-shm`` file; where SQLite cannot create it (a
+        read-only file system), ``immutable=1`` reads the database file alone, which
+        is only complete when no write-ahead log holds records, and only safe when
+        nobody can write the file meanwhile (the file system is read-only).
+        """
+        uri = self.path.resolve().as_uri()
+        db = None
+        try:
+            db = sqlite3.connect(
+                f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
+            )
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # WAL: needs -shm
+            return db
+        except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
+            if not _cannot_open(exc):
+                raise _refuse(self.path, f"is corrupt ({exc})") from exc
+            first = exc
+        wal = Path(f"{self.path}-wal")
+        try:
+            wal_bytes = os.stat(wal).st_size
+        except FileNotFoundError:
+            wal_bytes = 0
+        except OSError as exc:
+            raise OutputError(
+                f"{wal}: cannot read the results store's log: {exc.strerror}"
+            ) from exc
+        if not _read_only_fs(self.directory):
+            raise OutputError(
+                f"{self.path}: cannot open the results store read-only ({first}); "
+                f"it cannot be written here and SQLite cannot create its {STORE_NAME}-shm"
+            )
+        if wal_bytes:
+            raise OutputError(
+                f"{self.path}: cannot read the results store on this read-only file system: "
+                f"its write-ahead log {wal.name} holds records that SQLite can only read with a "
+                f"{STORE_NAME}-shm file it cannot create here; copy the folder to writable storage"
+            )
+        try:
+            return sqlite3.connect(
+                f"{uri}?mode=ro&immutable=1",
+                uri=True,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+            )
+        except sqlite3.Error as exc:
+            raise OutputError(
+                f"{self.path}: cannot open the results store read-only: {exc}"
+            ) from exc
+
+    def _check_header(self) -> set[str]:
+        """Refuse another application's database or a newer schema; return the table names."""
+        app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+        names = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+        # Without our id, only our own tables may be there: another sweep is creating
+        # the store right now (its tables can be read a moment after its id was).
+        foreign = {n for n in names if n not in _OWN_NAMES and not n.startswith("sqlite_")}
+        if app_id not in (0, APPLICATION_ID) or (app_id == 0 and foreign):
+            raise _refuse(self.path, "is an SQLite database of another application")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise OutputError(
+                f"{self.path}: results store schema {version} is newer than this "
+                f"version understands ({SCHEMA_VERSION}); upgrade neuron-merging"
+            )
+        for table, expected in _COLUMNS.items():
+            if table in names:
+                found = tuple(str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})"))
+                if found != expected:
+                    raise _refuse(
+                        self.path,
+                        f"has a {table!r} table with the columns ({', '.join(found)}), "
+                        f"not ({', '.join(expected)})",
+                    )
+        return names
+
+    def _setup_read_only(self) -> None:
+        """The checks of :meth:`_setup`, without any write."""
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            names = self._check_header()
+            missing = {"records", "meta"} - names
+            if missing == {"records", "meta"} and not names:
+                self._empty = True  # an empty file: a store nobody wrote to yet
+            elif missing:
+                raise _refuse(self.path, f"has no {' or '.join(sorted(missing))} table")
+        except sqlite3.DatabaseError as exc:
+            raise _refuse(self.path, f"is corrupt ({exc})") from exc
+
     def _setup(self) -> None:
         try:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
-            names = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
-            # Without our id, only our own tables may be there: another sweep is creating
-            # the store right now (its tables can be read a moment after its id was).
-            foreign = {n for n in names if n not in _OWN_NAMES and not n.startswith("sqlite_")}
-            if app_id not in (0, APPLICATION_ID) or (app_id == 0 and foreign):
-                raise _refuse(self.path, "is an SQLite database of another application")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise OutputError(
-                    f"{self.path}: results store schema {version} is newer than this "
-                    f"version understands ({SCHEMA_VERSION}); upgrade neuron-merging"
-                )
+            self._check_header()
             self._db.execute("PRAGMA journal_mode = WAL")
             with self._transaction():
                 for statement in _SCHEMA.strip().split(";"):
@@ -238,6 +379,10 @@ class ResultsStore:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``: takes the write lock at once, rolls back on error."""
+        if self.read_only:
+            raise OutputError(
+                f"{self.path}: the results store is read-only here; nothing can be written to it"
+            )
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -293,42 +438,108 @@ class ResultsStore:
             if then is not None:
                 then()
 
-    def has(self, ident: Mapping[str, Any]) -> bool:
-        """Whether a record of exactly this identity is stored."""
-        key = hashlib.sha256(canonical_json(ident).encode()).hexdigest()
-        row = self._db.execute("SELECT 1 FROM records WHERE identity = ?", (key,)).fetchone()
-        return row is not None
-
-    def records(self, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Every stored record whose settings equal ``settings``."""
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a query; an SQLite failure (a corrupt page, an I/O error) is an :class:`OutputError`."""
+        if self._empty:
+            return []
         try:
-            rows = self._db.execute(
-                "SELECT record_json FROM records WHERE settings = ? ORDER BY identity",
-                (_digest(dict(settings)),),
-            ).fetchall()
+            return self._db.execute(sql, tuple(params)).fetchall()
         except sqlite3.Error as exc:
             raise OutputError(f"{self.path}: cannot read the results store: {exc}") from exc
-        return [json.loads(r[0]) for r in rows]
+
+    def _parse_row(
+        self, key: Any, settings_key: Any, ident_json: Any, record_json: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(identity, record)`` of one stored row, checked; :class:`OutputError` names the row.
+
+        A row neuron-merging wrote always passes; one changed outside it (text
+        that is not JSON, a record without ``mode``, an identity that does not
+        hash to its key) is refused rather than read as a result.
+        """
+        label = f"record {str(key)[:12]}"
+
+        def bad(why: str) -> OutputError:
+            return OutputError(
+                f"{self.path}: {label} is malformed: {why}; the store was changed outside "
+                "neuron-merging (remove or repair that record)"
+            )
+
+        def parse(text: Any, column: str) -> Any:
+            if not isinstance(text, str):
+                raise bad(f"its {column} is a {type(text).__name__}, not JSON text")
+            try:
+                return json.loads(text)
+            except (ValueError, RecursionError) as exc:
+                detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                raise bad(f"its {column} is not valid JSON ({detail})") from None
+
+        ident = parse(ident_json, "identity_json")
+        if not (
+            isinstance(ident, dict)
+            and isinstance(ident.get("settings"), dict)
+            and {"mode", "criterion", "ratio", "config"} <= ident.keys()
+        ):
+            raise bad("its identity_json is not an identity (settings, mode, criterion, ratio)")
+        ratio = ident["ratio"]
+        label += f" ({ident['mode']} {ident['criterion'] or ''} r={ratio})".replace("  ", " ")
+        try:
+            expected_key = hashlib.sha256(canonical_json(ident).encode()).hexdigest()
+            expected_settings = _digest(ident["settings"])
+        except (TypeError, ValueError, RecursionError):
+            raise bad("its identity cannot be hashed") from None
+        if key != expected_key or settings_key != expected_settings:
+            raise bad("its identity does not hash to its keys")
+        record = parse(record_json, "record_json")
+        try:
+            validate_record(record, "the record")
+        except OutputError as exc:
+            raise bad(str(exc)) from None
+        if record["mode"] != ident["mode"] or record.get("criterion") != ident["criterion"]:
+            raise bad("its record's mode or criterion differs from its identity's")
+        record.setdefault("criterion", None)
+        record.setdefault("ratio", None)
+        return ident, record
+
+    def has(self, ident: Mapping[str, Any]) -> bool:
+        """Whether a record of exactly this identity is stored (and well formed)."""
+        key = hashlib.sha256(canonical_json(ident).encode()).hexdigest()
+        rows = self._rows(
+            "SELECT identity, settings, identity_json, record_json FROM records WHERE identity = ?",
+            (key,),
+        )
+        for row in rows:
+            self._parse_row(*row)
+        return bool(rows)
+
+    def records(self, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Every stored record whose settings equal ``settings``, each checked."""
+        rows = self._rows(
+            "SELECT identity, settings, identity_json, record_json FROM records "
+            "WHERE settings = ? ORDER BY identity",
+            (_digest(dict(settings)),),
+        )
+        return [self._parse_row(*row)[1] for row in rows]
 
     def groups(self) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-        """``(settings, records)`` for every distinct settings in the store."""
+        """``(settings, records)`` for every distinct settings in the store, each record checked."""
         found: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
-        for settings_key, ident_json, record_json in self._db.execute(
-            "SELECT settings, identity_json, record_json FROM records ORDER BY created, identity"
+        for row in self._rows(
+            "SELECT identity, settings, identity_json, record_json FROM records "
+            "ORDER BY created, identity"
         ):
-            if settings_key not in found:
-                found[settings_key] = (json.loads(ident_json)["settings"], [])
-            found[settings_key][1].append(json.loads(record_json))
+            ident, record = self._parse_row(*row)
+            found.setdefault(row[1], (ident["settings"], []))[1].append(record)
         return list(found.values())
 
     def count(self) -> int:
         """Number of stored records."""
-        return int(self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+        rows = self._rows("SELECT COUNT(*) FROM records")
+        return int(rows[0][0]) if rows else 0
 
     def meta(self, key: str) -> str | None:
         """A value of the ``meta`` table."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
 
     # ------------------------------------------------------------------ migration
 

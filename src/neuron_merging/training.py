@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +12,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import models
 from ._progress import progress
-from .checkpoint import save_checkpoint
-from .core.errors import ConfigError, DatasetError, ModelError
+from .checkpoint import load_state_dict, save_checkpoint
+from .core.errors import CheckpointError, ConfigError, DatasetError, ModelError
 from .data import ArrayDataset, iterate_batches, num_batches
+
+#: The checkpoint entry :func:`train` writes next to ``state_dict``:
+#: ``{"finished": bool, "epoch": int, "epochs": int, "best_epoch": int | None,
+#: "max_batches": int | None}``. ``finished`` is ``False`` in every checkpoint written
+#: while training runs (the best epoch so far) and ``True`` only in the one written
+#: when the last epoch is done, so a run stopped part-way (SIGTERM, a crash, a
+#: diverging loss) never leaves a file that passes for a trained model; see
+#: :func:`require_finished`.
+TRAINING_KEY = "training"
+
+#: The most tensor elements (parameters and buffers) a model built for training may
+#: hold: 2**30, 4 GiB of float32 weights (12 GiB with their gradients and SGD
+#: momentum). Every registered model is under 15 million; a width typo such as
+#: ``--cfg 100000000 100000000`` is refused by :func:`create_for_training` before
+#: anything is allocated, instead of failing in the allocator.
+MAX_TRAIN_ELEMENTS = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,111 @@ def evaluate(
     return EvalResult(correct, len(dataset), loss_sum / max(len(dataset), 1))
 
 
+def _check_size(elements: int, what: str) -> None:
+    if elements > MAX_TRAIN_ELEMENTS:
+        raise ConfigError(
+            f"{what} holds {elements:,} parameters and buffers, more than the "
+            f"{MAX_TRAIN_ELEMENTS:,} a model may have for training; check the widths"
+        )
+
+
+def _elements(model: nn.Module) -> int:
+    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+
+
+def create_for_training(
+    arch: str,
+    num_classes: int | None = None,
+    cfg: Sequence[models.CfgItem] | None = None,
+) -> nn.Module:
+    """:func:`neuron_merging.models.create`, refusing a model too large to train first.
+
+    The network is built once on PyTorch's ``meta`` device (shapes, no memory, and
+    no draw from the global random generator, so the seeded initial weights are
+    those :func:`~neuron_merging.models.create` gives) and its size checked against
+    :data:`MAX_TRAIN_ELEMENTS`; only then is it built for real. A width or class
+    count too large to build at all (beyond 64-bit sizes) is a :class:`ConfigError`
+    too, never an allocator error.
+    """
+    what = f"{arch} with cfg {list(cfg)}" if cfg is not None else arch
+    if num_classes is not None:
+        what += f" and {num_classes} classes"
+    try:
+        with torch.device("meta"):
+            shape_only = models.create(arch, num_classes=num_classes, cfg=cfg)
+    except ConfigError:
+        raise
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ConfigError(f"cannot build {what}: its sizes are too large ({first})") from exc
+    _check_size(_elements(shape_only), what)
+    del shape_only
+    return models.create(arch, num_classes=num_classes, cfg=cfg)
+
+
+def training_state(path: str | Path) -> dict[str, Any] | None:
+    """The :data:`TRAINING_KEY` entry of a checkpoint file, or ``None`` when it has none.
+
+    Checkpoints not written by :func:`train` (the released ones, bare state dicts)
+    have none. A saved-model directory is not read (training never writes one) and
+    gives ``None``. Unreadable files raise :class:`CheckpointError`.
+    """
+    file = Path(path)
+    if file.is_dir():
+        return None
+    _, metadata = load_state_dict(file)
+    entry = metadata.get(TRAINING_KEY)
+    return dict(entry) if isinstance(entry, Mapping) else None
+
+
+def require_finished(path: str | Path) -> None:
+    """Refuse (:class:`CheckpointError`) a checkpoint :func:`train` wrote before its last epoch.
+
+    Such a file holds the best epoch *so far* of a run that was stopped (SIGTERM,
+    a crash, a diverging loss); taking it for a trained model would report
+    results of an under-trained one. Checkpoints without the entry pass.
+    """
+    entry = training_state(path)
+    if entry is None or entry.get("finished") is True:
+        return
+    done, total = entry.get("epoch"), entry.get("epochs")
+    when = f"after epoch {done} of {total}" if done is not None and total is not None else ""
+    raise CheckpointError(
+        f"{path}: an unfinished training checkpoint (written {when or 'while training'}; "
+        "the run that trained it was stopped), not a trained model; finish the training "
+        "first (reproduce: --force trains a new baseline)"
+    )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def _write_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    acc: float | None,
+    meta: Mapping[str, Any],
+    entry: dict[str, Any],
+) -> None:
+    """Atomically write ``state`` with ``model``'s arch/cfg/num_classes, ``meta`` and ``entry``."""
+    module = _unwrap(model)
+    kwargs: dict[str, Any] = {
+        "arch": getattr(module, "arch", None),
+        "cfg": getattr(module, "cfg", None),
+        "num_classes": getattr(module, "num_classes", None),
+        **meta,
+    }
+    extra = dict(kwargs.pop("extra", None) or {})
+    if TRAINING_KEY in extra:
+        raise ConfigError(f"checkpoint_meta's extra may not set {TRAINING_KEY!r}; train writes it")
+    extra[TRAINING_KEY] = entry
+    save_checkpoint(path, state, acc=acc, extra=extra, **kwargs)
+
+
 @dataclass
 class TrainResult:
     """Best test accuracy, its epoch, and the per-epoch history."""
@@ -155,7 +277,13 @@ def train(
     """Train ``model`` with SGD + momentum and step decay; keep the best test checkpoint.
 
     The checkpoint (``{'acc', 'state_dict', ...}``) is written atomically each time
-    the test accuracy improves. ``max_batches`` limits every epoch, for smoke runs.
+    the test accuracy improves, with ``training={"finished": False, ...}`` (see
+    :data:`TRAINING_KEY`); when the last epoch is done the best model is written
+    once more with ``"finished": True``. So a run stopped part-way leaves a file that
+    :func:`require_finished` refuses, never one that passes for a trained model.
+    Without a test set the last epoch's model is written at the end. ``max_batches``
+    limits every epoch, for smoke runs. A model over :data:`MAX_TRAIN_ELEMENTS` is
+    refused with a :class:`ConfigError` before training.
     """
     if max_batches is not None and (
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
@@ -163,6 +291,21 @@ def train(
         raise ConfigError(f"max_batches must be a positive integer, got {max_batches!r}")
     if len(train_set) == 0:
         raise DatasetError("the training set holds 0 images; there is nothing to train on")
+    _check_size(_elements(model), f"the {type(_unwrap(model)).__name__} model")
+    meta = dict(checkpoint_meta or {})
+    last = recipe.epochs
+
+    def entry(epoch: int, finished: bool) -> dict[str, Any]:
+        best = result.best_epoch if result.best is not None else None
+        return {
+            "finished": finished,
+            "epoch": epoch,
+            "epochs": last,
+            "best_epoch": best,
+            "max_batches": max_batches,
+        }
+
+    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights, if not the last
     generator = seed_everything(seed)
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -222,12 +365,24 @@ def train(
             if result.best is None or score.correct > result.best.correct:
                 result.best, result.best_epoch = score, epoch
                 if checkpoint is not None:
-                    save_checkpoint(
-                        checkpoint, model, acc=score.accuracy, **(checkpoint_meta or {})
+                    state = _unwrap(model).state_dict()
+                    _write_checkpoint(
+                        checkpoint, model, state, score.accuracy, meta, entry(epoch, epoch == last)
+                    )
+                    best_state = (
+                        None if epoch == last else {k: v.detach().clone() for k, v in state.items()}
                     )
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(epoch, record)
-    if test_set is None and checkpoint is not None:
-        save_checkpoint(checkpoint, model, acc=None, **(checkpoint_meta or {}))
+    if checkpoint is not None:
+        if test_set is None:
+            _write_checkpoint(
+                checkpoint, model, _unwrap(model).state_dict(), None, meta, entry(last, True)
+            )
+        elif best_state is not None and result.best is not None:
+            # The best epoch was not the last: its file said "unfinished"; now it is final.
+            _write_checkpoint(
+                checkpoint, model, best_state, result.best.accuracy, meta, entry(last, True)
+            )
     return result
