@@ -332,7 +332,9 @@ def test_resave_replaces_atomically_and_cleans_up(tmp_path: Path) -> None:
     second = nm.prune(_fresh(lambda: models.create("lenet300"), 0), example_input("lenet300"))
     nm.save(second, tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == sorted([MANIFEST, _weights(tmp_path).name])
+    # The stray file is named by no manifest, so it is not the save's to remove (hole 1).
+    stray = "weights-0123456789abcdef.safetensors"
+    assert files == sorted([MANIFEST, _weights(tmp_path).name, stray])
     assert not old_weights.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
     with torch.no_grad():
@@ -430,3 +432,248 @@ def test_meta_model_with_unsaved_buffers_is_refused(tmp_path: Path) -> None:
         fresh = WithScratch()
     with pytest.raises(nm.ConfigError, match="non-persistent buffers: scratch"):
         nm.load(fresh, tmp_path)
+
+
+# =========================================================================== reliability (issue 13)
+# Holes found by /tmp/probe13: a save never removes files it did not write, concurrent
+# saves into one folder always leave one complete save, non-UTF-8 folders round-trip,
+# metadata JSON cannot write fails before anything is written, a full disk is an
+# OutputError that keeps the previous save, and a hostile manifest is a CheckpointError.
+# Real files, real processes and (as root) a real tiny tmpfs; no mocks.
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+
+def _small(seed: int, width: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 3)).eval()
+
+
+def _same_outputs(a: nn.Module, b: nn.Module) -> bool:
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        return torch.equal(a(x), b(x))
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_h13_save_never_removes_files_it_did_not_write(tmp_path: Path) -> None:
+    """Hole 1: saving into a folder holding the user's ``weights-*`` files deleted them."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    mine = {
+        "weights-final.pt": b"precious",
+        "weights-epoch10.safetensors": b"precious",
+        "weights-0123456789abcdef.pt": b"looks like ours, is not named by any manifest",
+        "notes.txt": b"keep",
+    }
+    for name, data in mine.items():
+        (folder / name).write_bytes(data)
+    nm.save(_small(0), folder)
+    first = _weights(folder).name
+    nm.save(_small(1), folder, weights_format="torch")  # replaces the first save
+    files = _listing(folder)
+    assert {k: files[k] for k in mine} == mine  # every file of the user intact
+    assert set(files) == {*mine, MANIFEST, _weights(folder).name}
+    assert first not in files  # the replaced save's own weights file is removed
+    assert _same_outputs(nm.load(_small(5), folder), _small(1))
+
+    # A file at the very name this save would write, with other content, is refused.
+    probe = tmp_path / "probe"
+    nm.save(_small(2), probe)
+    clash = folder / _weights(probe).name
+    clash.write_bytes(b"the user's file")
+    with pytest.raises(nm.OutputError, match="refusing to replace it"):
+        nm.save(_small(2), folder)
+    assert clash.read_bytes() == b"the user's file"
+    assert _same_outputs(nm.load(_small(5), folder), _small(1))  # previous save intact
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+_SAVER = """
+import sys, time, torch
+from pathlib import Path
+from torch import nn
+import neuron_merging as nm
+folder, seed, go = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+torch.manual_seed(seed)
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+while not go.exists():
+    time.sleep(0.001)
+for i in range(int(sys.argv[4])):
+    with torch.no_grad():
+        model[0].bias[0] = seed * 1000 + i  # new content, so a new weights file, every save
+    nm.save(model, folder, weights_format=("safetensors", "torch")[i % 2])
+"""
+
+
+def test_h13_concurrent_saves_into_one_folder_leave_one_complete_save(tmp_path: Path) -> None:
+    """Hole 2: each concurrent save's cleanup deleted the other's fresh weights file."""
+    folder, go = tmp_path / "out", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    savers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(folder), str(seed), str(go), "25"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2, 3)
+    ]
+    try:
+        go.touch()
+        loads = 0
+        while any(p.poll() is None for p in savers):
+            if (folder / MANIFEST).exists():
+                nm.load(_small(9), folder)  # a reader never sees a half-replaced save
+                loads += 1
+            time.sleep(0.005)
+        errors = [p.stderr.read() for p in savers if p.stderr is not None]
+    finally:
+        for p in savers:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert [p.returncode for p in savers] == [0, 0, 0], errors
+    assert loads > 0
+    loaded = nm.load(_small(9), folder)
+    last = {s * 1000 + 24.0 for s in (1, 2, 3)}
+    assert float(loaded[0].bias.detach()[0]) in last  # one saver's last save, whole
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST, _weights(folder).name])
+
+
+@pytest.mark.parametrize("weights_format", FORMATS)
+def test_h13_a_non_utf8_folder_round_trips(tmp_path: Path, weights_format: str) -> None:
+    """Hole 3: a save into a non-UTF-8 folder succeeded but could never be loaded."""
+    folder = tmp_path / os.fsdecode(b"m\xff\xfe")
+    try:
+        folder.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    folder.rmdir()
+    nm.save(_small(0), folder, weights_format=weights_format)
+    nm.save(_small(1), folder, weights_format=weights_format)  # a resave cleans up too
+    assert read_manifest(folder)["weights"]["format"] == weights_format
+    assert _same_outputs(nm.load(_small(5), folder), _small(1))
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST, _weights(folder).name])
+
+
+def _deep(levels: int) -> list[object]:
+    deep: list[object] = []
+    for _ in range(levels):
+        deep = [deep]
+    return deep
+
+
+@pytest.mark.parametrize(
+    "metadata", [{"a": 10**5000}, {"a": _deep(5000)}], ids=["huge-int", "deep"]
+)
+def test_h13_metadata_json_cannot_write_fails_before_anything_is_written(
+    tmp_path: Path, metadata: dict[str, object]
+) -> None:
+    """Hole 4: raw ValueError/RecursionError, after an orphan weights file was written."""
+    new = tmp_path / "new" / "save"
+    with pytest.raises(nm.ConfigError, match="JSON"):
+        nm.save(_small(0), new, metadata=metadata)
+    assert not (tmp_path / "new").exists()  # not even the folder was created
+    old = tmp_path / "old"
+    nm.save(_small(1), old)
+    before = _listing(old)
+    with pytest.raises(nm.ConfigError, match="JSON"):
+        nm.save(_small(2), old, metadata=metadata)
+    assert _listing(old) == before
+    assert _same_outputs(nm.load(_small(5), old), _small(1))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB tmpfs (root only: a directory save has no ``/dev/full`` stand-in)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr!r}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("weights_format", FORMATS)
+def test_h13_a_full_disk_is_an_output_error_and_keeps_the_previous_save(
+    tiny_disk: Path, weights_format: str
+) -> None:
+    """Hole 5: a full disk raised a raw SafetensorError / RuntimeError (CLI exit 70)."""
+    big = nn.Sequential(nn.Linear(256, 400))  # ~400 KiB of weights: more than the disk holds
+    fresh = tiny_disk / "fresh" / "save"
+    with pytest.raises(nm.OutputError, match=r"^cannot write to .*: No space left on device$"):
+        nm.save(big, fresh, weights_format=weights_format)
+    assert list(tiny_disk.iterdir()) == []  # no file, and the folders it made are gone
+
+    kept = tiny_disk / "kept"
+    nm.save(_small(1), kept, weights_format=weights_format)
+    before = _listing(kept)
+    with pytest.raises(nm.OutputError, match="No space left on device"):
+        nm.save(big, kept, weights_format=weights_format)
+    assert _listing(kept) == before
+    assert _same_outputs(nm.load(_small(5), kept), _small(1))
+
+
+_LENET = Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
+_LENET = _LENET / "LeNet_300_100.original.300_100.bias.pth.tar"
+
+
+def test_h13_cli_compress_to_a_full_disk_exits_6(tiny_disk: Path) -> None:
+    """Hole 5 through the CLI: ``compress --output DIR`` on a full disk is exit 6, one line."""
+    if not _LENET.is_file():
+        pytest.skip(f"needs {_LENET}")
+    output = tiny_disk / "cli"
+    done = subprocess.run(
+        [sys.executable, "-m", "neuron_merging.cli", "compress", "--arch", "lenet300",
+         "--checkpoint", str(_LENET), "-r", "0.5", "--no-eval", "--quiet",
+         "--output", str(output)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 6, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"neuron-merging: error: cannot write to {output}: No space left on device"
+    ]
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_h13_hostile_manifests_are_checkpoint_errors(tmp_path: Path) -> None:
+    """Hole 6: 200k-deep JSON or a huge recorded shape raised RecursionError/RuntimeError."""
+    nm.save(_small(1), tmp_path)
+    good = (tmp_path / MANIFEST).read_text()
+    manifest = json.loads(good)
+    manifest["modules"]["0"]["tensors"]["weight"] = [2**40, 2**40]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    fresh = _small(5)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(nm.CheckpointError, match=r"0\.weight is \[1099511627776, 1099511627776\]"):
+        nm.load(fresh, tmp_path)
+    assert fresh[0].out_features == 16  # untouched
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+    (tmp_path / MANIFEST).write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(nm.CheckpointError, match="nested too deeply"):
+        read_manifest(tmp_path)
+    with pytest.raises(nm.CheckpointError, match="nested too deeply"):
+        nm.load(_small(5), tmp_path)
+    (tmp_path / MANIFEST).write_text('{"format": "neuron-merging", "x": ' + "9" * 5000 + "}")
+    with pytest.raises(nm.CheckpointError, match="cannot read the manifest"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text(good)
+    assert _same_outputs(nm.load(_small(5), tmp_path), _small(1))

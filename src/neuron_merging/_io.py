@@ -9,6 +9,11 @@ so a later run removes only the leftovers of processes that are gone
 An existing target must be a regular file: a device, FIFO, socket or directory
 is refused, never replaced. A symlink is followed (the file it points to is
 replaced and the link stays). The mode of a replaced file is kept.
+
+A folder that several writers share (a :func:`neuron_merging.save` directory) is
+serialised with :func:`locked_dir`, an ``flock`` on the folder itself, which
+leaves no lock file behind; :func:`create_dirs` and :func:`remove_dirs` create
+and take away again exactly the folders one failed write made.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import stat
 import tempfile
@@ -355,3 +361,98 @@ def _disk_full(handle: IO[bytes]) -> bool:
     except OSError as exc:
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return False
+
+
+def write_failure(fd: int, error: BaseException | None = None) -> str | None:
+    """Why writing to the file ``fd`` failed (``"No space left on device"``), or ``None``.
+
+    safetensors and torch report a failed write as their own exception types with the
+    errno folded into the message. Appending a block at the end of the file and
+    fsyncing it tells, with a real errno, whether the file system refuses to write
+    now; safetensors truncates its file on failure (freeing the space), so the
+    ``(os error N)`` its message ends with is read from ``error`` too. Only for a
+    temporary file that is about to be removed.
+    """
+    try:
+        os.lseek(fd, 0, os.SEEK_END)
+        os.write(fd, b"\0" * 65536)
+        os.fsync(fd)
+    except OSError as exc:
+        return _strerror(exc)
+    found = re.search(r"\(os error (\d+)\)", str(error)) if error is not None else None
+    if found is not None:
+        return _strerror(OSError(int(found.group(1)), os.strerror(int(found.group(1)))))
+    return None
+
+
+def create_dirs(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents; the folders this call created, deepest last.
+
+    Each level is made with its own ``mkdir``, so a folder that another process
+    creates at the same moment is not counted as ours (and :func:`remove_dirs`
+    leaves it alone).
+    """
+    missing: list[Path] = []
+    probe = directory
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    created: list[Path] = []
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            continue
+        except BaseException:
+            remove_dirs(created)
+            raise
+        created.append(folder)
+    return created
+
+
+def remove_dirs(created: list[Path]) -> None:
+    """Remove the folders :func:`create_dirs` returned, deepest first, if they are still empty."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def locked_dir(directory: Path, *, shared: bool = False) -> Iterator[bool]:
+    """Hold an ``flock`` on ``directory`` itself for the block; yields whether it is still there.
+
+    Writers take it exclusively (``shared=False``) for a whole save, so two saves into
+    one folder run one after the other and neither removes what the other wrote;
+    readers take it shared, so a save never replaces a manifest between a reader's
+    reading it and its weights. Locking the folder (not a lock file in it) leaves
+    nothing behind. The block gets ``False`` when the folder was removed or replaced
+    while this process waited (a failed save removes a folder it created); the caller
+    then starts again. Where the platform or file system cannot lock a folder the
+    block runs unlocked (``True``).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield True
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. a folder that can be written but not read: run unlocked
+        yield True
+        return
+    try:
+        with contextlib.suppress(OSError):  # a file system without flock (network mounts)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            here = os.stat(directory)
+        except OSError:
+            here = None
+        held = os.fstat(fd)
+        yield here is not None and (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def strerror(exc: OSError) -> str:
+    """The message of an ``OSError`` for a one-line error (``"No space left on device"``)."""
+    return _strerror(exc)

@@ -23,7 +23,14 @@ Embedding, PReLU) and GPT-2-style ``Conv1D`` layers are then checked for consist
 
 The write is atomic: the weights file is named by its content hash and the
 manifest, renamed into place last, is the commit point. An interrupted save
-leaves the previous save readable.
+leaves the previous save readable. Only after the commit is the weights file
+that the *replaced* manifest named removed; a save never removes any other file
+(a user's own ``weights-*`` files in the folder included). The folder is
+``flock``-ed for the whole save (and shared while :func:`load` reads it), so
+concurrent saves into one folder run one after the other and always leave one
+complete save. The manifest is serialised before anything is written, and a
+failed save (a full disk is an :class:`OutputError`) leaves no file behind.
+Folder names need not be UTF-8.
 
 Example::
 
@@ -50,6 +57,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +66,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._io import atomic_write_text, remove_stale_temporaries, temporary_file
+from ._io import (
+    atomic_write_text,
+    create_dirs,
+    locked_dir,
+    remove_dirs,
+    remove_stale_temporaries,
+    strerror,
+    temporary_file,
+    write_failure,
+)
 from .core.errors import CheckpointError, ConfigError, OutputError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "load", "read_manifest", "save"]
@@ -92,6 +109,8 @@ SHAPE_ATTRIBUTES = (
 )
 
 _WEIGHT_SUFFIX = {"safetensors": ".safetensors", "torch": ".pt"}
+#: The name of every weights file :func:`save` writes; the only files it ever removes.
+_WEIGHTS_NAME = re.compile(r"weights-[0-9a-f]{16}\.(?:safetensors|pt)")
 
 PathLike = str | os.PathLike[str]
 
@@ -168,7 +187,7 @@ def _model_config(model: nn.Module) -> dict[str, Any] | None:
         return None
     try:
         return _jsonable(json.loads(json.dumps(to_dict(), default=str)), "config")
-    except (TypeError, ValueError, ConfigError):
+    except (TypeError, ValueError, RecursionError, ConfigError):
         return None
 
 
@@ -187,10 +206,6 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
 
 
 # --------------------------------------------------------------------------- saving
@@ -240,6 +255,160 @@ def _module_records(model: nn.Module) -> dict[str, dict[str, Any]]:
     return records
 
 
+def _json_data(value: Any, where: str) -> Any:
+    """:func:`_jsonable`, with data nested too deeply to walk as a :class:`ConfigError`."""
+    try:
+        return _jsonable(value, where)
+    except RecursionError as exc:
+        raise ConfigError(f"{where} is nested too deeply to be saved as JSON") from exc
+
+
+def _manifest_text(manifest: Mapping[str, Any]) -> str:
+    """The manifest as JSON text; :class:`ConfigError` for data JSON cannot write.
+
+    Run before anything is written, so a manifest that cannot be serialised (an
+    integer over Python's 4300-digit string limit, data nested too deeply) fails
+    the save with nothing on disk.
+    """
+    try:
+        return json.dumps(manifest, indent=1, allow_nan=False) + "\n"
+    except RecursionError as exc:
+        raise ConfigError("the manifest (metadata=?) is nested too deeply for JSON") from exc
+    except ValueError as exc:  # e.g. an int beyond sys.get_int_max_str_digits()
+        raise ConfigError(f"the manifest (metadata=?) cannot be written as JSON: {exc}") from exc
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (see :func:`_manifest_text`)."""
+    atomic_write_text(path, _manifest_text(data))
+
+
+def _is_utf8(path: Path) -> bool:
+    """Whether ``path`` is valid UTF-8 (safetensors' file functions refuse any other name)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in the name, kept as surrogates
+        return False
+    return True
+
+
+def _named_weights(manifest: Mapping[str, Any] | None) -> str | None:
+    """The weights file name a manifest of ours records, or ``None`` if it records none.
+
+    Only a name of the form :func:`save` writes (``weights-<16 hex><suffix>``, no
+    folder part) counts, so a tampered manifest can never make a save remove any
+    other file.
+    """
+    info = manifest.get("weights") if isinstance(manifest, Mapping) else None
+    name = info.get("file") if isinstance(info, Mapping) else None
+    if isinstance(name, str) and _WEIGHTS_NAME.fullmatch(name):
+        return name
+    return None
+
+
+def _current_weights(directory: Path) -> str | None:
+    """The weights file the save now in ``directory`` uses (``None``: no readable save)."""
+    try:
+        return _named_weights(read_manifest(directory / MANIFEST))
+    except CheckpointError:
+        return None
+
+
+def _write_weights(
+    fd: int, tmp: Path, tensors: dict[str, Tensor], weights_format: str, directory: Path
+) -> None:
+    """Write ``tensors`` to the temporary file ``tmp`` (open as ``fd``, which this closes).
+
+    safetensors is written by path when the path is UTF-8 (streamed from the
+    tensors' memory) and from bytes otherwise. A write the file system refuses (a
+    full disk, a quota) is an :class:`OutputError`, whatever exception the writer
+    raised.
+    """
+    handle = os.fdopen(fd, "wb")
+    try:
+        try:
+            if weights_format == "safetensors":
+                st = _safetensors()
+                assert st is not None  # checked by save()
+                if _is_utf8(tmp):
+                    st.save_file(tensors, str(tmp), metadata={"format": FORMAT})
+                else:
+                    handle.write(st.save(tensors, metadata={"format": FORMAT}))
+            else:
+                torch.save(tensors, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except OSError as exc:
+            raise OutputError(f"cannot write to {directory}: {strerror(exc)}") from exc
+        except Exception as exc:  # SafetensorError / RuntimeError hide the errno
+            reason = write_failure(handle.fileno(), exc)
+            if reason is None:
+                raise
+            raise OutputError(f"cannot write to {directory}: {reason}") from exc
+    finally:
+        with contextlib.suppress(OSError):  # a failed flush of what is left: already reported
+            handle.close()
+
+
+def _place_weights(tmp: Path, target: Path, digest: str, current: str | None) -> bool:
+    """Move the finished temporary weights ``tmp`` to ``target``; whether this created it.
+
+    ``target`` is named by the content hash, so an existing file there normally
+    holds these very weights: the current save's file (replaced by the fresh copy,
+    which repairs a damaged one) or a byte-identical file (kept as it is). A file
+    there with other content is not ours and is refused, never replaced.
+    """
+    if os.path.lexists(target):
+        if target.name == current:
+            os.replace(tmp, target)
+            return False
+        if target.is_file() and not target.is_symlink() and _sha256(target) == digest:
+            return False
+        raise OutputError(f"{target} exists and is not a file of this save; refusing to replace it")
+    os.replace(tmp, target)
+    return True
+
+
+def _commit(
+    directory: Path, manifest: dict[str, Any], tensors: dict[str, Tensor], weights_format: str
+) -> None:
+    """Write the weights and the manifest into ``directory``, which the caller holds locked.
+
+    The new weights file is placed first, the manifest renamed over the old one
+    second (the commit point), and only then is the weights file that the
+    *replaced* manifest named removed. No other file is ever removed: not a
+    user's own ``weights-*`` file, not a file whose manifest cannot be read. If the
+    manifest cannot be written, the weights file this save placed is removed again
+    and the previous save is untouched.
+    """
+    suffix = _WEIGHT_SUFFIX[weights_format]
+    remove_stale_temporaries(directory, ["weights" + suffix])  # a killed save's leftover
+    current = _current_weights(directory)
+    with temporary_file(directory / ("weights" + suffix)) as (fd, tmp):
+        _write_weights(fd, tmp, tensors, weights_format, directory)
+        digest = _sha256(tmp)
+        name = f"weights-{digest[:16]}{suffix}"
+        manifest["weights"] = {
+            "file": name,
+            "format": weights_format,
+            "sha256": digest,
+            "bytes": tmp.stat().st_size,
+        }
+        created = _place_weights(tmp, directory / name, digest, current)
+    try:
+        _fsync_dir(directory)
+        _write_json(directory / MANIFEST, manifest)
+        _fsync_dir(directory)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                (directory / name).unlink()
+        raise
+    if current is not None and current != name:  # the replaced save's weights, now unused
+        with contextlib.suppress(OSError):
+            (directory / current).unlink()
+
+
 def save(
     result: Any,
     path: PathLike,
@@ -253,15 +422,22 @@ def save(
         result: a :class:`~neuron_merging.MergeResult` (its model, config and
             report are saved) or a plain ``nn.Module``.
         path: the directory to write (created if needed). A previous save there
-            is replaced atomically.
+            is replaced atomically and its weights file (the one its manifest
+            names) removed; no other file in the directory is touched. Saves
+            into the same directory from several processes or threads run one
+            after the other (the directory is ``flock``-ed), so the result is
+            always one complete save.
         metadata: extra JSON data stored in the manifest under ``"metadata"``.
         weights_format: ``"safetensors"``, ``"torch"`` (a weights-only state
             dict) or ``"auto"`` (safetensors when installed).
 
     Raises:
         ConfigError: bad ``weights_format``, safetensors requested but not
-            installed, or metadata JSON cannot hold.
-        OutputError: the directory cannot be written.
+            installed, or metadata JSON cannot hold (checked before anything
+            is written).
+        OutputError: the directory cannot be written (a full disk included).
+            A failed save leaves no file behind (and removes the folders it
+            created); a previous save there stays loadable.
     """
     from . import __version__
 
@@ -288,52 +464,37 @@ def save(
         "neuron_merging_version": __version__,
         "torch_version": torch.__version__,
         "model_type": _type_name(model),
-        "config": None if report_dict is None else _jsonable(report_dict.get("config"), "config"),
-        "report": None if report_dict is None else _jsonable(report_dict, "report"),
+        "config": None if report_dict is None else _json_data(report_dict.get("config"), "config"),
+        "report": None if report_dict is None else _json_data(report_dict, "report"),
         "model_config": _model_config(model),
-        "metadata": _jsonable(dict(metadata or {}), "metadata"),
+        "metadata": _json_data(dict(metadata or {}), "metadata"),
         "modules": _module_records(model),
     }
     tensors, aliases = _unique_tensors(model)
     manifest["aliases"] = aliases
+    manifest["weights"] = {"file": "", "format": weights_format, "sha256": "0" * 64, "bytes": 0}
+    _manifest_text(manifest)  # fails here, before anything is written, if JSON cannot hold it
 
     directory = Path(path)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
-    if not directory.is_dir():
-        raise OutputError(f"cannot write to {directory}: not a directory")
-    suffix = _WEIGHT_SUFFIX[weights_format]
-    try:
-        remove_stale_temporaries(directory, ["weights" + suffix])  # a killed save's leftover
-        with temporary_file(directory / ("weights" + suffix)) as (fd, tmp):
-            os.close(fd)
-            if weights_format == "safetensors":
-                st.save_file(tensors, str(tmp), metadata={"format": FORMAT})
-            else:
-                with tmp.open("wb") as handle:
-                    torch.save(tensors, handle)
-            with tmp.open("rb+") as handle:
-                os.fsync(handle.fileno())
-            digest = _sha256(tmp)
-            name = f"weights-{digest[:16]}{suffix}"
-            manifest["weights"] = {
-                "file": name,
-                "format": weights_format,
-                "sha256": digest,
-                "bytes": tmp.stat().st_size,
-            }
-            os.replace(tmp, directory / name)
-        _fsync_dir(directory)
-        _write_json(directory / MANIFEST, manifest)
-        _fsync_dir(directory)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {directory}: {exc.strerror or exc}") from exc
-    for stale in directory.glob("weights-*"):  # files of earlier saves, now unreferenced
-        if stale.name != name and stale.suffix in (".safetensors", ".pt"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+    for _ in range(3):  # again if a failed concurrent save removed the folder meanwhile
+        try:
+            created = create_dirs(directory)
+        except OSError as exc:
+            raise OutputError(f"cannot write to {directory}: {strerror(exc)}") from exc
+        if not directory.is_dir():
+            raise OutputError(f"cannot write to {directory}: not a directory")
+        try:
+            with locked_dir(directory) as still_there:
+                if still_there:
+                    _commit(directory, manifest, tensors, weights_format)
+                    return
+        except OSError as exc:
+            remove_dirs(created)
+            raise OutputError(f"cannot write to {directory}: {strerror(exc)}") from exc
+        except BaseException:
+            remove_dirs(created)
+            raise
+    raise OutputError(f"cannot write to {directory}: it was removed while this save waited")
 
 
 # --------------------------------------------------------------------------- loading
@@ -360,13 +521,15 @@ def is_saved_model(path: PathLike) -> bool:
 def read_manifest(path: PathLike) -> dict[str, Any]:
     """The manifest of the save at ``path`` (its directory or its ``manifest.json``).
 
-    Raises :class:`CheckpointError` when it is missing, not JSON, not a
-    neuron-merging manifest, or of a newer format version.
+    Raises :class:`CheckpointError` when it is missing, not JSON (nested too
+    deeply included), not a neuron-merging manifest, or of a newer format version.
     """
     file = _manifest_path(path)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError as exc:
+        raise CheckpointError(f"{file}: cannot read the manifest (nested too deeply)") from exc
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON, an int too long
         raise CheckpointError(f"{file}: cannot read the manifest ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a neuron-merging manifest")
@@ -460,8 +623,16 @@ def _check_layer(module: nn.Module, name: str) -> str | None:
     return f"{name}: {'; '.join(problems)}" if problems else None
 
 
-def _plan_changes(model: nn.Module, manifest: dict[str, Any], where: Path) -> list[_Change]:
-    """Compare the fresh ``model`` to the manifest; every difference that resizing fixes."""
+def _plan_changes(
+    model: nn.Module, manifest: dict[str, Any], weights: Mapping[str, Tensor], where: Path
+) -> list[_Change]:
+    """Compare the fresh ``model`` to the manifest; every difference that resizing fixes.
+
+    Every recorded shape must be the shape of that tensor in the weights file, so
+    a manifest can never make :func:`_apply_changes` allocate more (or other)
+    than the file holds: a huge recorded shape is a :class:`CheckpointError`,
+    not an allocation failure.
+    """
     recorded: dict[str, Any] = manifest["modules"]
     live = {
         name: module
@@ -497,6 +668,20 @@ def _plan_changes(model: nn.Module, manifest: dict[str, Any], where: Path) -> li
         shapes = {
             key: _shape(value, f"{where}: {name}.{key}") for key, value in entry["tensors"].items()
         }
+        mismatched = False
+        for key, shape in shapes.items():
+            stored = weights.get(f"{name}.{key}" if name else key)
+            if stored is None:
+                problems.append(f"{name}.{key} is not in the weights file")
+                mismatched = True
+            elif tuple(stored.shape) != shape:
+                problems.append(
+                    f"{name}.{key} is {list(shape)} in the manifest but "
+                    f"{list(stored.shape)} in the weights file"
+                )
+                mismatched = True
+        if mismatched:
+            continue
         resized = {key: s for key, s in shapes.items() if tuple(own[key].shape) != s}
         for key, tensor in own.items():
             if key in resized and tensor.dim() != len(shapes[key]):
@@ -538,26 +723,33 @@ def _apply_changes(changes: list[_Change], model: nn.Module, where: Path) -> Non
             for key, tensor in bucket.items():
                 if tensor is not None:
                     holders.setdefault(id(tensor), []).append((module, key))
-    replaced: dict[int, Tensor] = {}
+    replaced: dict[int, tuple[Tensor, Tensor]] = {}  # id(old) -> (old, new)
+    try:  # every tensor is allocated before the model is touched
+        for change in changes:
+            module = change.module
+            for key, shape in change.tensors.items():
+                bucket = module._parameters if key in module._parameters else module._buffers
+                old = bucket[key]
+                assert old is not None
+                if id(old) in replaced:
+                    continue
+                fresh = torch.empty(shape, dtype=old.dtype, device=old.device)
+                new: Tensor = (
+                    nn.Parameter(fresh, requires_grad=old.requires_grad)
+                    if isinstance(old, nn.Parameter)
+                    else fresh
+                )
+                replaced[id(old)] = (old, new)
+    except (RuntimeError, MemoryError) as exc:
+        raise CheckpointError(f"{where}: cannot allocate the saved tensors ({exc})") from exc
+    for old, new in replaced.values():
+        for owner, owner_key in holders[id(old)]:
+            if owner_key in owner._parameters and owner._parameters[owner_key] is old:
+                owner._parameters[owner_key] = new  # type: ignore[assignment]
+            else:
+                owner._buffers[owner_key] = new
     for change in changes:
         module = change.module
-        for key, shape in change.tensors.items():
-            old = module._parameters[key] if key in module._parameters else module._buffers[key]
-            assert old is not None
-            if id(old) in replaced:
-                continue
-            fresh = torch.empty(shape, dtype=old.dtype, device=old.device)
-            new: Tensor = (
-                nn.Parameter(fresh, requires_grad=old.requires_grad)
-                if isinstance(old, nn.Parameter)
-                else fresh
-            )
-            replaced[id(old)] = new
-            for owner, owner_key in holders[id(old)]:
-                if owner_key in owner._parameters and owner._parameters[owner_key] is old:
-                    owner._parameters[owner_key] = new  # type: ignore[assignment]
-                else:
-                    owner._buffers[owner_key] = new
         for attr, value in change.attrs.items():
             current = getattr(module, attr)
             setattr(module, attr, tuple(value) if isinstance(current, tuple) else value)
@@ -590,9 +782,11 @@ def _read_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, Tensor
                     f"{file}: reading safetensors weights needs the safetensors package "
                     "(pip install safetensors)"
                 )
-            tensors = st.load_file(str(file))
+            # load_file refuses a path that is not UTF-8: read such a file as bytes
+            tensors = st.load_file(str(file)) if _is_utf8(file) else st.load(file.read_bytes())
         else:
-            tensors = torch.load(file, map_location="cpu", weights_only=True)
+            with file.open("rb") as handle:
+                tensors = torch.load(handle, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as exc:  # both readers raise many types on corrupt input
@@ -632,15 +826,16 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     file = _manifest_path(path)
-    manifest = read_manifest(file)
     directory = file.parent
-    saved_type = manifest.get("model_type")
-    if saved_type is not None and saved_type != _type_name(model):
-        raise CheckpointError(
-            f"{directory}: was saved from a {saved_type}, not a {_type_name(model)}; pass a "
-            "fresh instance of the architecture that was compressed"
-        )
-    weights = _read_weights(directory, manifest)
+    with locked_dir(directory, shared=True):  # no save replaces the files while we read them
+        manifest = read_manifest(file)
+        saved_type = manifest.get("model_type")
+        if saved_type is not None and saved_type != _type_name(model):
+            raise CheckpointError(
+                f"{directory}: was saved from a {saved_type}, not a {_type_name(model)}; pass a "
+                "fresh instance of the architecture that was compressed"
+            )
+        weights = _read_weights(directory, manifest)
     for alias, source in manifest["aliases"].items():
         if not isinstance(source, str) or source not in weights:
             raise CheckpointError(f"{directory}: alias {alias!r} names a missing tensor {source!r}")
@@ -654,7 +849,7 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
                 f"are not saved (non-persistent buffers: {', '.join(unsaved[:6])}); build it on "
                 "a real device"
             )
-    changes = _plan_changes(model, manifest, directory)
+    changes = _plan_changes(model, manifest, weights, directory)
     _apply_changes(changes, model, directory)
     try:
         model.load_state_dict(weights, strict=True, assign=bool(on_meta))
