@@ -3271,6 +3271,7 @@ class Scanned(nn.Module):
             "stack": lambda: torch.stack([y, y.flip(-1)], 2).mean(2),
             "stack, last": lambda: torch.stack((y.cumsum(2), y), dim=-1).amax(-1),
             "lp_pool2d": lambda: F.lp_pool2d(y, 2, 2),
+            "msort": lambda: torch.cat([y, y.flip(0)]).msort()[: x.shape[0]],
             "narrow": lambda: y.narrow(2, 1, 2),
             "index_select": lambda: y.index_select(3, torch.tensor([0, 2, 3])),
             "diff": lambda: torch.diff(y, dim=2),
@@ -3295,7 +3296,7 @@ class Scanned(nn.Module):
 MERGING_SCANS = [
     "cumsum", "cumsum, keyword", "cummax", "cummin", "sort", "sort, stable", "topk",
     "topk of rows", "kthvalue", "kthvalue, dim dropped", "cumsum in float64", "stack",
-    "stack, last", "lp_pool2d", "narrow", "index_select", "diff", "Tensor.unfold",
+    "stack, last", "lp_pool2d", "msort", "narrow", "index_select", "diff", "Tensor.unfold",
 ]  # fmt: skip
 
 
@@ -3369,6 +3370,7 @@ class Where(nn.Module):
             "keywords": lambda: torch.where(condition=tokens, input=h, other=0.0),
             "a wider mask": lambda: torch.where(tokens.unsqueeze(0), h, 0).sum(0),
             "where(mask, h, 1.5)": lambda: torch.where(tokens, h, 1.5),
+            "a 0-dim tensor": lambda: torch.where(tokens, h, torch.tensor(0.0)),
             "a mask per channel": lambda: torch.where(torch.arange(8) % 2 == 0, h, 0),
             "another tensor": lambda: torch.where(tokens, h, torch.full((1, 1, 1), 2.0)),
             "a mask from the group": lambda: torch.where(h > 0.1, h, 0),
@@ -3385,6 +3387,7 @@ class Where(nn.Module):
         "keywords",
         "a wider mask",
         "where(mask, h, 1.5)",
+        "a 0-dim tensor",
     ],
 )
 def test_where_with_a_mask_of_positions_is_a_masked_fill(mode: str) -> None:
@@ -3392,7 +3395,7 @@ def test_where_with_a_mask_of_positions_is_a_masked_fill(mode: str) -> None:
     ``masked_fill`` with 0, merged, and with another number pruned only."""
     net, x = Where(mode), torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(4))
     group = {g.name: g for g in nm.find_groups(net, x)[0]}["fc1"]
-    assert group.mergeable is (mode != "where(mask, h, 1.5)"), group.reason
+    assert group.mergeable is (mode not in ("where(mask, h, 1.5)", "a 0-dim tensor")), group.reason
     pruned = nm.prune(net, x, ratio=0.5)
     assert pruned.model.fc1.out_features == 4
     fresh = torch.randn(3, 5, 6)

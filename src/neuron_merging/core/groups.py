@@ -383,6 +383,7 @@ _POOLS = {
     "adaptive_max_pool2d_with_indices": 2,
     "lp_pool1d": 1,
     "lp_pool2d": 2,
+    "lp_pool3d": 3,
 }
 #: Linear maps that act on each channel alone, over the dimensions they name (moving,
 #: mirroring or resampling positions): channel-wise and positively homogeneous, so long as
@@ -419,6 +420,7 @@ _SCANS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "cummax": (("dim",), None),
     "cummin": (("dim",), None),
     "sort": (("dim", "descending"), -1),
+    "msort": ((), 0),
     "topk": (("k", "dim", "largest", "sorted"), -1),
     "kthvalue": (("k", "dim", "keepdim"), -1),
     "softmax": (("dim",), None),
@@ -1350,7 +1352,8 @@ class _Analysis:
         """``torch.where(mask, h, 0)``, ``torch.where(mask, 0, h)`` or ``h.where(mask, 0)``:
         a ``masked_fill`` of ``h`` with a number, by the same rules (a mask made outside the
         groups and the same for every channel; positively homogeneous when the number is
-        0). Any other tensor as the second operand ends the group."""
+        0). A 0-dim tensor (``torch.tensor(0.)``) fills every channel alike too, but its value
+        is not recorded: pruned only. Any other tensor as the second operand ends the group."""
         names = ("condition", "input", "other")
         if op.target is not torch.where:  # the method: self is the input
             names = ("input", "condition", "other")
@@ -1368,11 +1371,12 @@ class _Analysis:
         ):
             self.break_all(op, self.not_channelwise(op))
             return
-        if isinstance(fill, Value) or type(fill) not in (int, float, bool):
+        constant = isinstance(fill, Value) and not fill.shape and self.get(fill) is None
+        if not constant and (isinstance(fill, Value) or type(fill) not in (int, float, bool)):
             raise _Break("its output is combined (where) with another tensor")
         info = self.aligned(info, len(a.shape), len(out.shape))  # a wider mask
         self.against_constant(info, mask, len(out.shape), op)
-        if not self.zero(fill):
+        if constant or not self.zero(fill):  # a 0-dim tensor's value is not recorded
             self.nonhomogeneous(
                 info, "where with a value other than 0 is not positively homogeneous"
             )
