@@ -586,22 +586,6 @@ def test_d10_a_2_gib_idx_with_a_wrong_magic_is_refused_unread(tmp_path: Path) ->
 # --------------------------------------------------------------------------- D13
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Any:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if not is_root or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                          capture_output=True)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr!r}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-
-
 @needs_lenet
 def test_d13_a_full_disk_is_an_output_error(lenet: Path, tiny_disk: Path) -> None:
     """D13: a full disk gave exit 70 ``RuntimeError: [enforce fail at inline_container.cc]``."""

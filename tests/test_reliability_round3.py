@@ -8,7 +8,6 @@ from __future__ import annotations
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -19,22 +18,12 @@ from neuron_merging import models
 from neuron_merging.checkpoint import load_model, save_checkpoint
 from neuron_merging.core.config import MergeConfig
 from neuron_merging.core.errors import CheckpointError, ConfigError, OutputError
-from test_reliability_round2 import LENET, _compress, cli, error_line, tiny_disk  # noqa: F401
+from test_reliability_round2 import LENET, _compress, cli, error_line, lenet  # noqa: F401
 
 RESNET = LENET.parent / "ResNet.cifar10.original.56.pth.tar"
 
 
-@pytest.fixture
-def lenet(tmp_path: Path) -> Path:
-    if not LENET.is_file():
-        pytest.skip(f"needs {LENET}")
-    model, _ = load_model(LENET, arch="lenet300")
-    path = tmp_path / "lenet.pth.tar"
-    save_checkpoint(path, model, acc=None, arch="lenet300", dataset="fashion-mnist")
-    return path
-
-
-def test_compress_never_replaces_the_saved_model_it_reads(lenet: Path, tmp_path: Path) -> None:
+def test_compress_never_replaces_the_saved_model_it_reads(lenet: Path, tmp_path: Path) -> None:  # noqa: F811
     """``--checkpoint DIR --output DIR --force`` replaced the input save (exit 0), though a
     checkpoint file input is never overwritten; a symlink to it is the same folder."""
     saved = tmp_path / "m"
@@ -81,7 +70,7 @@ def _flip_a_tensor_byte(source: Path, target: Path) -> None:
     target.write_bytes(data)
 
 
-def test_a_flipped_byte_in_a_zip_checkpoint_is_reported(lenet: Path, tmp_path: Path) -> None:
+def test_a_flipped_byte_in_a_zip_checkpoint_is_reported(lenet: Path, tmp_path: Path) -> None:  # noqa: F811
     """``torch.load`` does not check the zip's CRC-32s: a flipped tensor byte loaded."""
     bad = tmp_path / "flip.pth.tar"
     _flip_a_tensor_byte(lenet, bad)
@@ -130,7 +119,7 @@ def test_export_onnx_refuses_folders_and_creates_missing_ones(tmp_path: Path) ->
     assert path.is_file() and sorted(p.name for p in path.parent.iterdir()) == ["m.onnx"]
 
 
-def test_export_onnx_on_a_full_disk_keeps_the_earlier_file(tiny_disk: Any) -> None:  # noqa: F811
+def test_export_onnx_on_a_full_disk_keeps_the_earlier_file(tiny_disk: Path) -> None:
     """A full disk gave a raw ``OSError``, a partial file, and the earlier export lost."""
     from neuron_merging.export import export_onnx
 

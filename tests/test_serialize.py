@@ -442,11 +442,9 @@ def test_meta_model_with_unsaved_buffers_is_refused(tmp_path: Path) -> None:
 # Real files, real processes and (as root) a real tiny tmpfs; no mocks.
 
 import os  # noqa: E402
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 
 
 def _small(seed: int, width: int = 16) -> nn.Module:
@@ -590,24 +588,6 @@ def test_h13_metadata_json_cannot_write_fails_before_anything_is_written(
         nm.save(_small(2), old, metadata=metadata)
     assert _listing(old) == before
     assert _same_outputs(nm.load(_small(5), old), _small(1))
-
-
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 256 KiB tmpfs (root only: a directory save has no ``/dev/full`` stand-in)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr!r}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("weights_format", FORMATS)

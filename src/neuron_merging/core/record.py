@@ -65,26 +65,7 @@ def is_conv1d_transposed(module: nn.Module) -> bool:
     )
 
 
-#: Layers recorded as one operation each: their parameters are what compression edits.
-LEAF_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.PReLU,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    nn.GroupNorm,
-)
-#: The convolutions among them (transposed ones store their weight as ``(in, out, *kernel)``).
+#: Convolutions (transposed ones store their weight as ``(in, out, *kernel)``).
 CONVS: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
     nn.Conv2d,
@@ -93,20 +74,22 @@ CONVS: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
-#: The batch norms among them.
+#: Batch norms.
 BATCHNORMS: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
     nn.BatchNorm2d,
     nn.BatchNorm3d,
     nn.SyncBatchNorm,
 )
-#: The norms among them that normalise each channel (or group of channels) over positions.
+#: Norms that normalise each channel (or group of channels) over positions.
 CHANNEL_NORMS: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm1d,
     nn.InstanceNorm2d,
     nn.InstanceNorm3d,
     nn.GroupNorm,
 )
+#: Layers recorded as one operation each: their parameters are what compression edits.
+LEAF_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONVS, *BATCHNORMS, nn.PReLU, *CHANNEL_NORMS)
 
 
 def is_leaf(module: nn.Module) -> bool:
