@@ -635,3 +635,28 @@ def test_lstsq_refit_pads_as_the_layer_does(conv: dict) -> None:
     refit = nm.compress(net, x, cfg, calibration=data).model
     fresh = torch.randn(3, 3, 6, 6, generator=gen(3))
     assert (refit(fresh) - net(fresh)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"selection": "lstsq"}, {"selection": "cover"}, {"compensation": "lstsq"},
+     {"repair": "mean+var"}],
+)  # fmt: skip
+def test_options_beyond_the_paper_take_keyword_example_inputs(option: dict) -> None:
+    """A mapping of keyword example inputs (documented) was called as ``model("x")`` by the
+    options' own passes: a raw ``TypeError``. It gives what positional inputs give."""
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _conv_net(4)
+
+        def forward(self, *, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    model, x = Keyword().eval(), torch.randn(2, 3, 6, 6, generator=gen(5))
+    cfg = MergeConfig(ratio=0.5, **option)
+    by_name = nm.compress(model, {"x": x}, cfg).model
+    positional = nm.compress(model.net, x, cfg).model
+    fresh = torch.randn(3, 3, 6, 6, generator=gen(6))
+    assert torch.equal(by_name(x=fresh), positional(fresh))

@@ -176,3 +176,32 @@ def test_module_doctest_runs() -> None:
 
     results = doctest.testmod(nm.hf, verbose=False)
     assert results.attempted > 0 and results.failed == 0
+
+
+def _bert_classifier() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, hidden_act="relu",
+                     num_labels=3)  # fmt: skip
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_a_config_that_cannot_describe_the_model_is_refused(tmp_path: Path) -> None:
+    """The tanh pooler of a classification head is a group too: compressed, its width is
+    no longer ``hidden_size``, and ``from_pretrained`` failed (or, with
+    ``ignore_mismatched_sizes=True``, silently re-initialised pooler and classifier)."""
+    from transformers import BertForSequenceClassification
+
+    model = _bert_classifier()
+    ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    result = nm.merge(model, {"input_ids": ids}, ratio=0.5)
+    assert "bert.pooler.dense" in {g.producers[0] for g in result.report.groups}
+    with pytest.raises(nm.ConfigError, match=r"cannot describe the compressed model: bert\.pooler"):
+        nm.hf.save_pretrained(result, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    result = nm.merge(model, {"input_ids": ids}, ratio=0.5, exclude=["bert.pooler.dense"])
+    nm.hf.save_pretrained(result, tmp_path / "saved")
+    back = BertForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    assert torch.equal(back(input_ids=ids).logits, result.model(input_ids=ids).logits)

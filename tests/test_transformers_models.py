@@ -307,3 +307,15 @@ def test_wav2vec2_feature_extractor_group_norm_is_sliced() -> None:
     assert norm.num_channels == norm.num_groups == norm.weight.numel() == 4
     fresh = torch.randn(3, 400)
     assert rel_error(run(result.model, fresh), run(masked_copy(model, result.plans), fresh)) < 1e-5
+
+
+def test_gpt2_conv1d_consumer_keeps_nx_in_step_and_reloads(tmp_path, models: dict) -> None:
+    """The consumer ``Conv1D`` (``mlp.c_proj``) got its narrower weight but kept its old
+    ``nx``: ``nm.load`` into a fresh GPT-2 then refused every save (``attributes imply``)."""
+    _, x = HF_ZOO["hf_gpt2"]
+    result = nm.merge(models["hf_gpt2"], x, ratio=0.5)
+    proj = result.model.transformer.h[0].mlp.c_proj
+    assert proj.nx == proj.weight.shape[0] < 64
+    nm.save(result, tmp_path / "gpt2")
+    back = nm.load(HF_ZOO["hf_gpt2"][0](), tmp_path / "gpt2")
+    assert torch.equal(run(back, x), run(result.model, x))

@@ -36,12 +36,14 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .core.errors import ConfigError, ModelError
@@ -185,9 +187,44 @@ def update_config(result: Any) -> Any:
                 "which records every layer's shape"
             )
         new[field] = distinct[0]
+    _check_describes(model, config, new)
     for field, width in new.items():
         setattr(config, field, width)
     return config
+
+
+def _check_describes(model: nn.Module, config: Any, new: Mapping[str, int]) -> None:
+    """Refuse a config that, with ``new`` widths, would not rebuild ``model``'s shapes.
+
+    ``from_pretrained`` builds the model from its config and then loads the weights: a
+    layer the config does not describe (a classification head's pooler, compressed to
+    another width than ``hidden_size``) fails there with a size mismatch, or with
+    ``ignore_mismatched_sizes=True`` is silently re-initialised. The model is rebuilt on
+    the meta device (no memory for its tensors) from a copy of the config. A model class
+    that cannot be built so from its config is not checked.
+    """
+    candidate = copy.deepcopy(config)
+    for field, width in new.items():
+        setattr(candidate, field, width)
+    try:
+        with torch.device("meta"):
+            rebuilt = type(model)(candidate)
+    except Exception:  # a class that cannot be built so is not checked
+        return
+    expected = rebuilt.state_dict()
+    differ = [
+        f"{key} {tuple(value.shape)} (the config gives {tuple(expected[key].shape)})"
+        for key, value in model.state_dict().items()
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape)
+    ]
+    if differ:
+        more = f" and {len(differ) - 1} more" if len(differ) > 1 else ""
+        raise ConfigError(
+            f"{type(config).__name__} cannot describe the compressed model: {differ[0]}{more}; "
+            "from_pretrained would fail or re-initialise those layers. Exclude them from "
+            "compression (exclude=), or save with nm.save(result, path), which records "
+            "every layer's shape"
+        )
 
 
 def save_pretrained(result: Any, directory: str | os.PathLike[str], **kwargs: Any) -> None:

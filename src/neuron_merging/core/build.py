@@ -495,8 +495,10 @@ def apply_plans(
                 )
             if isinstance(layer, nn.Linear):
                 layer.out_features, layer.in_features = weight.shape[0], weight.shape[1]
-            elif transposed:
+            elif transposed:  # GPT-2's Conv1D: weight (nx, nf)
                 layer.nf = weight.shape[1]
+                if isinstance(getattr(layer, "nx", None), int):
+                    layer.nx = weight.shape[0]
             elif isinstance(layer, nn.modules.conv._ConvTransposeNd):  # (in, out, *kernel)
                 layer.in_channels, layer.out_channels = weight.shape[0], weight.shape[1]
             else:

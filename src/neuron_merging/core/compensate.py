@@ -17,8 +17,9 @@ mean of the batch norm right after it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,14 @@ def _channels(x: Tensor, n: int) -> Tensor:
     return x.reshape(x.shape[0], n, -1)
 
 
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` on example inputs: a tensor, a sequence of positional inputs, or a
+    mapping of keyword inputs (as :func:`neuron_merging.compress` accepts them)."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(*_inputs(inputs))
+
+
 def _inputs(data: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     return (data,) if isinstance(data, Tensor) else tuple(data)
 
@@ -176,13 +185,18 @@ def propagated_correlations(
     """
     modules = dict(model.named_modules())
     gen = torch.Generator().manual_seed(seed)
-    examples = _inputs(example_inputs)
-    noise = tuple(
-        torch.randn((batch, *e.shape[1:]), generator=gen, dtype=e.dtype)
-        if e.is_floating_point()
-        else e.expand(batch, *e.shape[1:])
-        for e in examples
-    )
+
+    def like(e: Any) -> Any:
+        if not isinstance(e, Tensor) or e.dim() == 0:
+            return e
+        if e.is_floating_point():
+            return torch.randn((batch, *e.shape[1:]), generator=gen, dtype=e.dtype)
+        return e.expand(batch, *e.shape[1:])
+
+    if isinstance(example_inputs, Mapping):  # keyword inputs, in the order given
+        noise: Any = {key: like(value) for key, value in example_inputs.items()}
+    else:
+        noise = tuple(like(e) for e in _inputs(example_inputs))
     wanted = set(bns)
     out: dict[str, Tensor] = {}
     handles = []
@@ -203,7 +217,7 @@ def propagated_correlations(
         handles.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad(), evaluating(model):
-            model(*noise)
+            _call(model, noise)
     finally:
         for h in handles:
             h.remove()
@@ -239,7 +253,7 @@ def successor_bns(
             handles.append(m.register_forward_pre_hook(bn_hook))
     try:
         with torch.no_grad(), evaluating(model):
-            model(*_inputs(example_inputs))
+            _call(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
