@@ -3780,3 +3780,30 @@ def test_a_dimension_read_from_a_size_ends_the_group(mode: str) -> None:
     fresh = torch.randn(2, 5, 6)
     if mode not in ("unsqueeze", "narrow"):  # at batch 2 these do not run, or change nothing
         assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+
+
+# ------------------------------------------------------------------ layers that run their own code
+
+
+class OwnLinear(nn.Linear):
+    """``transformers``' ``FalconLinear``: ``nn.Linear`` with a forward of its own."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T + self.bias
+
+
+def test_layers_running_their_own_forward_are_listed_with_the_reason() -> None:
+    """Such layers are recorded as the code they run, so they are no candidates. They were
+    in neither the groups nor ``skipped`` (a Falcon model came back with no group and no
+    reason for its MLP layers)."""
+    torch.manual_seed(71)
+    net = nn.Sequential(OwnLinear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    net[2].forward = lambda x, layer=net[2]: F.linear(x, layer.weight, layer.bias)
+    groups, skipped = nm.find_groups(net.eval(), X)
+    reasons = _skips(skipped)
+    assert reasons["0"] == (
+        "OwnLinear overrides Linear.forward, so its calls are recorded as the code it runs, "
+        "not as one layer"
+    )
+    assert "forward replaced on the instance" in reasons["2"]
+    assert not groups

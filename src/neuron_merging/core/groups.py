@@ -1939,8 +1939,12 @@ def groups_from_recording(
         )
     calls = rec.calls
     for name, module in rec.modules.items():
-        if name not in calls and name not in reported and _is_producer(module) and is_leaf(module):
+        if name in reported or name in calls or not _is_producer(module):
+            continue
+        if is_leaf(module):
             skipped.append(SkippedLayer(name, NOT_RUN))
+        else:
+            skipped.append(SkippedLayer(name, _own_forward(module)))
     if len(skipped) > 1:
         order = {name: i for i, name in enumerate(rec.modules)}
         skipped.sort(key=lambda s: order.get(s.name, 0))
@@ -2063,6 +2067,20 @@ def _in_channels(module: nn.Module) -> int:
     if is_conv1d_transposed(module):
         return module.weight.shape[0]
     return module.in_channels
+
+
+def _own_forward(module: nn.Module) -> str:
+    """Why a layer of a prunable kind is no candidate: it runs code of its own (a subclass
+    overriding ``forward``, as ``transformers``' ``FalconLinear``, or a forward replaced on
+    the instance, as adapters do), which is recorded as that code, not as one layer."""
+    kind = type(module).__name__
+    base = next(b for b in (nn.Linear, *CONVS) if isinstance(module, b))
+    if "forward" in module.__dict__:
+        return f"{kind} has its forward replaced on the instance, so it is recorded as code, not as one layer"
+    return (
+        f"{kind} overrides {base.__name__}.forward, so its calls are recorded as the code it "
+        "runs, not as one layer"
+    )
 
 
 def _is_producer(module: nn.Module) -> bool:
