@@ -3807,3 +3807,67 @@ def test_layers_running_their_own_forward_are_listed_with_the_reason() -> None:
     )
     assert "forward replaced on the instance" in reasons["2"]
     assert not groups
+
+
+# ------------------------------------------------------------------ per-channel parameters
+
+
+class PerChannel(nn.Module):
+    """conv → a parameter or buffer with a value per channel (``mode``) → relu → conv."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(73)
+        self.mode = mode
+        self.conv, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.register_buffer("shift", torch.randn(8, 1, 1))
+        self.register_buffer("temporary", torch.randn(8, 1, 1), persistent=False)
+        if mode == "held twice":
+            self.alias = self.gamma
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        g = self.gamma
+        maps = {
+            "scale": lambda: h * g,
+            "scale and shift": lambda: g * h + self.shift,
+            "division": lambda: h / g,
+            "read twice": lambda: h * g + g.sum(),
+            "sizes read": lambda: h * g / g.numel(),
+            "held twice": lambda: h * g,
+            "not saved": lambda: h * self.temporary,
+            "a view of it": lambda: h * g.view(1, -1, 1, 1),
+        }
+        return self.head(self.conv2(F.relu(maps[self.mode]())).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["scale", "scale and shift", "division"])
+def test_a_parameter_with_a_value_per_channel_is_sliced(mode: str, tmp_path) -> None:
+    """``h * self.gamma`` (LayerScale-style) or ``h + self.shift`` with a value per channel
+    ended the group ("combined (mul) with a tensor of shape [8, 1, 1]"); such a tensor is
+    sliced with the channels (pruned only), and the model saves and loads."""
+    net = PerChannel(mode)
+    group = {g.name: g for g in nm.find_groups(net, X_IMAGE)[0]}["conv"]
+    assert not group.mergeable and "holds a value per channel" in group.reason
+    assert "gamma" in group.passthrough
+    pruned = nm.prune(net, X_IMAGE, ratio=0.5)
+    assert pruned.model.gamma.shape == (4, 1, 1) and net.gamma.shape == (8, 1, 1)
+    assert isinstance(pruned.model.gamma, nn.Parameter)
+    fresh = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(8))
+    assert rel_error(pruned.model(fresh), _mask(net, pruned.plans)(fresh)) < 1e-5
+    assert_merge_correct(net, X_IMAGE)
+    result = nm.merge(net, X_IMAGE, ratio=0.5)
+    nm.save(result, tmp_path / "m")
+    assert torch.equal(nm.load(PerChannel(mode), tmp_path / "m")(fresh), result.model(fresh))
+
+
+@pytest.mark.parametrize(
+    "mode", ["read twice", "sizes read", "held twice", "not saved", "a view of it"]
+)
+def test_a_per_channel_tensor_that_could_not_follow_ends_the_group(mode: str) -> None:
+    """Read elsewhere, its size used as a number, registered twice, not saved, or a view:
+    slicing it would leave another use at the old size (or a save that reloads wrong)."""
+    assert_excluded(PerChannel(mode), X_IMAGE, "conv", "channel by channel")

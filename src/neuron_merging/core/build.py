@@ -505,7 +505,10 @@ def apply_plans(
                 layer.out_channels, layer.in_channels = weight.shape[0], weight.shape[1]
         _slice_bns([(modules[name], kept) for name, kept in bns.items()], direct)
         for name, segments in slices.items():
-            layer = modules[name]
+            layer = modules.get(name)
+            if layer is None:  # "module.attr": a parameter or buffer with a value per channel
+                owner, _, attr = name.rpartition(".")
+                layer = getattr(modules[owner], attr)
             if isinstance(layer, CONVS):  # depthwise: one filter per channel
                 index = _full_index(layer.out_channels, segments)
                 _replace(
@@ -522,6 +525,12 @@ def apply_plans(
                     layer, "weight", torch.index_select(layer.weight.detach(), 0, index), direct
                 )
                 layer.num_parameters = index.numel()
+            elif isinstance(layer, Tensor):  # a module's parameter with a value per channel
+                owner, _, attr = name.rpartition(".")
+                dim = next(i for i, n in enumerate(layer.shape) if n != 1)
+                index = _full_index(layer.shape[dim], segments)
+                sliced = torch.index_select(layer.detach(), dim, index)
+                _replace(modules[owner], attr, sliced, direct)
             elif isinstance(layer, nn.GroupNorm):  # one channel per group
                 index = _full_index(layer.num_channels, segments)
                 for attr in ("weight", "bias"):

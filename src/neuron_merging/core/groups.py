@@ -1137,7 +1137,11 @@ class _Analysis:
         result = infos[0]
         for other in infos[1:]:
             result = self.join(result, other, "a residual add" if is_add else None, op)
+        sliced = None
         for value in constants:
+            if sliced is None and self.per_channel_parameter(result, value, out_ndim):
+                sliced = value.param
+                continue
             self.against_constant(result, value, out_ndim, op)
         name = func_name(op.target)
         if key in _RDIV_RSUB:
@@ -1159,6 +1163,8 @@ class _Analysis:
             why = f"division with rounding_mode={mode!r} is not positively homogeneous"
         else:
             why = None  # scaling by a constant is linear
+        if sliced is not None:  # checked last: it names the parameter
+            why = f"parameter {sliced} holds a value per channel (sliced with them)"
         if why is not None:
             self.nonhomogeneous(result, why)
         self.set(out, result)
@@ -1177,6 +1183,42 @@ class _Analysis:
         if ndim == out_ndim:
             return info
         return _Info(info.segments, info.axis + (out_ndim - ndim), info.block)
+
+    def per_channel_parameter(self, info: _Info, value: Value, out_ndim: int) -> bool:
+        """A parameter or buffer of a module other than a leaf layer, with one value per
+        channel and size 1 elsewhere (``h * self.gamma``, ``h + self.bias`` of shape
+        ``(C, 1, 1)``), read by this operation only and held under one name: it is sliced
+        with the channels, like a depthwise filter (pruned only: each channel's own value
+        would not follow it into its partner). Whether it is."""
+        name, shape = value.param, value.shape
+        dim = info.axis - (out_ndim - len(shape))
+        if name is None or dim < 0 or info.block != 1 or len(value.users) != 1:
+            return False
+        if shape[dim] != info.width or any(n != 1 for i, n in enumerate(shape) if i != dim):
+            return False
+        owner_name, _, attr = name.rpartition(".")
+        owner = self.rec.modules.get(owner_name)
+        if (
+            owner is None
+            or is_leaf(owner)
+            or owner_name in self.rec.hooked
+            or name in self.rec.taints  # its sizes are read
+            or attr in owner._non_persistent_buffers_set  # not saved, so never resized
+        ):
+            return False
+        tensor = owner._parameters.get(attr)
+        if tensor is None:
+            tensor = owner._buffers.get(attr)
+        if tensor is None or not _held_once(self.rec.modules, tensor):
+            return False
+        offset = 0
+        for space, length in info.segments:
+            if space is not None:
+                root = space.root()
+                root.passthrough.append((name, offset))
+                root.modules_seen.add(owner_name)
+            offset += length
+        return True
 
     def against_constant(self, info: _Info, value: Value, out_ndim: int, op: Op) -> None:
         """A tensor not made of prunable channels, broadcast against ``info``'s channels."""
@@ -2067,6 +2109,15 @@ def _in_channels(module: nn.Module) -> int:
     if is_conv1d_transposed(module):
         return module.weight.shape[0]
     return module.in_channels
+
+
+def _held_once(modules: dict[str, nn.Module], tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is registered under one name only in the model."""
+    count = 0
+    for module in modules.values():
+        for registered in (module._parameters, module._buffers):
+            count += sum(1 for t in registered.values() if t is tensor)
+    return count == 1
 
 
 def _own_forward(module: nn.Module) -> str:

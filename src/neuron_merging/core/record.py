@@ -639,6 +639,7 @@ class _Recorder(TorchFunctionMode):
         self.sized = False  # whether any DimSize was handed out
         self.sized_in: list[nn.Module] = []  # modules whose code read sizes
         self.params: dict[int, tuple[str, str]] = {}  # tensor id -> (leaf name, attribute)
+        self.module_tensors: dict[int, str] = {}  # other modules' tensors: id -> "name.attr"
         self.counter = itertools.count()
         self.hooked: dict[str, str] = {}  # modules with user hooks, described
         self.watching = False  # whether the model is running (tensors seen are its own)
@@ -675,10 +676,13 @@ class _Recorder(TorchFunctionMode):
                 held += _tensors_in(state.get(attr))
             registered, buffers = state["_parameters"], state["_buffers"]
             if not is_leaf(module):
-                if registered:
-                    held += [t for t in registered.values() if t is not None]
-                if buffers:
-                    held += [t for t in buffers.values() if t is not None]
+                for table in (registered, buffers):
+                    for attr, t in table.items():
+                        if t is not None:
+                            held.append(t)
+                            self.module_tensors.setdefault(
+                                id(t), f"{name}.{attr}" if name else attr
+                            )
                 continue
             self.leaves.add(id(module))
             edited = (
@@ -763,7 +767,10 @@ class _Recorder(TorchFunctionMode):
         if found is not None and found[0] == version:
             return found[1]
         owner = self.params.get(id(tensor))
-        value = Value(tuple(tensor.shape), param=f"{owner[0]}.{owner[1]}" if owner else None)
+        value = Value(
+            tuple(tensor.shape),
+            param=f"{owner[0]}.{owner[1]}" if owner else self.module_tensors.get(id(tensor)),
+        )
         if self.watching and (
             found is not None or (owner is None and id(tensor) not in self.held_ids)
         ):
@@ -1071,6 +1078,9 @@ class _Recorder(TorchFunctionMode):
         """``result`` of a size query, with sizes that note their use (see :class:`DimSize`)."""
         if not isinstance(tensor, Tensor):
             return result
+        held = self.module_tensors.get(id(tensor)) if self.module_tensors else None
+        if held is not None:  # its sizes may be used as numbers: it is never sliced
+            self.taints.setdefault(held, f"the sizes of {held} are read in forward")
         try:
             version = tensor._version
         except (RuntimeError, AttributeError):
