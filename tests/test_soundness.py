@@ -3826,6 +3826,8 @@ class PerChannel(nn.Module):
         self.register_buffer("temporary", torch.randn(8, 1, 1), persistent=False)
         if mode == "held twice":
             self.alias = self.gamma
+        if mode == "held in a list":
+            self.refs = [self.gamma]  # a plain attribute: slicing the parameter misses it
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -3840,6 +3842,7 @@ class PerChannel(nn.Module):
             "held twice": lambda: h * g,
             "not saved": lambda: h * self.temporary,
             "a view of it": lambda: h * g.view(1, -1, 1, 1),
+            "held in a list": lambda: h * self.refs[0],
         }
         return self.head(self.conv2(F.relu(maps[self.mode]())).mean((2, 3)))
 
@@ -3865,9 +3868,40 @@ def test_a_parameter_with_a_value_per_channel_is_sliced(mode: str, tmp_path) -> 
 
 
 @pytest.mark.parametrize(
-    "mode", ["read twice", "sizes read", "held twice", "not saved", "a view of it"]
+    "mode",
+    ["read twice", "sizes read", "held twice", "not saved", "a view of it", "held in a list"],
 )
 def test_a_per_channel_tensor_that_could_not_follow_ends_the_group(mode: str) -> None:
     """Read elsewhere, its size used as a number, registered twice, not saved, or a view:
     slicing it would leave another use at the old size (or a save that reloads wrong)."""
     assert_excluded(PerChannel(mode), X_IMAGE, "conv", "channel by channel")
+
+
+class SizesOnTheRight(nn.Module):
+    """A channel count used as a number on the right of Python arithmetic."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(79)
+        self.mode = mode
+        self.conv, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.conv(x))
+        if self.mode == "shape":
+            n = h.shape[2] + h.shape[1]  # 4 + channels
+        else:
+            n = self.conv.bias.numel() + self.conv2.bias.numel()  # 8 + 4: conv2's width
+        return self.conv2(h / n).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode, layer", [("shape", "conv"), ("numel", "conv2")])
+def test_a_size_on_the_right_of_python_arithmetic_is_noted(mode: str, layer: str) -> None:
+    """Arithmetic noted the size on its left only: ``h.shape[2] + h.shape[1]`` and
+    ``a.bias.numel() + b.bias.numel()`` left the right one's group prunable, and the pruned
+    model divided by another number (0.33 and 0.17 relative error against masking)."""
+    net = SizesOnTheRight(mode)
+    groups, skipped = nm.find_groups(net, X_IMAGE)
+    assert layer not in {p for g in groups for p in g.producers}
+    assert "used as a number" in _skips(skipped)[layer]

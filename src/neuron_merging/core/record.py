@@ -295,6 +295,9 @@ def _noting(name: str) -> Callable[..., Any]:
 
     def method(self: DimSize, *args: Any) -> Any:
         self._used(f"Python {name.strip('_')}")
+        for other in args:  # h.shape[2] + h.shape[1]: the size on the right is used too
+            if isinstance(other, DimSize):
+                other._used(f"Python {name.strip('_')}")
         result = plain(self, *args)
         if result is NotImplemented and len(args) == 1 and type(args[0]) is float and by_float:
             result = by_float(float(int.__int__(self)), args[0])  # x.shape[0] - 1.0
@@ -656,6 +659,7 @@ class _Recorder(TorchFunctionMode):
         self.snapshot: list[tuple[str, Tensor | None]] = []
         self.nested: list[tuple[str, nn.Module, list[tuple[str, Tensor | None]]]] = []
         held: list[Tensor] = []
+        plain: list[Tensor] = []  # tensors in plain attributes (lists, dicts, attributes)
         params = self.params
         attributes = _TENSOR_ATTRS
         taints = self.taints
@@ -673,7 +677,9 @@ class _Recorder(TorchFunctionMode):
                     if k not in _REGISTERED and (v is None or _tensors_in(v))
                 )
             for attr in names:
-                held += _tensors_in(state.get(attr))
+                found = _tensors_in(state.get(attr))
+                held += found
+                plain += found
             registered, buffers = state["_parameters"], state["_buffers"]
             if not is_leaf(module):
                 for table in (registered, buffers):
@@ -722,6 +728,11 @@ class _Recorder(TorchFunctionMode):
                     params[id(tensor)] = (name, attr)
         self.held = held
         self.held_ids = held_ids = {id(t) for t in held}
+        module_tensors = self.module_tensors
+        for tensor in plain:  # a module's tensor also in a plain attribute keeps its old size
+            name = module_tensors.get(id(tensor))
+            if name is not None:
+                taints.setdefault(name, f"{name} is also held in a plain attribute")
         for tensor_id in held_ids.intersection(params):  # a leaf's tensor held elsewhere too
             name, attr = params[tensor_id]
             taints.setdefault(
