@@ -3240,7 +3240,8 @@ def test_movedim_of_the_batch_behind_the_channels_ends_the_group() -> None:
 
 
 class Scanned(nn.Module):
-    """conv → relu → a scan or sort of the maps (``mode``) → conv → mean → linear."""
+    """conv → relu → a scan, sort, selection or repeat of the maps (``mode``) → conv → mean
+    → linear."""
 
     def __init__(self, mode: str) -> None:
         super().__init__()
@@ -3289,6 +3290,20 @@ class Scanned(nn.Module):
             "topk of channels": lambda: y.topk(8, dim=-3).values,
             "indices of topk": lambda: y.topk(2).indices.float(),
             "indices of sort": lambda: y + y.sort(dim=2).indices,
+            "repeat": lambda: y.repeat(1, 1, 2, 1),
+            "repeat, a new dimension": lambda: y.repeat(2, 1, 1, 1, 1).sum(0),
+            "tile": lambda: y.tile((2, 3)),
+            "torch.tile": lambda: torch.tile(y, (1, 1, 1, 2)),
+            "repeat_interleave": lambda: y.repeat_interleave(2, dim=3),
+            "repeat_interleave, keyword": lambda: torch.repeat_interleave(y, repeats=3, dim=-2),
+            "repeat channels": lambda: y.repeat(1, 2, 1, 1).unflatten(1, (2, 8)).sum(1),
+            "tile channels": lambda: y.tile((2, 1, 1)).unflatten(1, (2, 8)).sum(1),
+            "repeat_interleave channels": lambda: (
+                y.repeat_interleave(2, dim=1).unflatten(1, (8, 2)).sum(2)
+            ),
+            "repeat_interleave flat": lambda: y.repeat_interleave(2).view_as(y.repeat(2, 1, 1, 1))[
+                : x.shape[0]
+            ],
         }
         return self.head(self.gate(scans[self.mode]()).mean((2, 3)))
 
@@ -3416,38 +3431,6 @@ def test_where_that_differs_per_channel_ends_the_group(mode: str, words: str) ->
     assert_excluded(net, x, "fc1", words)
 
 
-class Repeated(nn.Module):
-    """conv → relu → ``repeat``/``tile``/``repeat_interleave`` (``mode``) → conv → mean."""
-
-    def __init__(self, mode: str) -> None:
-        super().__init__()
-        torch.manual_seed(41)
-        self.mode = mode
-        self.conv, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
-        self.head = nn.Linear(4, 3)
-        self.eval()
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.relu(self.conv(x))
-        repeats = {
-            "repeat": lambda: y.repeat(1, 1, 2, 1),
-            "repeat, a new dimension": lambda: y.repeat(2, 1, 1, 1, 1).sum(0),
-            "tile": lambda: y.tile((2, 3)),
-            "torch.tile": lambda: torch.tile(y, (1, 1, 1, 2)),
-            "repeat_interleave": lambda: y.repeat_interleave(2, dim=3),
-            "repeat_interleave, keyword": lambda: torch.repeat_interleave(y, repeats=3, dim=-2),
-            "repeat channels": lambda: y.repeat(1, 2, 1, 1).unflatten(1, (2, 8)).sum(1),
-            "tile channels": lambda: y.tile((2, 1, 1)).unflatten(1, (2, 8)).sum(1),
-            "repeat_interleave channels": lambda: (
-                y.repeat_interleave(2, dim=1).unflatten(1, (8, 2)).sum(2)
-            ),
-            "repeat_interleave flat": lambda: y.repeat_interleave(2).view_as(y.repeat(2, 1, 1, 1))[
-                : x.shape[0]
-            ],
-        }
-        return self.head(self.gate(repeats[self.mode]()).mean((2, 3)))
-
-
 @pytest.mark.parametrize(
     "mode",
     [
@@ -3461,7 +3444,7 @@ class Repeated(nn.Module):
 )
 def test_repeats_of_positions_are_compressed(mode: str) -> None:
     """Each channel's values repeated over positions: these ended the group before."""
-    net = Repeated(mode)
+    net = Scanned(mode)
     assert {g.name: g.mergeable for g in nm.find_groups(net, X_IMAGE)[0]}.get("conv") is True
     fresh = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(8))
     pruned = nm.prune(net, X_IMAGE, ratio=0.5)
@@ -3480,7 +3463,7 @@ def test_repeats_of_positions_are_compressed(mode: str) -> None:
     ],
 )
 def test_repeats_of_channels_end_the_group(mode: str, words: str) -> None:
-    assert_excluded(Repeated(mode), X_IMAGE, "conv", words)
+    assert_excluded(Scanned(mode), X_IMAGE, "conv", words)
 
 
 # ------------------------------------------------------------------ splits and reductions

@@ -211,6 +211,14 @@ def _replace(module: nn.Module, name: str, value: Tensor | None, direct: bool) -
         setattr(module, name, value.contiguous())
 
 
+def _keep_rows(module: nn.Module, attrs: tuple[str, ...], index: Tensor, direct: bool) -> None:
+    """Keep rows ``index`` (along the first dimension) of each of ``module``'s tensors ``attrs``."""
+    for attr in attrs:
+        value = getattr(module, attr)
+        if value is not None:
+            _replace(module, attr, torch.index_select(value.detach(), 0, index), direct)
+
+
 def _fold_segment(blocks: Tensor, plan: GroupPlan) -> Tensor:
     """``(out, n, K)`` consumer columns of one group → ``(out, k, K)``, pruned ones folded in."""
     folded = blocks.index_select(1, plan.kept)
@@ -505,38 +513,27 @@ def apply_plans(
                 layer.out_channels, layer.in_channels = weight.shape[0], weight.shape[1]
         _slice_bns([(modules[name], kept) for name, kept in bns.items()], direct)
         for name, segments in slices.items():
-            layer = modules.get(name)
-            if layer is None:  # "module.attr": a parameter or buffer with a value per channel
+            if name not in modules:  # "module.attr": a parameter or buffer, a value per channel
                 owner, _, attr = name.rpartition(".")
-                layer = getattr(modules[owner], attr)
+                tensor = getattr(modules[owner], attr)
+                dim = next(i for i, n in enumerate(tensor.shape) if n != 1)
+                index = _full_index(tensor.shape[dim], segments)
+                _replace(
+                    modules[owner], attr, torch.index_select(tensor.detach(), dim, index), direct
+                )
+                continue
+            layer = modules[name]
             if isinstance(layer, CONVS):  # depthwise: one filter per channel
                 index = _full_index(layer.out_channels, segments)
-                _replace(
-                    layer, "weight", torch.index_select(layer.weight.detach(), 0, index), direct
-                )
-                if layer.bias is not None:
-                    _replace(
-                        layer, "bias", torch.index_select(layer.bias.detach(), 0, index), direct
-                    )
+                _keep_rows(layer, ("weight", "bias"), index, direct)
                 layer.in_channels = layer.out_channels = layer.groups = index.numel()
             elif isinstance(layer, nn.PReLU):  # a slope per channel
                 index = _full_index(layer.num_parameters, segments)
-                _replace(
-                    layer, "weight", torch.index_select(layer.weight.detach(), 0, index), direct
-                )
+                _keep_rows(layer, ("weight",), index, direct)
                 layer.num_parameters = index.numel()
-            elif isinstance(layer, Tensor):  # a module's parameter with a value per channel
-                owner, _, attr = name.rpartition(".")
-                dim = next(i for i, n in enumerate(layer.shape) if n != 1)
-                index = _full_index(layer.shape[dim], segments)
-                sliced = torch.index_select(layer.detach(), dim, index)
-                _replace(modules[owner], attr, sliced, direct)
             elif isinstance(layer, nn.GroupNorm):  # one channel per group
                 index = _full_index(layer.num_channels, segments)
-                for attr in ("weight", "bias"):
-                    value = getattr(layer, attr)
-                    if value is not None:
-                        _replace(layer, attr, torch.index_select(value.detach(), 0, index), direct)
+                _keep_rows(layer, ("weight", "bias"), index, direct)
                 layer.num_channels = layer.num_groups = index.numel()
             else:
                 _slice_bns([(layer, _full_index(layer.num_features, segments))], direct)
